@@ -1,0 +1,35 @@
+"""hf-fna: Fast Nyström Attention (FNA) as a Transformers attention backend.
+
+`import hf_fna` registers `attn_implementation="fna"`:
+
+    import hf_fna
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained("facebook/dinov2-base", attn_implementation="fna")
+
+Settings come from the `fna_config` dict of the tower's config (as a Hub `config.json` carries it), from
+`FNAConfig(...).apply(model)`, or from the documented defaults (`layers="auto"`).
+"""
+
+from .backend import ATTENTION_NAME, fna_attention_forward, register
+from .config import FNAConfig, MaskingConfig
+from .landmarks import farthest_point_sampling, random_sampling, select_landmarks
+from .nystrom import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "ATTENTION_NAME",
+    "FNAConfig",
+    "MaskingConfig",
+    "exact_attention",
+    "farthest_point_sampling",
+    "fna_attention",
+    "fna_attention_forward",
+    "newton_schulz_pinv",
+    "nystrom_attention",
+    "random_sampling",
+    "register",
+    "select_landmarks",
+]

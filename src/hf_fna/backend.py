@@ -1,0 +1,332 @@
+"""The `fna` attention backend for Transformers: registration, per-layer dispatch and applying an `FNAConfig`.
+
+`import hf_fna` registers `fna_attention_forward` in `AttentionInterface` and the SDPA mask builder in
+`AttentionMaskInterface` (without it, models would receive no padding or causal mask at all).
+
+Attention modules of Transformers carry no layer index, so each model is *planned* once: every attention module
+that dispatches through `AttentionInterface` is mapped to its tower (the modules sharing one config) and to its
+layer index (its position in the tower's layer list). `FNAConfig.apply` plans explicitly; a model loaded with
+`from_pretrained(..., attn_implementation="fna")` is planned on its first forward pass, from the outermost module
+found on the call stack. Plans live in a weak mapping keyed by module, so two models never share state, and a
+deep-copied model is planned anew.
+
+Landmarks are chosen at the first FNA layer of a forward pass and reused by the later FNA layers of the same pass
+(unless `resample_every_layer`). That per-pass state is thread-local, with the tower's last selection as a
+fallback for the autograd thread that recomputes checkpointed layers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FNAConfig, resolve_layers
+from .landmarks import select_landmarks
+from .nystrom import additive_mask, exact_attention, key_bias_from_mask, nystrom_attention, valid_keys
+
+ATTENTION_NAME = "fna"
+
+# Leading tokens that are always landmarks, by `model_type` of the tower config (default: one CLS token).
+_SPECIAL_TOKENS_BY_MODEL_TYPE = {
+    "siglip_vision_model": 0,
+    "siglip2_vision_model": 0,
+    "siglip_text_model": 0,
+    "deit": 2,  # CLS and distillation token
+}
+
+
+def num_special_tokens(tower_config: Any) -> int:
+    """Leading tokens (CLS, distillation, registers) of a tower, read from its config."""
+    model_type = getattr(tower_config, "model_type", "")
+    if model_type in _SPECIAL_TOKENS_BY_MODEL_TYPE:
+        return _SPECIAL_TOKENS_BY_MODEL_TYPE[model_type]
+    return 1 + int(getattr(tower_config, "num_register_tokens", 0) or 0)
+
+
+@dataclass
+class TowerPlan:
+    """FNA settings of one tower, resolved against its depth, plus its per-forward-pass landmark state."""
+
+    settings: FNAConfig
+    source: Any  # the `fna_config` value the plan was built from, to notice later changes
+    num_layers: int
+    fna_layers: frozenset[int]
+    first_fna_layer: int
+    num_special_tokens: int
+    local: threading.local = field(default_factory=threading.local, repr=False)
+    last_landmarks: tuple[tuple, torch.Tensor] | None = field(default=None, repr=False)
+
+
+@dataclass
+class LayerPlan:
+    tower: TowerPlan
+    index: int
+
+    @property
+    def runs_fna(self) -> bool:
+        return self.index in self.tower.fna_layers
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, LayerPlan] = weakref.WeakKeyDictionary()
+_PLAN_LOCK = threading.Lock()
+_DISPATCHING_CLASSES: dict[type, bool] = {}
+
+
+def dispatches_through_interface(module: nn.Module) -> bool:
+    """Whether a module's forward looks its attention function up in `AttentionInterface` (as Transformers does)."""
+    cls = type(module)
+    if cls not in _DISPATCHING_CLASSES:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _DISPATCHING_CLASSES[cls] = "ALL_ATTENTION_FUNCTIONS" in source and hasattr(module, "config")
+    return _DISPATCHING_CLASSES[cls]
+
+
+def _layer_index(name: str) -> int | None:
+    """The layer index in a module path such as `encoder.layer.3.attention` (its last integer component)."""
+    numbers = [int(part) for part in name.split(".") if part.isdigit()]
+    return numbers[-1] if numbers else None
+
+
+def _tower_plan(tower_config: Any) -> TowerPlan:
+    settings = FNAConfig.from_model_config(tower_config)
+    num_layers = int(tower_config.num_hidden_layers)
+    fna_layers = frozenset(resolve_layers(settings.layers, num_layers))
+    special = settings.num_special_tokens
+    return TowerPlan(
+        settings=settings,
+        source=getattr(tower_config, "fna_config", None),
+        num_layers=num_layers,
+        fna_layers=fna_layers,
+        first_fna_layer=min(fna_layers, default=num_layers),
+        num_special_tokens=num_special_tokens(tower_config) if special is None else special,
+    )
+
+
+def plan_model(root: nn.Module) -> int:
+    """Map every attention module under `root` whose tower runs `fna` to its tower plan and layer index.
+
+    Returns the number of attention modules planned. Raises `ValueError` for out-of-range layer indices.
+    """
+    towers: dict[int, TowerPlan] = {}
+    planned = 0
+    with _PLAN_LOCK:
+        for name, module in root.named_modules():
+            config = getattr(module, "config", None)
+            if config is None or getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+                continue
+            if not dispatches_through_interface(module):
+                continue
+            index = _layer_index(name)
+            if index is None:
+                continue
+            if id(config) not in towers:
+                towers[id(config)] = _tower_plan(config)
+            _PLANS[module] = LayerPlan(towers[id(config)], index)
+            planned += 1
+    return planned
+
+
+def _plan_for(module: nn.Module) -> LayerPlan:
+    plan = _PLANS.get(module)
+    if plan is not None and plan.tower.source is getattr(module.config, "fna_config", None):
+        return plan
+    root = _outermost_caller_module(module)
+    if root is None or plan_model(root) == 0 or module not in _PLANS:
+        raise RuntimeError(
+            f"hf_fna could not find the layer index of {type(module).__name__}: call "
+            "`hf_fna.FNAConfig.from_model_config(model.config).apply(model)` (or `FNAConfig(...).apply(model)`) "
+            "before running it outside a Transformers model forward."
+        )
+    return _PLANS[module]
+
+
+def _outermost_caller_module(module: nn.Module) -> nn.Module | None:
+    """The outermost `nn.Module` on the call stack that contains `module` (the model being run)."""
+    frame = sys._getframe(1)
+    outermost = None
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and candidate is not module:
+            outermost = candidate
+        frame = frame.f_back
+    if outermost is None or not any(m is module for m in outermost.modules()):
+        return None
+    return outermost
+
+
+# --- landmark selection per forward pass ---------------------------------------------------------------------------
+
+
+def _selection_features(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kind: str):
+    if kind == "q":
+        return query.mean(dim=1)
+    if kind == "k":
+        return key.mean(dim=1)
+    # "hidden": the normalised layer input x, recovered exactly from the values v = W_v x + b (W_v square).
+    projection = getattr(module, "v_proj", None)
+    if not isinstance(projection, nn.Linear) or projection.weight.shape[0] != projection.weight.shape[1]:
+        raise ValueError(
+            f"sampling_features='hidden' needs a square `v_proj` linear layer, which {type(module).__name__} lacks; "
+            "use 'q' or 'k'."
+        )
+    batch, heads, tokens, head_dim = value.shape
+    v = value.transpose(1, 2).reshape(batch, tokens, heads * head_dim).float()
+    if projection.bias is not None:
+        v = v - projection.bias.float()
+    return torch.linalg.solve(projection.weight.float(), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _landmarks_for(
+    plan: LayerPlan,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None,
+    guaranteed: torch.Tensor | None,
+) -> torch.Tensor:
+    tower, settings = plan.tower, plan.tower.settings
+    shape = (query.shape[0], query.shape[2], query.device)
+    if not settings.resample_every_layer and plan.index != tower.first_fna_layer:
+        cached = getattr(tower.local, "landmarks", None)
+        if cached is None:
+            cached = tower.last_landmarks  # e.g. the autograd thread recomputing a checkpointed layer
+        if cached is not None and cached[0] == shape:
+            return cached[1]
+    with torch.no_grad():
+        features = _selection_features(module, query, key, value, settings.sampling_features)
+        landmarks = select_landmarks(
+            features,
+            min(settings.num_landmarks, query.shape[2]),
+            method=settings.sampling,
+            num_special_tokens=tower.num_special_tokens,
+            guaranteed=guaranteed,
+            valid=valid,
+            seed=settings.seed,
+        )
+    tower.local.landmarks = tower.last_landmarks = (shape, landmarks)
+    return landmarks
+
+
+# --- the attention function ----------------------------------------------------------------------------------------
+
+
+def fna_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`AttentionInterface` entry point: FNA in the configured layers, exact attention elsewhere.
+
+    Exact attention runs for causal attention (text towers), layers outside `FNAConfig.layers`, sequences shorter
+    than `min_tokens` or `num_landmarks`, and masks that differ between queries. Returns `([B, N, H, d], weights)`;
+    weights are returned only with `output_attentions=True` and are then the (quadratic) approximate matrix.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    if causal or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    plan = _plan_for(module)
+    settings = plan.tower.settings
+    output_attentions = bool(kwargs.get("output_attentions", False))
+    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
+    use_fna = plan.runs_fna and per_key and query.shape[2] >= max(settings.min_tokens, settings.num_landmarks)
+    valid = valid_keys(key_bias)
+    if use_fna and valid is not None:
+        # A padded sample with fewer real tokens than landmarks would need duplicate landmarks: run exact attention.
+        use_fna = int(valid.sum(dim=-1).min()) >= settings.num_landmarks
+
+    if use_fna:
+        landmarks = _landmarks_for(plan, module, query, key, value, valid, guaranteed=None)
+        output, weights = nystrom_attention(
+            query,
+            key,
+            value,
+            landmarks,
+            key_bias=key_bias,
+            scale=scaling,
+            dropout_p=dropout,
+            pinv=settings.pinv,
+            pinv_iterations=settings.pinv_iterations,
+            return_weights=output_attentions,
+        )
+    else:
+        bias = key_bias if per_key else additive_mask(attention_mask, query.dtype)
+        output, weights = exact_attention(
+            query, key, value, bias, scaling, dropout, return_weights=output_attentions
+        )
+    return output.transpose(1, 2).contiguous(), weights
+
+
+# --- applying a config -------------------------------------------------------------------------------------------
+
+
+def find_tower_config_name(model: nn.Module) -> str | None:
+    """The sub-config that holds the vision tower (`vision_config`), or None when the model config is the tower."""
+    config = model.config
+    return "vision_config" if getattr(config, "vision_config", None) is not None else None
+
+
+def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = None) -> nn.Module:
+    """Implementation of `FNAConfig.apply`: see there."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(
+            f"FNAConfig.apply expects a Transformers PreTrainedModel; got {type(model).__name__}."
+        )
+    tower = tower if tower is not None else find_tower_config_name(model)
+    tower_config = config if tower is None else getattr(config, tower, None)
+    if tower_config is None:
+        raise ValueError(
+            f"{type(model).__name__} has no sub-config {tower!r}; accepted: {', '.join(config.sub_configs) or 'none'}."
+        )
+    attention_modules = [m for m in model.modules() if getattr(m, "config", None) is tower_config]
+    attention_modules = [m for m in attention_modules if _is_attention_module(m)]
+    if not attention_modules or not all(dispatches_through_interface(m) for m in attention_modules):
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface, so the "
+            "`fna` backend cannot run in it; supported: ViT, DeiT, DINOv2 (with registers), CLIP, SigLIP, LLaVA-style "
+            "vision towers and other models whose attention calls `ALL_ATTENTION_FUNCTIONS.get_interface`."
+        )
+    resolve_layers(settings.layers, int(tower_config.num_hidden_layers))  # raises on out-of-range indices
+    tower_config.fna_config = settings.to_dict()
+    if tower is None:
+        model.set_attn_implementation(ATTENTION_NAME)
+    else:
+        model.set_attn_implementation({tower: ATTENTION_NAME})
+    plan_model(model)
+    return model
+
+
+def _is_attention_module(module: nn.Module) -> bool:
+    return "Attention" in type(module).__name__ and hasattr(module, "config") and not isinstance(
+        module, nn.MultiheadAttention
+    )
+
+
+def register() -> None:
+    """Register the `fna` backend in Transformers' `AttentionInterface` and `AttentionMaskInterface`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, fna_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

@@ -1,0 +1,336 @@
+"""`FNAConfig`: every setting of Fast Nyström Attention, validated at construction.
+
+A model carries its settings as the plain dict `fna_config` on the config of the tower that runs FNA (the model
+config for ViT/DINOv2, `vision_config` for CLIP/SigLIP/LLaVA), so that `config.json` on the Hub carries them and
+`save_pretrained` / `from_pretrained` keep them. `FNAConfig` can also live on its own in `fna_config.json`,
+following the conventions of `GenerationConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+FNA_CONFIG_NAME = "fna_config.json"
+
+SAMPLING_METHODS = ("fps", "random")
+SAMPLING_FEATURES = ("q", "k", "hidden")
+PINV_METHODS = ("newton", "exact")
+MASKING_MODES = ("none", "mask", "sink", "sink_keep_self")
+DETECTION_METHODS = ("norm_gap", "attention")
+LAYER_KEYWORDS = ("auto", "all", "none")
+
+# `layers="auto"`: FNA in the second half of the tower, where the paper's reference runs it (layers 13-23 of CLIP
+# ViT-L). `hf-fna compare` and benchmarks/bench_model.py measure this schedule against the others.
+AUTO_FIRST_LAYER_FRACTION = 0.5
+
+_SLICE_PATTERN = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
+
+
+def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"FNAConfig.{name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"FNAConfig.{name}={value!r} is invalid; expected an integer >= {minimum}.")
+
+
+def _check_layers(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        if value in LAYER_KEYWORDS or _SLICE_PATTERN.match(value):
+            return
+        raise ValueError(
+            f"FNAConfig.{name}={value!r} is invalid; expected a list of layer indices, a slice string such as '6:' "
+            f"or '-4:', or one of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
+        )
+    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return
+    raise ValueError(
+        f"FNAConfig.{name}={value!r} is invalid; expected a list of integers, a slice string such as '6:', or one "
+        f"of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
+    )
+
+
+def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, name: str = "layers") -> list[int]:
+    """Turn a layer specification into sorted, non-negative layer indices of a tower with `num_layers` layers.
+
+    Raises:
+        ValueError: an index outside `[-num_layers, num_layers)`.
+    """
+    if spec == "all":
+        return list(range(num_layers))
+    if spec == "none":
+        return []
+    if spec == "auto":
+        return list(range(int(num_layers * AUTO_FIRST_LAYER_FRACTION), num_layers))
+    if isinstance(spec, str):
+        match = _SLICE_PATTERN.match(spec)
+        if match is None:  # pragma: no cover - rejected at construction
+            raise ValueError(f"FNAConfig.{name}={spec!r} is not a slice string.")
+        start, stop = (int(g) if g is not None else None for g in match.groups())
+        for bound in (start, stop):
+            if bound is not None and not -num_layers <= bound <= num_layers:
+                raise ValueError(
+                    f"FNAConfig.{name}={spec!r} is out of range for a tower with {num_layers} layers; "
+                    f"bounds must lie in [-{num_layers}, {num_layers}]."
+                )
+        return list(range(num_layers))[slice(start, stop)]
+    out = set()
+    for index in spec:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"FNAConfig.{name} contains layer {index}, out of range for a tower with {num_layers} layers; "
+                f"accepted indices are 0..{num_layers - 1} (or negative from the end)."
+            )
+        out.add(index % num_layers)
+    return sorted(out)
+
+
+@dataclass
+class MaskingConfig:
+    """The masking strategy for massive / artifact tokens (attention sinks).
+
+    Detection runs once per forward pass at `detect_layer`; the intervention acts on the flagged keys in every layer
+    from `from_layer` on, with exact and FNA attention alike.
+
+    Args:
+        mode: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over the rest); "sink" (softmax
+            as usual, then every query's weight on flagged keys is zeroed, without renormalisation); "sink_keep_self"
+            (as "sink", but a flagged token keeps its attention to itself).
+        detect: "norm_gap" (largest gap in the sorted log L2 norms of the tokens entering `detect_layer`) or
+            "attention" (iterative outliers of mean incoming attention at `detect_layer`).
+        detect_layer: the layer at whose input (norm_gap) or attention (attention) tokens are flagged.
+        from_layer: first layer where the intervention applies; it must not precede `detect_layer`, since the
+            flags are only known once that layer runs (negative values count from the end).
+        max_tokens: at most this many flagged tokens per image (the strongest ones).
+        std_threshold: "attention" detection flags a token while its log incoming attention exceeds the mean of
+            the unflagged tokens by this many standard deviations.
+        min_gap: "norm_gap" detection flags nothing unless the largest gap in sorted log norms exceeds this value
+            (natural log units), so that models without massive tokens are left alone.
+    """
+
+    mode: Literal["none", "mask", "sink", "sink_keep_self"] = "none"
+    detect: Literal["norm_gap", "attention"] = "norm_gap"
+    detect_layer: int = 0
+    from_layer: int = 0
+    max_tokens: int = 8
+    std_threshold: float = 3.0
+    min_gap: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("masking.mode", self.mode, MASKING_MODES)
+        _check_choice("masking.detect", self.detect, DETECTION_METHODS)
+        for name in ("detect_layer", "from_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"FNAConfig.masking.{name}={value!r} is invalid; expected an integer layer index.")
+        _check_int("masking.max_tokens", self.max_tokens, 1)
+        for name in ("std_threshold", "min_gap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"FNAConfig.masking.{name}={value!r} is invalid; expected a number >= 0.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass
+class FNAConfig:
+    """Settings of Fast Nyström Attention (FNA) for one transformer tower.
+
+    Args:
+        layers: where FNA runs: a list of layer indices (negative counts from the end), a slice string such as
+            "6:" or "-4:", "all", "none" (exact attention everywhere, e.g. masking only) or "auto" (the default
+            schedule: FNA in the second half of the layers).
+        num_landmarks: landmark tokens per image (m). Cost is O(N m d) instead of O(N^2 d).
+        sampling: "fps" (farthest point sampling, picks outlier tokens first) or "random" (seeded; the ablation).
+        sampling_features: what FPS measures distances on: "q" (mean over heads of the queries, the reference
+            default), "k" (mean of the keys) or "hidden" (the layer's normalised input hidden state, recovered
+            exactly from the value projection).
+        resample_every_layer: select landmarks anew in every FNA layer instead of once, at the first FNA layer of a
+            forward pass.
+        pinv: "newton" (the Newton-Schulz iteration of Nyströmformer; it regularises the ill-conditioned landmark
+            kernel and is the recommended default) or "exact" (`torch.linalg.pinv` in float64; with every token a
+            landmark it reproduces exact attention).
+        pinv_iterations: Newton-Schulz iterations.
+        min_tokens: sequences shorter than this run exact attention (FNA is slower than exact attention on short
+            sequences; see the README for how the default was measured).
+        seed: seed of "random" sampling; selection is deterministic for a given input.
+        num_special_tokens: leading tokens that are always landmarks (CLS, registers, distillation token). `None`
+            reads it from the model config.
+        masking: the masking strategy for massive/artifact tokens, a `MaskingConfig` or its dict.
+    """
+
+    layers: str | list[int] = "auto"
+    num_landmarks: int = 64
+    sampling: Literal["fps", "random"] = "fps"
+    sampling_features: Literal["q", "k", "hidden"] = "q"
+    resample_every_layer: bool = False
+    pinv: Literal["newton", "exact"] = "newton"
+    pinv_iterations: int = 6
+    min_tokens: int = 1024
+    seed: int = 0
+    num_special_tokens: int | None = None
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        _check_layers("layers", self.layers)
+        _check_int("num_landmarks", self.num_landmarks, 1)
+        _check_choice("sampling", self.sampling, SAMPLING_METHODS)
+        _check_choice("sampling_features", self.sampling_features, SAMPLING_FEATURES)
+        if not isinstance(self.resample_every_layer, bool):
+            raise ValueError(
+                f"FNAConfig.resample_every_layer={self.resample_every_layer!r} is invalid; expected True or False."
+            )
+        _check_choice("pinv", self.pinv, PINV_METHODS)
+        _check_int("pinv_iterations", self.pinv_iterations, 1)
+        _check_int("min_tokens", self.min_tokens, 0)
+        _check_int("seed", self.seed, 0)
+        if self.num_special_tokens is not None:
+            _check_int("num_special_tokens", self.num_special_tokens, 0)
+        if isinstance(self.masking, dict):
+            self.masking = MaskingConfig(**_known_fields(MaskingConfig, self.masking, "masking"))
+        elif not isinstance(self.masking, MaskingConfig):
+            raise ValueError(f"FNAConfig.masking={self.masking!r} is invalid; expected a MaskingConfig or a dict.")
+
+    # --- serialisation -------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `FNAConfig.from_dict(config.to_dict()) == config`."""
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> FNAConfig:
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"FNAConfig.from_dict expects a dict, got {type(config_dict).__name__}.")
+        return cls(**_known_fields(cls, config_dict, "FNAConfig"))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> FNAConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
+        """Write `fna_config.json` into `save_directory` (created if needed) and return the file path.
+
+        With `push_to_hub=True` the folder is uploaded as well (`repo_id` defaults to the folder name), as in
+        `GenerationConfig.save_pretrained`.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory={str(save_directory)!r} is a file; expected a directory.")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, FNA_CONFIG_NAME)
+        self.to_json_file(path)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            self.push_to_hub(repo_id, **kwargs)
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any
+    ) -> FNAConfig:
+        """Load `fna_config.json` from a local folder, a file path or a Hub repo id.
+
+        A Hub model repo without `fna_config.json` but whose `config.json` carries `fna_config` (on the model config
+        or its `vision_config`) works too.
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isfile(path):
+            return cls.from_json_file(path)
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, FNA_CONFIG_NAME)):
+                return cls.from_json_file(os.path.join(path, FNA_CONFIG_NAME))
+            if os.path.isfile(os.path.join(path, "config.json")):
+                return cls._from_model_config_file(os.path.join(path, "config.json"), path)
+            raise OSError(f"{path!r} holds neither {FNA_CONFIG_NAME} nor a config.json with an `fna_config` entry.")
+
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return cls.from_json_file(hf_hub_download(path, FNA_CONFIG_NAME, revision=revision, **hub_kwargs))
+        except EntryNotFoundError:
+            model_config = hf_hub_download(path, "config.json", revision=revision, **hub_kwargs)
+            return cls._from_model_config_file(model_config, path)
+
+    @classmethod
+    def _from_model_config_file(cls, config_file: str, source: str) -> FNAConfig:
+        with open(config_file, encoding="utf-8") as f:
+            model_config = json.load(f)
+        for candidate in (model_config, model_config.get("vision_config") or {}):
+            if isinstance(candidate.get("fna_config"), dict):
+                return cls.from_dict(candidate["fna_config"])
+        raise OSError(f"{source!r} has no {FNA_CONFIG_NAME} and its config.json carries no `fna_config`.")
+
+    def push_to_hub(
+        self, repo_id: str, commit_message: str = "Upload FNA config", model_card: str | None = None, **kwargs: Any
+    ) -> str:
+        """Upload `fna_config.json` (and `README.md` when `model_card` is given) to a Hub repo; returns its URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=kwargs.pop("token", None))
+        api.create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None))
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            if model_card is not None:
+                with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+                    f.write(model_card)
+            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, **kwargs)
+        return f"https://huggingface.co/{repo_id}"
+
+    # --- applying to a model -------------------------------------------------------------------------------------
+
+    def apply(self, model: Any, tower: str | None = None) -> Any:
+        """Run FNA with these settings in `model`'s vision tower (or the model itself for ViT/DINOv2).
+
+        Sets `fna_config` on the tower's config and switches that tower to `attn_implementation="fna"`; other towers
+        (the CLIP/SigLIP text tower, the LLaVA language model) keep their attention. Returns `model`.
+
+        Args:
+            model: a loaded `PreTrainedModel`.
+            tower: the sub-config name to target (e.g. "vision_config"); found automatically by default.
+
+        Raises:
+            ValueError: the model's attention does not dispatch through `AttentionInterface`, or a layer index is out
+                of range for the tower.
+        """
+        from .backend import apply_fna_config
+
+        return apply_fna_config(model, self, tower)
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> FNAConfig:
+        """The settings a tower config carries (`config.fna_config`), or the defaults when it carries none."""
+        value = getattr(config, "fna_config", None)
+        if value is None:
+            return cls()
+        if isinstance(value, FNAConfig):
+            return value
+        return cls.from_dict(value)
+
+
+def _known_fields(cls: type, values: dict[str, Any], owner: str) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{owner} got unknown field(s) {unknown}; accepted fields: {', '.join(sorted(names))}.")
+    return dict(values)

@@ -1,0 +1,375 @@
+"""The attention math: Fast Nyström Attention, the exact attention it falls back to, and the sink interventions.
+
+With queries/keys/values `[B, H, N, d]`, landmark indices `idx` `[B, m]` and scale `s`:
+
+    A  = softmax(s qp kp^T)            [B, H, m, m]   qp = Q[idx], kp = K[idx]   (float32)
+    Bv = softmax(s qp K^T) V           [B, H, m, d]   exact attention of the landmark queries (SDPA)
+    vp = pinv(A) Bv                    [B, H, m, d]                                (float32)
+    out = softmax(s Q kp^T) vp         [B, H, N, d]                                (SDPA)
+
+which is the Nyström form softmax(Q kp^T) A^+ softmax(qp K^T) V at cost O(N m d). With every token a landmark and
+an exact pseudo-inverse it equals exact attention. A, its pseudo-inverse and vp are computed in float32 whatever
+the model dtype, because the landmark kernel is ill-conditioned.
+
+Key masks: an additive or boolean mask that is the same for every query (padding) is honoured in all three
+softmaxes. Interventions on flagged (massive / artifact) tokens, all O(N):
+- "mask": their logits become -inf (a key bias);
+- "sink": every query's weight on them is zeroed without renormalisation, i.e. their values are zeroed;
+- "sink_keep_self": as "sink", but a flagged token keeps its own weight, added back from its exact diagonal
+  attention probability.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .landmarks import select_landmarks
+
+INTERVENTIONS = ("none", "mask", "sink", "sink_keep_self")
+
+
+# --- pseudo-inverse ------------------------------------------------------------------------------------------------
+
+
+def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tensor:
+    """Approximate Moore-Penrose inverse of a batch of square matrices (Nyströmformer's iteration).
+
+    Z0 = A^T / max_j sum_i A_ij, then Z <- Z (13 I - AZ (15 I - AZ (7 I - AZ))) / 4. Truncated after a few steps it
+    acts as a regulariser on the ill-conditioned landmark kernel, which is why it beats an exact inverse there.
+    """
+    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    identity = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    z = a.transpose(-1, -2) / a.sum(dim=-2).amax(dim=-1)[..., None, None]
+    for _ in range(iterations):
+        az = a @ z
+        z = 0.25 * z @ (13 * identity - az @ (15 * identity - az @ (7 * identity - az)))
+    return z
+
+
+def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int = 6) -> torch.Tensor:
+    """Pseudo-inverse of the landmark kernel A: "newton" (default) or "exact" (`torch.linalg.pinv`)."""
+    if method == "newton":
+        return newton_schulz_pinv(matrix, iterations)
+    if method == "exact":
+        return torch.linalg.pinv(matrix)
+    raise ValueError(f"pinv={method!r} is not supported; accepted values: newton, exact.")
+
+
+# --- masks ---------------------------------------------------------------------------------------------------------
+
+
+def additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An attention mask as an additive float mask broadcastable to `[B, H, Nq, Nk]`.
+
+    Accepts a boolean mask (True = attend), an additive mask, or a `[B, N]` padding mask (1 = keep).
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :].bool()
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask.to(dtype)
+
+
+def key_bias_from_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """Reduce an attention mask to an additive key bias `[B, 1|H, 1, N]`.
+
+    Returns `(bias, ok)`; `ok` is False when the mask differs between queries (a causal or structured mask), which
+    the Nyström path cannot honour: the caller must then run exact attention.
+    """
+    mask = additive_mask(attention_mask, dtype)
+    if mask is None:
+        return None, True
+    if mask.dim() != 4:
+        return None, False
+    if mask.shape[-2] > 1:
+        if not bool((mask == mask[..., :1, :]).all()):
+            return None, False
+        mask = mask[..., :1, :]
+    return mask, True
+
+
+def valid_keys(key_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`[B, N]` bool of keys not masked out for any head: padding never becomes a landmark."""
+    if key_bias is None:
+        return None
+    return (key_bias > torch.finfo(key_bias.dtype).min / 2).all(dim=1)[:, 0, :]
+
+
+def _flag_bias(flagged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(flagged.shape, dtype=dtype, device=flagged.device).masked_fill(
+        flagged, torch.finfo(dtype).min
+    )[:, None, None, :]
+
+
+def _merge_bias(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return (a + b).clamp_min(torch.finfo(a.dtype).min)
+
+
+def _prepare_intervention(
+    value: torch.Tensor, key_bias: torch.Tensor | None, flagged: torch.Tensor | None, intervention: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold an intervention on flagged keys into (values, key bias)."""
+    if intervention not in INTERVENTIONS:
+        raise ValueError(f"intervention={intervention!r} is not supported; accepted values: {', '.join(INTERVENTIONS)}.")
+    if flagged is None or intervention == "none":
+        return value, key_bias
+    if intervention == "mask":
+        return value, _merge_bias(key_bias, _flag_bias(flagged, value.dtype))
+    # Zeroing every query's weight on a key is the same as zeroing that key's value.
+    return value.masked_fill(flagged[:, None, :, None], 0.0), key_bias
+
+
+def _keep_self_correction(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    flagged: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For "sink_keep_self": the exact self-attention weight p_ii of each flagged token, at cost O(G N d).
+
+    Returns `(positions [B, G], present [B, G], p_ii v_i [B, H, G, d])` for the G = max flagged per sample.
+    """
+    count = int(flagged.sum(dim=-1).max())
+    positions = flagged.float().topk(max(count, 1), dim=-1).indices
+    present = flagged.gather(1, positions)
+    gather = positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
+    q_f, k_f, v_f = (t.gather(2, gather).float() for t in (query, key, value))
+    logits = scale * q_f @ key.float().transpose(-1, -2)
+    if key_bias is not None:
+        logits = logits + key_bias.float()
+    self_logit = scale * (q_f * k_f).sum(-1)
+    if key_bias is not None:
+        self_logit = self_logit + key_bias.float().expand(-1, query.shape[1], -1, -1)[:, :, 0, :].gather(
+            2, positions[:, None, :].expand(-1, query.shape[1], -1)
+        )
+    p_self = (self_logit - logits.logsumexp(dim=-1)).exp()
+    correction = (p_self.unsqueeze(-1) * v_f) * present[:, None, :, None]
+    return positions, present, correction
+
+
+def _add_at(output: torch.Tensor, positions: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """`output[b, h, positions[b, g]] += update[b, h, g]` for `output` `[B, H, N, d]`."""
+    index = positions[:, None, :, None].expand(-1, output.shape[1], -1, output.shape[-1])
+    return output.scatter_add(2, index, update.to(output.dtype))
+
+
+# --- attention -----------------------------------------------------------------------------------------------------
+
+
+def exact_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    flagged: torch.Tensor | None = None,
+    intervention: str = "none",
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact attention `[B, H, N, d]` with a key bias and an optional intervention on flagged keys.
+
+    Uses `scaled_dot_product_attention` unless `return_weights` asks for the (quadratic) attention matrix.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    value_used, bias = _prepare_intervention(value, key_bias, flagged, intervention)
+    weights = None
+    if return_weights:
+        logits = scale * query.float() @ key.float().transpose(-1, -2)
+        if bias is not None:
+            logits = logits + bias.float()
+        weights = logits.softmax(dim=-1)
+        if flagged is not None and intervention in ("sink", "sink_keep_self"):
+            kept = weights * flagged[:, None, None, :]
+            weights = weights - kept
+            if intervention == "sink_keep_self":
+                weights = weights + torch.diag_embed(torch.diagonal(kept, dim1=-2, dim2=-1))
+        weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+        output = (weights @ value.float()).to(value.dtype)
+        return output, weights.to(query.dtype)
+    output = F.scaled_dot_product_attention(
+        query, key, value_used, attn_mask=bias, dropout_p=dropout_p, scale=scale
+    )
+    if flagged is not None and intervention == "sink_keep_self":
+        positions, _, correction = _keep_self_correction(query, key, value, bias, flagged, scale)
+        output = _add_at(output, positions, correction)
+    return output, weights
+
+
+def nystrom_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    landmarks: torch.Tensor,
+    key_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    pinv: str = "newton",
+    pinv_iterations: int = 6,
+    flagged: torch.Tensor | None = None,
+    intervention: str = "none",
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nyström attention `[B, H, N, d]` given landmark indices `[B, m]` (shared by all heads of a sample).
+
+    Flagged tokens handled by an intervention should be among the landmarks (`fna_attention` and the Transformers
+    backend make them so): their columns then act through the landmark kernel exactly as in exact attention.
+    Dropout (training) applies to the queries' weights over the landmarks. `return_weights` also returns the
+    approximate `[B, H, N, N]` attention matrix, which is quadratic in N.
+    """
+    batch, heads, _, head_dim = query.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    if pinv == "exact" and query.dtype != torch.float64:
+        # The reference mode: the whole chain in float64, so that with every token a landmark the (ill-conditioned)
+        # kernel still reproduces exact attention.
+        output, weights = nystrom_attention(
+            *(t.double() for t in (query, key, value)),
+            landmarks,
+            key_bias=None if key_bias is None else key_bias.double(),
+            scale=scale,
+            dropout_p=dropout_p,
+            pinv=pinv,
+            flagged=flagged,
+            intervention=intervention,
+            return_weights=return_weights,
+        )
+        return output.to(query.dtype), None if weights is None else weights.to(query.dtype)
+    value_used, bias = _prepare_intervention(value, key_bias, flagged, intervention)
+
+    gather = landmarks[:, None, :, None].expand(batch, heads, -1, head_dim)
+    q_land = query.gather(2, gather)
+    k_land = key.gather(2, gather)
+    bias_land = None if bias is None else bias.gather(3, landmarks[:, None, None, :].expand(*bias.shape[:3], -1))
+
+    precise = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 in the reference mode
+    logits = scale * q_land.to(precise) @ k_land.to(precise).transpose(-1, -2)
+    if bias_land is not None:
+        logits = logits + bias_land.to(precise)
+    kernel = logits.softmax(dim=-1)
+    kernel_pinv = landmark_pinv(kernel, pinv, pinv_iterations)
+
+    landmark_output = F.scaled_dot_product_attention(q_land, key, value_used, attn_mask=bias, scale=scale)
+    v_land = kernel_pinv @ landmark_output.to(precise)
+
+    output = F.scaled_dot_product_attention(
+        query, k_land, v_land.to(query.dtype), attn_mask=bias_land, dropout_p=dropout_p, scale=scale
+    )
+    if flagged is not None and intervention == "sink_keep_self":
+        positions, _, correction = _keep_self_correction(query, key, value, bias, flagged, scale)
+        output = _add_at(output, positions, correction)
+
+    weights = None
+    if return_weights:
+        weights = _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale)
+        if flagged is not None and intervention in ("sink", "sink_keep_self"):
+            kept = weights * flagged[:, None, None, :]
+            weights = weights - kept
+            if intervention == "sink_keep_self":
+                weights = weights + torch.diag_embed(torch.diagonal(kept, dim1=-2, dim2=-1))
+        weights = weights.to(query.dtype)
+    return output, weights
+
+
+def _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale) -> torch.Tensor:
+    """The approximate attention matrix softmax(Q kp^T) A^+ softmax(qp K^T), `[B, H, N, N]`."""
+    precise = kernel_pinv.dtype
+    left = scale * query.to(precise) @ k_land.to(precise).transpose(-1, -2)
+    right = scale * q_land.to(precise) @ key.to(precise).transpose(-1, -2)
+    if bias is not None:
+        left = left + bias_land.to(precise)
+        right = right + bias.to(precise)
+    return left.softmax(-1) @ kernel_pinv @ right.softmax(-1)
+
+
+def fna_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_landmarks: int,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    sampling: str = "fps",
+    sampling_features: str = "q",
+    num_special_tokens: int = 0,
+    pinv: str = "newton",
+    pinv_iterations: int = 6,
+    seed: int = 0,
+    landmarks: torch.Tensor | None = None,
+    flagged: torch.Tensor | None = None,
+    intervention: str = "none",
+) -> torch.Tensor:
+    """Fast Nyström Attention on `[B, H, N, d]` tensors, landmark selection included.
+
+    A drop-in for `torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+    scale=scale)` on non-causal attention, at cost O(N m d) with m = `num_landmarks`.
+
+    Args:
+        query, key, value: `[B, H, N, d]`.
+        num_landmarks: landmarks per sample; with `num_landmarks >= N` every token is a landmark.
+        attention_mask: optional boolean (True = attend) or additive mask broadcastable to `[B, H, N, N]` that is
+            the same for every query (a padding mask); padded keys never become landmarks.
+        scale: softmax scale, `d ** -0.5` by default.
+        dropout_p: attention dropout (pass 0.0 at evaluation).
+        sampling: "fps" or "random".
+        sampling_features: "q" or "k" (mean over heads); use `select_landmarks` for other features.
+        num_special_tokens: leading tokens that are always landmarks.
+        pinv, pinv_iterations: pseudo-inverse of the landmark kernel ("newton" or "exact").
+        seed: seed of random sampling.
+        landmarks: precomputed `[B, m]` indices; selection is skipped.
+        flagged: optional `[B, N]` bool of massive/artifact tokens, made landmarks, for `intervention`.
+        intervention: "none", "mask", "sink" or "sink_keep_self" on the flagged keys.
+
+    Returns:
+        `[B, H, N, d]`.
+
+    Raises:
+        ValueError: a mask that differs between queries (e.g. causal), or a bad option value.
+    """
+    if query.dim() != 4 or key.shape != query.shape[:3] + key.shape[3:] or value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            f"fna_attention expects query/key/value of shape [B, H, N, d] with equal B, H, N; got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+        )
+    if sampling_features not in ("q", "k"):
+        raise ValueError(f"sampling_features={sampling_features!r} is not supported here; accepted values: q, k.")
+    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
+    if not per_key:
+        raise ValueError(
+            "fna_attention supports masks that are the same for every query (padding masks); got a mask of shape "
+            f"{tuple(attention_mask.shape)} that varies across queries. Use exact attention for causal masks."
+        )
+    if landmarks is None:
+        num_landmarks = min(num_landmarks, query.shape[2])
+        features = (query if sampling_features == "q" else key).mean(dim=1)
+        landmarks = select_landmarks(
+            features,
+            num_landmarks,
+            method=sampling,
+            num_special_tokens=num_special_tokens,
+            guaranteed=flagged if intervention != "none" else None,
+            valid=valid_keys(key_bias),
+            seed=seed,
+        )
+    output, _ = nystrom_attention(
+        query,
+        key,
+        value,
+        landmarks,
+        key_bias=key_bias,
+        scale=scale,
+        dropout_p=dropout_p,
+        pinv=pinv,
+        pinv_iterations=pinv_iterations,
+        flagged=flagged,
+        intervention=intervention,
+    )
+    return output
