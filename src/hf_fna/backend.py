@@ -271,9 +271,7 @@ def fna_attention_forward(
         )
     else:
         bias = key_bias if per_key else additive_mask(attention_mask, query.dtype)
-        output, weights = exact_attention(
-            query, key, value, bias, scaling, dropout, return_weights=output_attentions
-        )
+        output, weights = exact_attention(query, key, value, bias, scaling, dropout, return_weights=output_attentions)
     return output.transpose(1, 2).contiguous(), weights
 
 
@@ -290,9 +288,7 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
     """Implementation of `FNAConfig.apply`: see there."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(
-            f"FNAConfig.apply expects a Transformers PreTrainedModel; got {type(model).__name__}."
-        )
+        raise ValueError(f"FNAConfig.apply expects a Transformers PreTrainedModel; got {type(model).__name__}.")
     tower = tower if tower is not None else find_tower_config_name(model)
     tower_config = config if tower is None else getattr(config, tower, None)
     if tower_config is None:
@@ -318,8 +314,10 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
 
 
 def _is_attention_module(module: nn.Module) -> bool:
-    return "Attention" in type(module).__name__ and hasattr(module, "config") and not isinstance(
-        module, nn.MultiheadAttention
+    return (
+        "Attention" in type(module).__name__
+        and hasattr(module, "config")
+        and not isinstance(module, nn.MultiheadAttention)
     )
 
 

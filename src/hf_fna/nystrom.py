@@ -100,9 +100,9 @@ def valid_keys(key_bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _flag_bias(flagged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(flagged.shape, dtype=dtype, device=flagged.device).masked_fill(
-        flagged, torch.finfo(dtype).min
-    )[:, None, None, :]
+    return torch.zeros(flagged.shape, dtype=dtype, device=flagged.device).masked_fill(flagged, torch.finfo(dtype).min)[
+        :, None, None, :
+    ]
 
 
 def _merge_bias(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -116,7 +116,9 @@ def _prepare_intervention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold an intervention on flagged keys into (values, key bias)."""
     if intervention not in INTERVENTIONS:
-        raise ValueError(f"intervention={intervention!r} is not supported; accepted values: {', '.join(INTERVENTIONS)}.")
+        raise ValueError(
+            f"intervention={intervention!r} is not supported; accepted values: {', '.join(INTERVENTIONS)}."
+        )
     if flagged is None or intervention == "none":
         return value, key_bias
     if intervention == "mask":
@@ -195,9 +197,7 @@ def exact_attention(
         weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
         output = (weights @ value.float()).to(value.dtype)
         return output, weights.to(query.dtype)
-    output = F.scaled_dot_product_attention(
-        query, key, value_used, attn_mask=bias, dropout_p=dropout_p, scale=scale
-    )
+    output = F.scaled_dot_product_attention(query, key, value_used, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     if flagged is not None and intervention == "sink_keep_self":
         positions, _, correction = _keep_self_correction(query, key, value, bias, flagged, scale)
         output = _add_at(output, positions, correction)

@@ -1,0 +1,53 @@
+"""The `hf-fna` command line: `compare` (the main job), `inspect`, `eval` and `push-config`.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only when their subcommand runs. Expected failures (`CLIError`, a model that cannot be loaded, bad
+options) print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "compare": ("hf_fna.compare", "exact vs FNA attention on a real model: speed and fidelity at several resolutions"),
+    "inspect": ("hf_fna.inspection", "massive/artifact tokens per layer, with norm maps and the chosen landmarks"),
+    "eval": ("hf_fna.evaluation.cli", "task metrics (classification, retrieval, segmentation, VQA), exact vs FNA"),
+    "push-config": ("hf_fna.publish", "write fna_config.json and a model card, and upload them to a Hub repo"),
+}
+
+
+class CLIError(Exception):
+    """An error the user can fix: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="hf-fna", description="Fast Nyström Attention for Hugging Face ViTs.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        # Only the chosen subcommand's module is imported (they pull in datasets, sklearn, matplotlib...).
+        if argv[:1] == [name]:
+            importlib.import_module(module_name).add_arguments(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except CLIError as error:
+        print(f"hf-fna {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hf-fna {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
