@@ -24,7 +24,7 @@ def probe_accuracy(
 
     if len(train_features) == 0 or len(test_features) == 0:
         raise ValueError(
-            f"probe_accuracy needs non-empty splits; got {len(train_features)} train and {len(test_features)} test rows."
+            f"probe_accuracy needs non-empty splits; got {len(train_features)} train, {len(test_features)} test rows."
         )
     if len(np.unique(train_labels)) < 2:
         raise ValueError("probe_accuracy needs at least two classes in the train split.")
