@@ -1,0 +1,73 @@
+"""FNAConfig: validation with clear errors, serialisation, layer resolution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_fna import FNAConfig, MaskingConfig
+from hf_fna.config import resolve_layers
+
+
+def test_defaults_are_the_documented_auto_schedule():
+    config = FNAConfig()
+    assert config.layers == "auto" and config.num_landmarks == 64 and config.pinv_iterations == 6
+    assert resolve_layers("auto", 12) == [6, 7, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_landmarks": 0}, r"FNAConfig.num_landmarks=0 is invalid; expected an integer >= 1"),
+        ({"sampling": "kmeans"}, r"FNAConfig.sampling='kmeans' is not supported; accepted values: fps, random"),
+        ({"sampling_features": "v"}, r"sampling_features='v' is not supported; accepted values: q, k, hidden"),
+        ({"pinv": "svd"}, r"FNAConfig.pinv='svd' is not supported; accepted values: newton, exact"),
+        ({"layers": "first half"}, r"FNAConfig.layers='first half' is invalid"),
+        ({"layers": [1, "2"]}, r"FNAConfig.layers=\[1, '2'\] is invalid"),
+        ({"min_tokens": -1}, r"FNAConfig.min_tokens=-1 is invalid"),
+        ({"resample_every_layer": "yes"}, r"resample_every_layer='yes' is invalid; expected True or False"),
+        ({"masking": {"mode": "drop"}}, r"masking.mode='drop' is not supported; accepted values: none, mask, sink"),
+        ({"masking": {"colour": 1}}, r"masking got unknown field\(s\) \['colour'\]"),
+    ],
+)
+def test_bad_values_name_field_value_and_accepted(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FNAConfig(**kwargs)
+
+
+def test_unknown_field_in_dict():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['landmarks'\]; accepted fields: .*num_landmarks"):
+        FNAConfig.from_dict({"landmarks": 3})
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("all", [0, 1, 2, 3]), ("none", []), ("2:", [2, 3]), ("-1:", [3]), (":2", [0, 1]), ([3, -4, 3], [0, 3])],
+)
+def test_resolve_layers(spec, expected):
+    assert resolve_layers(spec, 4) == expected
+
+
+def test_resolve_layers_out_of_range():
+    with pytest.raises(ValueError, match="layer 4, out of range for a tower with 4 layers"):
+        resolve_layers([4], 4)
+    with pytest.raises(ValueError, match="out of range for a tower with 4 layers"):
+        resolve_layers("6:", 4)
+
+
+def test_json_round_trip(tmp_path):
+    config = FNAConfig(layers=[1, 2], num_landmarks=32, sampling="random", masking=MaskingConfig(mode="sink"))
+    path = config.save_pretrained(tmp_path / "cfg")
+    assert json.loads((tmp_path / "cfg" / "fna_config.json").read_text())["masking"]["mode"] == "sink"
+    assert FNAConfig.from_pretrained(tmp_path / "cfg") == config
+    assert FNAConfig.from_pretrained(path) == config
+    assert FNAConfig.from_dict(json.loads(config.to_json_string())) == config
+
+
+def test_from_pretrained_reads_model_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"fna_config": {"num_landmarks": 9}}}))
+    assert FNAConfig.from_pretrained(tmp_path).num_landmarks == 9
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(OSError, match="carries no `fna_config`"):
+        FNAConfig.from_pretrained(tmp_path)
