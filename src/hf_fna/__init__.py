@@ -14,6 +14,7 @@ from .backend import ATTENTION_NAME, fna_attention_forward, register
 from .config import FNAConfig, MaskingConfig
 from .landmarks import farthest_point_sampling, random_sampling, select_landmarks
 from .nystrom import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
+from .sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
 
 __version__ = "0.1.0"
 
@@ -23,11 +24,14 @@ __all__ = [
     "ATTENTION_NAME",
     "FNAConfig",
     "MaskingConfig",
+    "detect_attention_sinks",
+    "detect_massive_tokens",
     "exact_attention",
     "farthest_point_sampling",
     "fna_attention",
     "fna_attention_forward",
     "newton_schulz_pinv",
+    "norm_statistics",
     "nystrom_attention",
     "random_sampling",
     "register",

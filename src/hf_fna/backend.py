@@ -30,6 +30,7 @@ from torch import nn
 from .config import FNAConfig, resolve_layers
 from .landmarks import select_landmarks
 from .nystrom import additive_mask, exact_attention, key_bias_from_mask, nystrom_attention, valid_keys
+from .sinks import attention_probabilities, detect_attention_sinks, detect_massive_tokens
 
 ATTENTION_NAME = "fna"
 
@@ -60,8 +61,25 @@ class TowerPlan:
     fna_layers: frozenset[int]
     first_fna_layer: int
     num_special_tokens: int
+    detect_layer: int  # masking: where tokens are flagged (resolved, non-negative)
+    from_layer: int  # masking: first layer of the intervention; num_layers when masking is off
     local: threading.local = field(default_factory=threading.local, repr=False)
-    last_landmarks: tuple[tuple, torch.Tensor] | None = field(default=None, repr=False)
+    last_landmarks: tuple | None = field(default=None, repr=False)
+    last_flagged: tuple | None = field(default=None, repr=False)
+    hooks: list = field(default_factory=list, repr=False)
+
+    def store_flags(self, flagged: torch.Tensor) -> None:
+        self.local.flagged = self.last_flagged = (_shape_key(flagged), flagged)
+
+    def current_flags(self, shape: tuple) -> torch.Tensor | None:
+        """Tokens flagged earlier in this forward pass (the autograd thread falls back to the tower's last)."""
+        entry = getattr(self.local, "flagged", None) or self.last_flagged
+        return entry[1] if entry is not None and entry[0] == shape else None
+
+
+def _shape_key(tokens: torch.Tensor) -> tuple:
+    """(batch, tokens, device) of a `[B, N, ...]` tensor: the key under which per-pass state is reused."""
+    return (tokens.shape[0], tokens.shape[1], tokens.device)
 
 
 @dataclass
@@ -102,6 +120,7 @@ def _tower_plan(tower_config: Any) -> TowerPlan:
     num_layers = int(tower_config.num_hidden_layers)
     fna_layers = frozenset(resolve_layers(settings.layers, num_layers))
     special = settings.num_special_tokens
+    detect_layer, from_layer = _masking_layers(settings, num_layers)
     return TowerPlan(
         settings=settings,
         source=getattr(tower_config, "fna_config", None),
@@ -109,7 +128,47 @@ def _tower_plan(tower_config: Any) -> TowerPlan:
         fna_layers=fna_layers,
         first_fna_layer=min(fna_layers, default=num_layers),
         num_special_tokens=num_special_tokens(tower_config) if special is None else special,
+        detect_layer=detect_layer,
+        from_layer=from_layer,
     )
+
+
+def _masking_layers(settings: FNAConfig, num_layers: int) -> tuple[int, int]:
+    """Resolve and check `masking.detect_layer` / `masking.from_layer` against the tower depth."""
+    masking = settings.masking
+    if not masking.enabled:
+        return num_layers, num_layers
+    (detect_layer,) = resolve_layers([masking.detect_layer], num_layers, "masking.detect_layer")
+    (from_layer,) = resolve_layers([masking.from_layer], num_layers, "masking.from_layer")
+    if from_layer < detect_layer:
+        raise ValueError(
+            f"FNAConfig.masking.from_layer={masking.from_layer} precedes detect_layer={masking.detect_layer}: tokens "
+            "are flagged once per forward pass at detect_layer, so the intervention can start there at the earliest."
+        )
+    if masking.detect == "norm_gap" and detect_layer == 0:
+        raise ValueError(
+            "FNAConfig.masking.detect_layer=0 with detect='norm_gap' would read the patch embeddings, which carry no "
+            "massive tokens; use a layer >= 1 (massive tokens appear in middle layers)."
+        )
+    return detect_layer, from_layer
+
+
+def _add_norm_gap_hook(tower: TowerPlan, block: nn.Module) -> None:
+    """Flag massive tokens from the residual stream entering the detection layer (a forward pre-hook)."""
+    masking = tower.settings.masking
+
+    def detect(_block: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        tower.store_flags(
+            detect_massive_tokens(
+                hidden_states,
+                min_gap=masking.min_gap,
+                max_tokens=masking.max_tokens,
+                num_special_tokens=tower.num_special_tokens,
+            )
+        )
+
+    tower.hooks.append(block.register_forward_pre_hook(detect, with_kwargs=True))
 
 
 def plan_model(root: nn.Module) -> int:
@@ -120,6 +179,11 @@ def plan_model(root: nn.Module) -> int:
     towers: dict[int, TowerPlan] = {}
     planned = 0
     with _PLAN_LOCK:
+        for module in root.modules():
+            previous = _PLANS.pop(module, None)
+            if previous is not None:
+                for hook in previous.tower.hooks:
+                    hook.remove()
         for name, module in root.named_modules():
             config = getattr(module, "config", None)
             if config is None or getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
@@ -131,9 +195,20 @@ def plan_model(root: nn.Module) -> int:
                 continue
             if id(config) not in towers:
                 towers[id(config)] = _tower_plan(config)
-            _PLANS[module] = LayerPlan(towers[id(config)], index)
+            tower = towers[id(config)]
+            _PLANS[module] = LayerPlan(tower, index)
             planned += 1
+            masking = tower.settings.masking
+            if masking.enabled and masking.detect == "norm_gap" and index == tower.detect_layer:
+                _add_norm_gap_hook(tower, root.get_submodule(_block_name(name)))
     return planned
+
+
+def _block_name(attention_name: str) -> str:
+    """`encoder.layer.3.attention.attention` -> `encoder.layer.3`: the transformer block holding the attention."""
+    parts = attention_name.split(".")
+    last_index = max(i for i, part in enumerate(parts) if part.isdigit())
+    return ".".join(parts[: last_index + 1])
 
 
 def _plan_for(module: nn.Module) -> LayerPlan:
@@ -196,7 +271,8 @@ def _landmarks_for(
     guaranteed: torch.Tensor | None,
 ) -> torch.Tensor:
     tower, settings = plan.tower, plan.tower.settings
-    shape = (query.shape[0], query.shape[2], query.device)
+    # Landmarks are reused within a pass while the shape and the guaranteed (flagged) tokens stay the same.
+    shape = (query.shape[0], query.shape[2], query.device, None if guaranteed is None else id(guaranteed))
     if not settings.resample_every_layer and plan.index != tower.first_fna_layer:
         cached = getattr(tower.local, "landmarks", None)
         if cached is None:
@@ -255,8 +331,10 @@ def fna_attention_forward(
         # A padded sample with fewer real tokens than landmarks would need duplicate landmarks: run exact attention.
         use_fna = int(valid.sum(dim=-1).min()) >= settings.num_landmarks
 
+    flagged = _flags_for(plan, query, key, scaling, key_bias, valid)
+    intervention = settings.masking.mode if flagged is not None else "none"
     if use_fna:
-        landmarks = _landmarks_for(plan, module, query, key, value, valid, guaranteed=None)
+        landmarks = _landmarks_for(plan, module, query, key, value, valid, guaranteed=flagged)
         output, weights = nystrom_attention(
             query,
             key,
@@ -267,12 +345,55 @@ def fna_attention_forward(
             dropout_p=dropout,
             pinv=settings.pinv,
             pinv_iterations=settings.pinv_iterations,
+            flagged=flagged,
+            intervention=intervention,
             return_weights=output_attentions,
         )
     else:
         bias = key_bias if per_key else additive_mask(attention_mask, query.dtype)
-        output, weights = exact_attention(query, key, value, bias, scaling, dropout, return_weights=output_attentions)
+        output, weights = exact_attention(
+            query,
+            key,
+            value,
+            bias,
+            scaling,
+            dropout,
+            flagged=flagged,
+            intervention=intervention,
+            return_weights=output_attentions,
+        )
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _flags_for(
+    plan: LayerPlan,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float | None,
+    key_bias: torch.Tensor | None,
+    valid: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Run attention-sink detection at the detection layer; return the flags the intervention uses here, if any."""
+    tower = plan.tower
+    masking = tower.settings.masking
+    if not masking.enabled:
+        return None
+    if masking.detect == "attention" and plan.index == tower.detect_layer:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        with torch.no_grad():
+            probabilities = attention_probabilities(query, key, scale, key_bias)
+            tower.store_flags(
+                detect_attention_sinks(
+                    probabilities,
+                    std_threshold=masking.std_threshold,
+                    max_tokens=masking.max_tokens,
+                    num_special_tokens=tower.num_special_tokens,
+                    valid=valid,
+                )
+            )
+    if plan.index < tower.from_layer:
+        return None
+    return tower.current_flags((query.shape[0], query.shape[2], query.device))
 
 
 # --- applying a config -------------------------------------------------------------------------------------------
