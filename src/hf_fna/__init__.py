@@ -10,7 +10,7 @@ Settings come from the `fna_config` dict of the tower's config (as a Hub `config
 `FNAConfig(...).apply(model)`, or from the documented defaults (`layers="auto"`).
 """
 
-from .backend import ATTENTION_NAME, fna_attention_forward, register
+from .backend import ATTENTION_NAME, fna_attention_forward, last_flagged_tokens, last_landmarks, register
 from .config import FNAConfig, MaskingConfig
 from .landmarks import farthest_point_sampling, random_sampling, select_landmarks
 from .nystrom import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
@@ -30,6 +30,8 @@ __all__ = [
     "farthest_point_sampling",
     "fna_attention",
     "fna_attention_forward",
+    "last_flagged_tokens",
+    "last_landmarks",
     "newton_schulz_pinv",
     "norm_statistics",
     "nystrom_attention",

@@ -396,6 +396,27 @@ def _flags_for(
     return tower.current_flags((query.shape[0], query.shape[2], query.device))
 
 
+def _tower_plans(model: nn.Module) -> list[TowerPlan]:
+    towers: dict[int, TowerPlan] = {}
+    for module in model.modules():
+        plan = _PLANS.get(module)
+        if plan is not None:
+            towers.setdefault(id(plan.tower), plan.tower)
+    return list(towers.values())
+
+
+def last_landmarks(model: nn.Module) -> torch.Tensor | None:
+    """Landmark indices `[B, m]` chosen in the most recent forward pass of `model` (None if FNA never ran)."""
+    entries = [tower.last_landmarks for tower in _tower_plans(model) if tower.last_landmarks is not None]
+    return entries[-1][1] if entries else None
+
+
+def last_flagged_tokens(model: nn.Module) -> torch.Tensor | None:
+    """`[B, N]` bool of the tokens flagged by masking in the most recent forward pass (None if none ran)."""
+    entries = [tower.last_flagged for tower in _tower_plans(model) if tower.last_flagged is not None]
+    return entries[-1][1] if entries else None
+
+
 # --- applying a config -------------------------------------------------------------------------------------------
 
 
