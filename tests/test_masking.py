@@ -139,3 +139,13 @@ def test_masking_layer_errors(tmp_path):
         FNAConfig(masking=MaskingConfig(mode="mask", detect_layer=0, from_layer=0)).apply(model)
     with pytest.raises(ValueError, match=r"masking.detect_layer contains layer 9, out of range"):
         FNAConfig(masking=MaskingConfig(mode="mask", detect_layer=9, from_layer=9)).apply(model)
+
+
+def test_default_masking_layers_are_the_middle_of_the_tower(tmp_path):
+    fam = family("dinov2")
+    model = fam.model_class(fam.config).eval()
+    FNAConfig(layers="none", masking=MaskingConfig(mode="sink")).apply(model)
+    tower = fna_backend._PLANS[model.encoder.layer[0].attention].tower
+    assert (tower.detect_layer, tower.from_layer) == (2, 2)
+    with torch.no_grad():
+        assert torch.isfinite(model(**fam.make_inputs(1)).last_hidden_state).all()

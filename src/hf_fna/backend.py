@@ -138,8 +138,12 @@ def _masking_layers(settings: FNAConfig, num_layers: int) -> tuple[int, int]:
     masking = settings.masking
     if not masking.enabled:
         return num_layers, num_layers
-    (detect_layer,) = resolve_layers([masking.detect_layer], num_layers, "masking.detect_layer")
-    (from_layer,) = resolve_layers([masking.from_layer], num_layers, "masking.from_layer")
+    detect = num_layers // 2 if masking.detect_layer is None else masking.detect_layer
+    (detect_layer,) = resolve_layers([detect], num_layers, "masking.detect_layer")
+    if masking.from_layer is None:
+        from_layer = detect_layer
+    else:
+        (from_layer,) = resolve_layers([masking.from_layer], num_layers, "masking.from_layer")
     if from_layer < detect_layer:
         raise ValueError(
             f"FNAConfig.masking.from_layer={masking.from_layer} precedes detect_layer={masking.detect_layer}: tokens "

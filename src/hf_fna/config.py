@@ -105,9 +105,11 @@ class MaskingConfig:
             (as "sink", but a flagged token keeps its attention to itself).
         detect: "norm_gap" (largest gap in the sorted log L2 norms of the tokens entering `detect_layer`) or
             "attention" (iterative outliers of mean incoming attention at `detect_layer`).
-        detect_layer: the layer at whose input (norm_gap) or attention (attention) tokens are flagged.
+        detect_layer: the layer at whose input (norm_gap) or attention (attention) tokens are flagged; negative
+            values count from the end; `None` is the middle layer (`num_layers // 2`), where massive tokens have
+            appeared in the models studied.
         from_layer: first layer where the intervention applies; it must not precede `detect_layer`, since the
-            flags are only known once that layer runs (negative values count from the end).
+            flags are only known once that layer runs; `None` is `detect_layer`.
         max_tokens: at most this many flagged tokens per image (the strongest ones).
         std_threshold: "attention" detection flags a token while its log incoming attention exceeds the mean of
             the unflagged tokens by this many standard deviations.
@@ -117,8 +119,8 @@ class MaskingConfig:
 
     mode: Literal["none", "mask", "sink", "sink_keep_self"] = "none"
     detect: Literal["norm_gap", "attention"] = "norm_gap"
-    detect_layer: int = 0
-    from_layer: int = 0
+    detect_layer: int | None = None
+    from_layer: int | None = None
     max_tokens: int = 8
     std_threshold: float = 3.0
     min_gap: float = 1.0
@@ -128,8 +130,10 @@ class MaskingConfig:
         _check_choice("masking.detect", self.detect, DETECTION_METHODS)
         for name in ("detect_layer", "from_layer"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"FNAConfig.masking.{name}={value!r} is invalid; expected an integer layer index.")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(
+                    f"FNAConfig.masking.{name}={value!r} is invalid; expected an integer layer index or None."
+                )
         _check_int("masking.max_tokens", self.max_tokens, 1)
         for name in ("std_threshold", "min_gap"):
             value = getattr(self, name)
