@@ -291,3 +291,25 @@ def test_apply_rejects_out_of_range_layers(tmp_path):
         FNAConfig(layers=[0, 7]).apply(model)
     with pytest.raises(ValueError, match="out of range"):
         FNAConfig(layers="9:").apply(model)
+
+
+@pytest.mark.parametrize("features", ["k", "hidden"])
+def test_sampling_features(features, tmp_path):
+    fam = family("vit")
+    folder = save_tiny(
+        fam, tmp_path, FNAConfig(layers="all", num_landmarks=6, min_tokens=0, sampling_features=features)
+    )
+    model = load(fam, folder, "fna")
+    attention = model.layers[0].attention
+    seen = {}
+
+    def remember_input(_module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    attention.register_forward_pre_hook(remember_input, with_kwargs=True)
+    assert torch.isfinite(run(fam, model)).all()
+    if features == "hidden":
+        x = seen["x"]
+        value = attention.v_proj(x).view(*x.shape[:2], -1, 8).transpose(1, 2)
+        recovered = fna_backend._selection_features(attention, None, None, value, "hidden")
+        torch.testing.assert_close(recovered, x, atol=1e-4, rtol=1e-4)
