@@ -1,0 +1,194 @@
+"""Datasets for `hf-fna eval`: Hub names, local folders, the offline built-ins, and column checks.
+
+A dataset source is one of:
+- a Hub dataset name (`"nlphuji/flickr30k"`), loaded with `datasets.load_dataset(name, split=...)` (needs a network);
+- a local folder: written by `save_to_disk` (loaded with `load_from_disk`), or anything `load_dataset` reads from a
+  folder (an imagefolder of `<class>/<image>` files, parquet, csv...);
+- a built-in offline dataset, `hf_fna:<name>` (see `BUILTIN_DATASETS`);
+- a `datasets.Dataset` or `DatasetDict` (Python API).
+A single `Dataset` without splits counts as the split "test".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import assets
+from ..cli import CLIError
+
+BUILTIN_PREFIX = "hf_fna:"
+FASHION_MNIST_GARMENT_THRESHOLD = 16
+
+
+def fashion_mnist_segmentation(threshold: int = FASHION_MNIST_GARMENT_THRESHOLD) -> Any:
+    """Fashion-MNIST with a derived two-class segmentation mask: `image`, `label`, `annotation`.
+
+    This is not a human-annotated segmentation set: the mask is computed from the image itself, garment (1) where the
+    pixel intensity exceeds `threshold` (of 255) and background (0) elsewhere; Fashion-MNIST backgrounds are black,
+    so the mask is the garment's silhouette. It is real image data with an exactly known answer, good for checking
+    that FNA keeps patch features as useful for dense prediction as exact attention does, not as a segmentation
+    benchmark. Masks are computed on access (a `with_transform`), so building the dataset costs nothing.
+    """
+    from PIL import Image
+
+    def add_masks(batch: dict[str, list]) -> dict[str, list]:
+        masks = [(np.asarray(image.convert("L")) > threshold).astype(np.uint8) for image in batch["image"]]
+        return {**batch, "annotation": [Image.fromarray(mask) for mask in masks]}
+
+    splits = assets.fashion_mnist()
+    for name in splits:
+        splits[name] = splits[name].with_transform(add_masks)
+    return splits
+
+
+def _builtin_datasets() -> dict[str, Callable[[], Any]]:
+    return {
+        "fashion_mnist": assets.fashion_mnist,
+        "fashion_mnist_segmentation": fashion_mnist_segmentation,
+        "easy_vqa": assets.easy_vqa,
+        "photos": assets.photos,
+    }
+
+
+BUILTIN_DATASETS = ("fashion_mnist", "fashion_mnist_segmentation", "easy_vqa", "photos")
+
+
+@dataclass
+class TaskData:
+    """The rows a task evaluates (and fits its probe on), and the column that plays each role."""
+
+    test: Any
+    columns: dict[str, str]
+    train: Any | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def task_data(settings: Any, roles: dict[str, str | Sequence[str]], with_train: bool = False) -> TaskData:
+    """Load `settings.split` (and `settings.train_split`) of `settings.dataset` and find the columns of `roles`.
+
+    Raises:
+        CLIError: unknown dataset, missing split, empty split, missing columns.
+    """
+    splits = [settings.split, settings.train_split] if with_train else [settings.split]
+    source = open_dataset(settings.dataset, splits)
+    test = take_split(source, settings.split, settings.limit, settings.seed)
+    train = take_split(source, settings.train_split, settings.train_limit, settings.seed) if with_train else None
+    columns = resolve_columns(test, roles)
+    if train is not None:
+        resolve_columns(train, columns)
+    return TaskData(test, columns, train)
+
+
+def load_split(source: Any, split: str, limit: int | None = None, seed: int = 0) -> Any:
+    """One split of a dataset source, shuffled with `seed` and cut to `limit` rows when `limit` is given."""
+    return take_split(open_dataset(source, [split]), split, limit, seed)
+
+
+def open_dataset(source: Any, splits: Sequence[str]) -> Any:
+    """A `DatasetDict` from a source (see the module docstring); from the Hub, only `splits` are loaded.
+
+    Raises:
+        CLIError: an unknown built-in, an unreadable folder, an unreachable Hub dataset or a split it lacks.
+    """
+    import datasets
+
+    if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
+        name = source.removeprefix(BUILTIN_PREFIX)
+        if name not in BUILTIN_DATASETS:
+            available = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)
+            raise CLIError(f"unknown built-in dataset {source!r}; available: {available}")
+        source = _builtin_datasets()[name]()
+    elif isinstance(source, str):
+        source = _load_source(source, splits)
+    if isinstance(source, datasets.Dataset):
+        source = datasets.DatasetDict({"test": source})
+    if not isinstance(source, datasets.DatasetDict):
+        raise CLIError(f"expected a dataset name, a folder or a datasets.Dataset, got {type(source).__name__}")
+    return source
+
+
+def take_split(source: Any, split: str, limit: int | None = None, seed: int = 0) -> Any:
+    """`source[split]`, shuffled with `seed` and cut to `limit` rows when `limit` is smaller than the split."""
+    if split not in source:
+        raise CLIError(f"the dataset has no split {split!r}; available splits: {', '.join(source)}")
+    dataset = source[split]
+    if len(dataset) == 0:
+        raise CLIError(f"split {split!r} of the dataset is empty")
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(limit))
+    return dataset
+
+
+def _load_source(source: str, splits: Sequence[str]) -> Any:
+    """A `DatasetDict` (or `Dataset`) from a local folder, or the requested splits of a Hub dataset."""
+    import datasets
+
+    if os.path.isdir(source):
+        saved = any(os.path.isfile(os.path.join(source, name)) for name in ("dataset_dict.json", "state.json"))
+        try:
+            return datasets.load_from_disk(source) if saved else datasets.load_dataset(source)
+        except Exception as error:
+            raise CLIError(
+                f"could not read the dataset folder {source!r}: {type(error).__name__}: {_first_line(error)}"
+            ) from error
+    loaded = {}
+    for split in dict.fromkeys(splits):
+        try:
+            loaded[split] = datasets.load_dataset(source, split=split)
+        except ValueError as error:  # an unknown split: the message lists the available ones
+            raise CLIError(f"could not load split {split!r} of {source!r}: {_first_line(error)}") from error
+        except Exception as error:
+            raise CLIError(
+                f"could not load the dataset {source!r} (not a folder, a {BUILTIN_PREFIX}name, or a reachable Hub "
+                f"dataset): {type(error).__name__}: {_first_line(error)}"
+            ) from error
+    return datasets.DatasetDict(loaded)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def resolve_columns(dataset: Any, requested: dict[str, str | Sequence[str]]) -> dict[str, str]:
+    """Map each role (e.g. "image", "label") to a column of `dataset`.
+
+    `requested` gives, per role, a column name or candidate names (the first present one wins).
+
+    Raises:
+        CLIError: naming every role without a column, what was looked for, and the available columns.
+    """
+    available = list(dataset.column_names)
+    # A with_transform dataset (e.g. the derived segmentation masks) adds columns only visible on access.
+    if dataset.format.get("type") == "custom" and len(dataset):
+        available = list(dict.fromkeys([*available, *dataset[0].keys()]))
+    found, missing = {}, []
+    for role, names in requested.items():
+        candidates = [names] if isinstance(names, str) else list(names)
+        present = [name for name in candidates if name in available]
+        if present:
+            found[role] = present[0]
+        else:
+            missing.append(f"{role} ({' or '.join(repr(n) for n in candidates)})")
+    if missing:
+        raise CLIError(
+            f"the dataset lacks the expected column(s) {', '.join(missing)}; available columns: "
+            f"{', '.join(available)} (choose others with the --*-column options)"
+        )
+    return found
+
+
+def class_names(dataset: Any, label_column: str) -> list[str] | None:
+    """The names of a `ClassLabel` column, or None for a plain integer column."""
+    feature = dataset.features.get(label_column)
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def to_rgb(image: Any) -> Any:
+    """A PIL RGB image (datasets decode grayscale and palette images in their own modes)."""
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -1,0 +1,178 @@
+"""Loading the evaluated model, checking it fits the task, switching its vision tower between exact and FNA attention.
+
+One model is loaded (with exact `sdpa` attention) and its vision tower is switched to `fna` and back around each
+forward pass (`AttentionSwitch`), so both variants run on the same weights and batches without doubling memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..backend import ATTENTION_NAME, find_tower_config_name, num_special_tokens
+from ..cli import CLIError
+from ..config import FNAConfig
+
+EXACT, FNA = "exact", "fna"
+VARIANTS = (EXACT, FNA)
+
+# What a task needs from the model, and the Auto class that loads it.
+MODEL_KINDS = {
+    "backbone": "AutoModel",  # a vision transformer (or the vision tower of CLIP/SigLIP/LLaVA)
+    "classifier": "AutoModelForImageClassification",  # a checkpoint with a trained classification head
+    "dual_encoder": "AutoModel",  # CLIP/SigLIP: image and text embeddings in one space
+    "generator": "AutoModelForImageTextToText",  # LLaVA-style: answers questions about images
+}
+
+
+def load_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as error:
+        raise CLIError(
+            f"could not load the config of {path!r}: {type(error).__name__}: {_first_line(error)}"
+        ) from error
+
+
+def check_model_kind(config: Any, kind: str, task: str) -> None:
+    """Raise `CLIError` when a model with this config cannot do `task` (which needs a model of `kind`)."""
+    model_type = getattr(config, "model_type", "?")
+    has_towers = getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+    if kind == "classifier":
+        architectures = list(getattr(config, "architectures", None) or [])
+        if not any(name.endswith("ForImageClassification") for name in architectures):
+            raise CLIError(
+                f"task {task!r} needs a checkpoint with an image-classification head; {model_type!r} has architectures "
+                f"{architectures or 'none'} (use --task probe to probe a backbone)"
+            )
+    elif kind in ("dual_encoder", "generator") and not has_towers:
+        needs = "an image and a text tower (CLIP, SigLIP)" if kind == "dual_encoder" else "a LLaVA-style model"
+        raise CLIError(f"task {task!r} needs {needs}; {model_type!r} is a vision-only model")
+    elif kind == "backbone" and getattr(vision_config(config), "patch_size", None) is None:
+        raise CLIError(
+            f"task {task!r} needs a vision transformer (ViT, DINOv2, CLIP, SigLIP); {model_type!r} is not one"
+        )
+
+
+def load_model(path: str, kind: str, task: str) -> tuple[Any, Any]:
+    """The model (exact `sdpa` attention, eval mode) and its processor, after checking that they fit `task`."""
+    import transformers
+
+    config = load_config(path)
+    check_model_kind(config, kind, task)
+    auto_class = getattr(transformers, MODEL_KINDS[kind])
+    try:
+        model = auto_class.from_pretrained(path, attn_implementation="sdpa")
+        processor = transformers.AutoProcessor.from_pretrained(path)
+    except ValueError as error:  # e.g. "Unrecognized configuration class" for a model the Auto class cannot build
+        raise CLIError(f"{path!r} cannot run task {task!r}: {_first_line(error)}") from error
+    if kind == "dual_encoder" and not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        raise CLIError(f"task {task!r} needs image and text embeddings (CLIP, SigLIP); {type(model).__name__} has none")
+    if kind in ("dual_encoder", "generator") and getattr(processor, "tokenizer", None) is None:
+        raise CLIError(f"task {task!r} needs a processor with a tokenizer; {path!r} has none")
+    return model.eval(), processor
+
+
+def vision_config(config: Any) -> Any:
+    """The config of the vision tower (the model config itself for ViT/DINOv2)."""
+    return getattr(config, "vision_config", None) or config
+
+
+def image_processor(processor: Any) -> Any:
+    return getattr(processor, "image_processor", processor)
+
+
+def vision_tower(model: Any) -> Any:
+    """The module that maps `pixel_values` to patch tokens: CLIP/SigLIP `vision_model`, LLaVA `vision_tower`, or the
+    model itself."""
+    for name in ("vision_model", "vision_tower"):
+        tower = getattr(model, name, None)
+        if isinstance(tower, torch.nn.Module):
+            return tower
+    return model
+
+
+def interpolation_kwargs(function: Any) -> dict[str, bool]:
+    """`{"interpolate_pos_encoding": True}` when `function` (or a module's forward) takes that argument (ViT, CLIP,
+    SigLIP: position embeddings resized to the input size; DINOv2 always resizes them)."""
+    function = getattr(function, "forward", function)
+    return (
+        {"interpolate_pos_encoding": True}
+        if "interpolate_pos_encoding" in inspect.signature(function).parameters
+        else {}
+    )
+
+
+@dataclass
+class VisionFeatures:
+    """Per image: a global feature (pooled or CLS token, concatenated with the mean patch token) and the patch tokens
+    as a grid `[B, h, w, D]`."""
+
+    pooled: torch.Tensor
+    patches: torch.Tensor
+
+
+def vision_features(model: Any, pixel_values: torch.Tensor) -> VisionFeatures:
+    """Run the vision tower of `model` and return its `VisionFeatures`.
+
+    The global feature is the standard linear-probe input of DINOv2: the pooled output (the CLS token for DINOv2, the
+    post-layernorm CLS for CLIP, the attention-pool output for SigLIP) concatenated with the mean of the patch tokens.
+    """
+    tower = vision_tower(model)
+    config = vision_config(model.config)
+    outputs = tower(pixel_values=pixel_values, **interpolation_kwargs(tower))
+    tokens = outputs.last_hidden_state
+    special = num_special_tokens(config)
+    patches = tokens[:, special:]
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None:
+        pooled = tokens[:, 0] if special else patches.mean(dim=1)
+    height, width = (size // config.patch_size for size in pixel_values.shape[-2:])
+    grid = patches.reshape(patches.shape[0], height, width, patches.shape[-1])
+    return VisionFeatures(pooled=torch.cat([pooled, patches.mean(dim=1)], dim=-1), patches=grid)
+
+
+class AttentionSwitch:
+    """Switches the vision tower of a loaded model between its exact attention and `fna` with `settings`.
+
+    `FNAConfig.apply` runs once (it plans the layers); later switches only change the tower's attention implementation.
+    Other towers (CLIP/SigLIP text, the LLaVA language model) keep their attention throughout.
+    """
+
+    def __init__(self, model: Any, settings: FNAConfig) -> None:
+        self.model = model
+        self.tower = find_tower_config_name(model)
+        config = model.config if self.tower is None else getattr(model.config, self.tower)
+        self.exact_implementation = config._attn_implementation
+        try:
+            settings.apply(model, self.tower)
+        except ValueError as error:
+            raise CLIError(f"FNA cannot run in {type(model).__name__}: {_first_line(error)}") from error
+        self.current = FNA
+        self.use(EXACT)
+
+    def use(self, variant: str) -> None:
+        if variant == self.current:
+            return
+        implementation = ATTENTION_NAME if variant == FNA else self.exact_implementation
+        self.model.set_attn_implementation(implementation if self.tower is None else {self.tower: implementation})
+        self.current = variant
+
+
+def fna_settings_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
+    """The model's own `fna_config` (or the defaults) with the given fields replaced."""
+    base = FNAConfig.from_model_config(vision_config(config)).to_dict()
+    try:
+        return FNAConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,122 @@
+"""`EvalResult`: the report of one run, as a markdown table and as JSON written atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .modeling import EXACT, FNA, VARIANTS
+
+if TYPE_CHECKING:
+    from .runner import Runner, TaskOutcome
+    from .settings import EvalSettings
+
+
+@dataclass
+class EvalResult:
+    """The report of one run; `to_dict()` is what the JSON file holds."""
+
+    settings: dict[str, Any]
+    metrics: dict[str, dict[str, float]]
+    agreement: dict[str, float]
+    throughput: dict[str, Any]
+    num_samples: int
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        """Exact and FNA metrics side by side, then throughput and agreement."""
+        lines = [
+            f"| {self.settings['task']} ({self.num_samples} samples) | exact | fna | fna - exact |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, exact in self.metrics[EXACT].items():
+            fna = self.metrics[FNA][name]
+            lines.append(f"| {name} | {exact:.4f} | {fna:.4f} | {fna - exact:+.4f} |")
+        exact_rate, fna_rate = (self.throughput[v]["samples_per_second"] for v in VARIANTS)
+        lines.append(f"| samples/s | {exact_rate:.2f} | {fna_rate:.2f} | {self.throughput['speedup']:.2f}x |")
+        lines += ["", "| agreement (fna vs exact) | value |", "|---|---:|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in self.agreement.items()]
+        lines += [f"\nnote: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def build_result(settings: EvalSettings, runner: Runner, outcome: TaskOutcome) -> EvalResult:
+    import accelerate
+    import transformers
+
+    from .. import __version__
+
+    comparison = outcome.comparison
+    timing = comparison.timing
+    record = settings.to_dict()
+    record.update(
+        fna=runner.fna.to_dict(),
+        tokens_per_image=comparison.tokens_per_image,
+        num_processes=runner.accelerator.num_processes,
+        device=str(runner.device),
+        machine=f"{platform.machine()} {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name()}" if runner.device.type == "cuda" else ""),
+        versions={
+            "hf_fna": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+        },
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    throughput = {v: {**asdict(timing[v]), "samples_per_second": timing[v].samples_per_second} for v in VARIANTS}
+    throughput["speedup"] = timing[EXACT].seconds / timing[FNA].seconds if timing[FNA].seconds > 0 else float("nan")
+    notes = []
+    tokens = comparison.tokens_per_image
+    if tokens is not None and tokens < max(runner.fna.min_tokens, runner.fna.num_landmarks):
+        notes.append(
+            f"{tokens} tokens per image is below min_tokens={runner.fna.min_tokens} or num_landmarks="
+            f"{runner.fna.num_landmarks}: FNA fell back to exact attention; raise --image-size or lower --min-tokens"
+        )
+    if settings.mixed_precision == "fp16" and runner.device.type == "cpu":
+        notes.append("accelerate applies no fp16 autocast on CPU: this run computed in float32 (use bf16 on CPU)")
+    return EvalResult(
+        record, outcome.metrics, outcome.agreement, throughput, comparison.num_samples, notes, outcome.details
+    )
+
+
+def _without_nan(value: Any) -> Any:
+    """`value` with NaN and infinite floats turned into None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    """Write `payload` as JSON to `path` through a temporary file in the same folder and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(_without_nan(payload), f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

@@ -1,0 +1,286 @@
+"""The shared runner of `hf-fna eval`: exact and FNA attention on the same batches, timed, gathered across processes.
+
+`run_evaluation(EvalSettings(...))` loads the model once, lets the task module feed batches through
+`Runner.compare` (each batch runs with exact attention and with FNA, in alternating order, under
+`accelerate` data parallelism and mixed precision), and returns an `EvalResult`: task metrics of both variants,
+their agreement and their throughput. The main process writes the JSON report atomically at the very end, so a failed
+run leaves no report behind, and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..cli import CLIError
+from ..config import FNAConfig, resolve_layers
+from .modeling import (
+    EXACT,
+    FNA,
+    VARIANTS,
+    AttentionSwitch,
+    check_model_kind,
+    fna_settings_for,
+    load_config,
+    load_model,
+    vision_config,
+)
+from .report import EvalResult, build_result, write_json_atomically
+from .settings import TASKS, EvalSettings
+
+Batch = tuple[dict[str, torch.Tensor], dict[str, Any]]  # (model inputs, targets kept aside for the metrics)
+
+
+@dataclass
+class Timing:
+    """Seconds spent in the model forward passes (or generation) of one variant, and the samples they covered."""
+
+    seconds: float = 0.0
+    samples: int = 0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class Comparison:
+    """What `Runner.compare` gathered from all processes (tensors concatenated on CPU, lists flattened)."""
+
+    outputs: dict[str, Any]
+    timing: dict[str, Timing]
+    num_samples: int
+    tokens_per_image: int | None = None
+
+
+@dataclass
+class TaskOutcome:
+    """A task's result: metrics per variant (`{"exact": {...}, "fna": {...}}`), agreement, and its comparison."""
+
+    metrics: dict[str, dict[str, float]]
+    agreement: dict[str, float]
+    comparison: Comparison
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def make_accelerator(mixed_precision: str) -> Any:
+    """An `Accelerator` with this mixed precision (the accelerate state is a process-wide singleton: it is reset when
+    an earlier run in the same process chose another precision; the distributed state is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+class Runner:
+    """Holds the accelerator, the model and its `AttentionSwitch`; runs batches through both variants."""
+
+    def __init__(self, settings: EvalSettings, model: Any, processor: Any, fna: FNAConfig) -> None:
+        self.settings = settings
+        self.accelerator = make_accelerator(settings.mixed_precision)
+        self.model = model.to(self.accelerator.device)
+        self.processor = processor
+        self.fna = fna
+        self.switch = AttentionSwitch(model, fna)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def loader(self, dataset: Any, collate: Callable[[list[dict]], Batch], batch_size: int | None = None) -> Any:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size or self.settings.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=self.settings.num_workers,
+        )
+        return self.accelerator.prepare_data_loader(loader)
+
+    def _progress(self, loader: Iterable, description: str) -> Iterable:
+        from tqdm.auto import tqdm
+
+        show = self.settings.show_progress and self.accelerator.is_local_main_process
+        return tqdm(loader, desc=description, disable=not show)
+
+    def _forward(self, variant: str, step: Callable, inputs: dict[str, torch.Tensor]) -> tuple[dict, float]:
+        self.switch.use(variant)
+        _synchronize(self.device)
+        start = time.perf_counter()
+        with torch.inference_mode(), self.accelerator.autocast():
+            outputs = step(self.model, inputs)
+        _synchronize(self.device)
+        return outputs, time.perf_counter() - start
+
+    def compare(
+        self,
+        dataset: Any,
+        collate: Callable[[list[dict]], Batch],
+        step: Callable[[Any, dict[str, torch.Tensor]], dict[str, Any]],
+        summarize: Callable[[dict, dict, dict], dict[str, Any]] | None = None,
+        description: str = "exact vs fna",
+    ) -> Comparison:
+        """Run every batch with exact attention and with FNA (alternating which goes first) and gather the results.
+
+        `step(model, inputs)` returns per-sample outputs (tensors with the batch first, or lists). `summarize(exact,
+        fna, targets)` turns one batch's outputs into what is gathered (default: both outputs prefixed with
+        `exact.`/`fna.`, and the targets). The first batch is a warm-up left out of the timing (unless it is the only
+        one). Throughput: samples of all processes / seconds of the slowest process.
+        """
+        loader = self.loader(dataset, collate)
+        summarize = summarize or _prefix_outputs
+        timing = {variant: Timing() for variant in VARIANTS}
+        gathered: list[dict[str, Any]] = []
+        tokens = None
+        for index, (inputs, targets) in enumerate(self._progress(loader, description)):
+            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            if tokens is None and "pixel_values" in inputs:
+                tokens = self._tokens_per_image(inputs["pixel_values"])
+            outputs = {}
+            for variant in VARIANTS if index % 2 == 0 else VARIANTS[::-1]:
+                outputs[variant], seconds = self._forward(variant, step, inputs)
+                if index > 0 or len(loader) == 1:
+                    timing[variant].seconds += seconds
+                    timing[variant].samples += _batch_length(inputs)
+            gathered.append(self._gather(summarize(outputs[EXACT], outputs[FNA], targets)))
+        self.switch.use(EXACT)
+        merged = _concatenate(gathered)
+        num_samples = len(next(iter(merged.values()))) if merged else 0
+        return Comparison(merged, self._reduce_timing(timing), num_samples, tokens)
+
+    def extract(
+        self, dataset: Any, collate: Callable[[list[dict]], Batch], step: Callable, description: str = "exact"
+    ) -> dict[str, Any]:
+        """One pass with exact attention only (e.g. features of a probe's train split); outputs and targets."""
+        self.switch.use(EXACT)
+        gathered = []
+        for inputs, targets in self._progress(self.loader(dataset, collate), description):
+            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            with torch.inference_mode(), self.accelerator.autocast():
+                outputs = step(self.model, inputs)
+            gathered.append(self._gather({**outputs, **targets}))
+        return _concatenate(gathered)
+
+    def _gather(self, values: dict[str, Any]) -> dict[str, Any]:
+        """`gather_for_metrics` of tensors (moved to CPU, as float32 when floating) and of per-sample lists."""
+        tensors = {k: v.contiguous() for k, v in values.items() if torch.is_tensor(v)}
+        out = {k: v.cpu() for k, v in self.accelerator.gather_for_metrics(tensors).items()} if tensors else {}
+        out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+        for key, value in values.items():
+            if not torch.is_tensor(value):
+                out[key] = list(self.accelerator.gather_for_metrics(list(value)))
+        return out
+
+    def _reduce_timing(self, timing: dict[str, Timing]) -> dict[str, Timing]:
+        stats = torch.tensor([[timing[v].seconds, timing[v].samples] for v in VARIANTS], dtype=torch.float64)
+        stats = self.accelerator.gather(stats.to(self.device)).cpu().reshape(-1, len(VARIANTS), 2)
+        return {v: Timing(float(stats[:, i, 0].max()), int(stats[:, i, 1].sum())) for i, v in enumerate(VARIANTS)}
+
+    def _tokens_per_image(self, pixel_values: torch.Tensor) -> int | None:
+        from ..backend import num_special_tokens
+
+        config = vision_config(self.model.config)
+        patch = getattr(config, "patch_size", None)
+        if not patch or pixel_values.dim() != 4:
+            return None
+        height, width = pixel_values.shape[-2:]
+        return (height // patch) * (width // patch) + num_special_tokens(config)
+
+
+def _synchronize(device: torch.device) -> None:
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+def _batch_length(inputs: dict[str, Any]) -> int:
+    first = next(v for v in inputs.values() if torch.is_tensor(v))
+    return int(first.shape[0])
+
+
+def _prefix_outputs(exact: dict, fna: dict, targets: dict) -> dict[str, Any]:
+    return {**{f"{EXACT}.{k}": v for k, v in exact.items()}, **{f"{FNA}.{k}": v for k, v in fna.items()}, **targets}
+
+
+def _concatenate(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    if not batches:
+        return {}
+    out = {}
+    for key in batches[0]:
+        values = [batch[key] for batch in batches]
+        out[key] = torch.cat(values) if torch.is_tensor(values[0]) else [x for value in values for x in value]
+    return out
+
+
+# --- agreement -----------------------------------------------------------------------------------------------------
+
+
+def top1_agreement(exact_scores: torch.Tensor, fna_scores: torch.Tensor) -> float:
+    """Fraction of samples whose highest-scoring class (or candidate) is the same under both variants."""
+    return float((exact_scores.argmax(-1) == fna_scores.argmax(-1)).float().mean())
+
+
+def mean_cosine(exact: torch.Tensor, fna: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows (vectors along the last dimension)."""
+    return float(torch.nn.functional.cosine_similarity(exact.double(), fna.double(), dim=-1).mean())
+
+
+# --- the whole run -------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(settings: EvalSettings) -> EvalResult:
+    """Evaluate `settings.model` on `settings.task` with exact and FNA attention; see the module docstring.
+
+    Bad input is reported before any weights load: options, the model config, the FNA settings, then the data.
+
+    Raises:
+        CLIError: bad input (unknown task, a model that cannot do the task, missing columns, empty split...).
+    """
+    settings.check()
+    task = importlib.import_module(TASKS[settings.task])
+    config = load_config(settings.model)
+    check_model_kind(config, task.MODEL_KIND, settings.task)
+    fna = settings.fna or fna_settings_for(config, settings.fna_overrides)
+    try:
+        resolve_layers(fna.layers, int(vision_config(config).num_hidden_layers))
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    with _quiet_progress_bars(not settings.show_progress):
+        data = task.load_data(settings)
+        model, processor = load_model(settings.model, task.MODEL_KIND, settings.task)
+    runner = Runner(settings, model, processor, fna)
+    outcome: TaskOutcome = task.run_task(runner, data)
+    result = build_result(settings, runner, outcome)
+    if runner.accelerator.is_main_process:
+        if settings.output:
+            write_json_atomically(settings.output, result.to_dict())
+        print(result.to_markdown())
+    runner.accelerator.wait_for_everyone()
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars(quiet: bool) -> Iterator[None]:
+    """Hide the loading bars of transformers and datasets (`--no-progress`)."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+    if quiet:
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet and shown[0]:
+            transformers_logging.enable_progress_bar()
+        if quiet and shown[1]:
+            datasets.enable_progress_bars()

@@ -1,0 +1,90 @@
+"""`EvalSettings`: what one `hf-fna eval` run evaluates, on which data, with which FNA settings."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..cli import CLIError
+from ..config import FNAConfig
+
+# task -> module implementing it; each exposes MODEL_KIND, load_data(settings) -> TaskData and
+# run_task(runner, data) -> TaskOutcome
+TASKS = {
+    "classification": "hf_fna.evaluation.classification",
+    "probe": "hf_fna.evaluation.linear_probe",
+    "zero-shot": "hf_fna.evaluation.zero_shot",
+    "retrieval": "hf_fna.evaluation.retrieval",
+    "segmentation": "hf_fna.evaluation.segmentation",
+    "vqa": "hf_fna.evaluation.vqa",
+}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+_NOT_RECORDED = ("dataset", "fna", "show_progress")
+
+
+@dataclass
+class EvalSettings:
+    """Everything one evaluation run needs. Column names left as None take the task's usual names.
+
+    Args:
+        task: one of `TASKS`.
+        model: a Hub model id or a local folder.
+        dataset: a Hub dataset name, a local folder, `hf_fna:<builtin>`, or a `datasets.Dataset`/`DatasetDict`.
+        split: the evaluated split; `train_split` is where linear probes are fit (probe, segmentation).
+        limit, train_limit: evaluate (fit) on this many rows, drawn with `seed`; None uses the whole split.
+        image_size: resize images to this square size (no crop) instead of the processor's default; FNA pays off at
+            high resolution (many tokens), so this is the main knob.
+        fna: FNA settings; None takes the model's own `fna_config` (or the defaults) updated with `fna_overrides`.
+        output: path of the JSON report (written by the main process at the end of a successful run).
+    """
+
+    task: str
+    model: str
+    dataset: Any
+    split: str = "test"
+    train_split: str = "train"
+    limit: int | None = None
+    train_limit: int | None = None
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+    image_size: int | None = None
+    mixed_precision: str = "no"
+    fna: FNAConfig | None = None
+    fna_overrides: dict[str, Any] = field(default_factory=dict)
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+    question_column: str | None = None
+    answer_column: str | None = None
+    mask_column: str | None = None
+    class_names: list[str] | None = None
+    prompt: str = "a photo of a {}."
+    ignore_index: int = 255
+    max_new_tokens: int = 10
+    output: str | None = None
+    show_progress: bool = True
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise CLIError(f"unknown task {self.task!r}; available: {', '.join(TASKS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise CLIError(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}"
+            )
+        for name in ("limit", "train_limit", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CLIError(f"{name} must be a positive integer, got {value}")
+        if self.batch_size < 1:
+            raise CLIError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if "{}" not in self.prompt:
+            raise CLIError(f"the zero-shot prompt must contain '{{}}' where the class name goes, got {self.prompt!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (a dataset object is recorded by its type name)."""
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in _NOT_RECORDED}
+        values["dataset"] = self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__
+        values["fna"] = self.fna.to_dict() if self.fna is not None else None
+        return values
