@@ -424,10 +424,16 @@ def last_flagged_tokens(model: nn.Module) -> torch.Tensor | None:
 # --- applying a config -------------------------------------------------------------------------------------------
 
 
+# Sub-configs holding a vision tower: CLIP/SigLIP/LLaVA (`vision_config`), UperNet/DPT heads (`backbone_config`).
+TOWER_CONFIG_NAMES = ("vision_config", "backbone_config")
+
+
 def find_tower_config_name(model: nn.Module) -> str | None:
-    """The sub-config that holds the vision tower (`vision_config`), or None when the model config is the tower."""
-    config = model.config
-    return "vision_config" if getattr(config, "vision_config", None) is not None else None
+    """The sub-config that holds the vision tower, or None when the model config is the tower itself."""
+    for name in TOWER_CONFIG_NAMES:
+        if getattr(model.config, name, None) is not None:
+            return name
+    return None
 
 
 def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = None) -> nn.Module:
