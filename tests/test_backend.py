@@ -313,3 +313,24 @@ def test_sampling_features(features, tmp_path):
         value = attention.v_proj(x).view(*x.shape[:2], -1, 8).transpose(1, 2)
         recovered = fna_backend._selection_features(attention, None, None, value, "hidden")
         torch.testing.assert_close(recovered, x, atol=1e-4, rtol=1e-4)
+
+
+def test_backbone_config_towers_such_as_upernet(monkeypatch):
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32,
+        patch_size=8, out_features=["stage2", "stage4"], reshape_hidden_states=True,
+    )  # fmt: skip
+    config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, num_labels=3)
+    torch.manual_seed(0)
+    model = UperNetForSemanticSegmentation(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    FNAConfig(layers="all", num_landmarks=17, min_tokens=0, pinv="exact").apply(model)
+    assert model.config.backbone_config._attn_implementation == "fna"
+    recorder = LayerRecorder(model, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).logits, expected, atol=1e-4, rtol=0)
+    assert recorder.layers == [0, 1, 2, 3]
