@@ -320,7 +320,7 @@ def test_backbone_config_towers_such_as_upernet(monkeypatch):
 
     backbone = Dinov2Config(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32,
-        patch_size=8, out_features=["stage2", "stage4"], reshape_hidden_states=True,
+        patch_size=8, out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=True,
     )  # fmt: skip
     config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, num_labels=3)
     torch.manual_seed(0)
