@@ -1,0 +1,595 @@
+"""`hf-fna inspect`: massive / artifact tokens of a vision transformer, layer by layer, and the landmarks FNA picks.
+
+One image goes through the model twice:
+
+1. with exact attention, recording every layer's hidden states (`output_hidden_states=True`) and, through a private
+   attention function registered in `AttentionInterface`, every layer's head-averaged attention probabilities
+   (computed from the layer's own queries and keys, one layer at a time, so memory stays O(N^2) for one layer
+   instead of O(L H N^2) for `output_attentions=True`). Per layer it reports the patch-token norm statistics, the
+   tokens flagged by `detect_massive_tokens` (largest gap in log norms) and by `detect_attention_sinks` (outliers of
+   incoming attention), as (row, col) positions on the patch grid;
+2. with `FNAConfig(layers=..., num_landmarks=..., min_tokens=0)` applied, reading the landmark tokens chosen at the
+   first FNA layer (`hf_fna.last_landmarks`).
+
+Figures (matplotlib, Agg): `<image>_<res>_norms.png`, the patch-token norm map of every layer on one log colour
+scale, flagged tokens marked; `<image>_<res>_landmarks.png`, the landmarks in pick order on the model's input
+image and on the norm map of the tokens entering the first FNA layer. Special tokens (CLS, registers) are always
+landmarks; they are listed, not drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .cli import CLIError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torch import nn
+
+INSPECT_ATTENTION = "hf_fna_inspect"  # exact (SDPA) attention that also reports the attention probabilities
+DEFAULT_IMAGE = "astronaut"
+DEFAULT_RESOLUTION = 224
+DEFAULT_OUT = "hf-fna-inspect"
+_SHOWN_FLAGS = 6  # flagged tokens printed per table cell (the JSON holds all)
+
+Position = tuple[int, int]
+
+
+@dataclass
+class LayerReport:
+    """What one layer shows: patch-token norm statistics of its output and the flagged tokens."""
+
+    layer: int
+    norms: dict[str, float]  # min, median, mean, max, max_over_median of the patch tokens of the layer output
+    massive: list[Position]  # detect_massive_tokens on the layer output (norm gap)
+    sinks: list[Position]  # detect_attention_sinks on the layer's attention probabilities
+
+
+@dataclass
+class Inspection:
+    """The result of `inspect_image`; `asdict` of it is the `--json` output."""
+
+    model: str
+    image: str
+    resolution: int
+    input_size: tuple[int, int]  # (height, width) of the pixel values fed to the model
+    patch_size: int
+    grid: tuple[int, int]  # patch rows, patch columns
+    special_tokens: list[str]  # names of the leading non-patch tokens (CLS, registers, ...)
+    layers: list[LayerReport]
+    fna_layers: list[int]
+    num_landmarks: int
+    landmarks: list[Position]  # patch landmarks, in the order farthest point sampling picked them
+    special_landmarks: list[int]  # token indices of the special tokens among the landmarks
+    figures: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def parse_layers(values: list[str] | None) -> str | list[int]:
+    """`--layers` tokens -> an `FNAConfig.layers` value: integers (`6 7 8`, `6,7,8`), or one keyword / slice string
+    (`auto`, `all`, `6:`, `-4:`)."""
+    if not values:
+        return "auto"
+    tokens = [t for value in values for t in value.split(",") if t.strip()]
+    try:
+        return [int(t) for t in tokens]
+    except ValueError:
+        if len(tokens) == 1:
+            return tokens[0].strip()
+        raise CLIError(
+            f"--layers {' '.join(values)}: give layer indices, or one of auto/all/a slice such as 6:"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder or Hub id (default: the real DINOv2-small of hf_fna.assets)")
+    parser.add_argument(
+        "--image", default=DEFAULT_IMAGE, help=f"image file, or the name of a bundled photo (default: {DEFAULT_IMAGE})"
+    )
+    parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="input side in pixels (default 224)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNG figures (default: ./{DEFAULT_OUT})")
+    parser.add_argument("--layers", nargs="+", help="FNA layers for the landmark run: indices, 'auto', 'all' or '6:'")
+    parser.add_argument("--landmarks", type=int, default=64, help="number of landmarks (default 64)")
+    parser.add_argument("--json", help="also write all measured numbers, landmarks and figure paths to this JSON file")
+    parser.add_argument("--max-tokens", type=int, default=32, help="at most this many flagged tokens per layer")
+    parser.add_argument("--min-gap", type=float, default=1.0, help="norm_gap: smallest log-norm gap that flags")
+    parser.add_argument("--std-threshold", type=float, default=3.0, help="attention: outlier threshold in std")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.resolution < 1 or args.landmarks < 1 or args.max_tokens < 1:
+        raise CLIError("--resolution, --landmarks and --max-tokens must be positive integers")
+    layers = parse_layers(args.layers)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    image, image_name = load_image(args.image)
+    with _step("loading the model"):
+        model_path = args.model or _default_model()
+        model, processor = load_vision_model(model_path, device)
+    result = inspect_image(
+        model,
+        processor,
+        image,
+        resolution=args.resolution,
+        fna_layers=layers,
+        num_landmarks=args.landmarks,
+        max_tokens=args.max_tokens,
+        min_gap=args.min_gap,
+        std_threshold=args.std_threshold,
+        model_name=model_path,
+        image_name=image_name,
+        out=Path(args.out),
+    )
+    print(format_report(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        result.figures["json"] = args.json
+    for name, path in result.figures.items():
+        print(f"wrote {name}: {path}")
+    return 0
+
+
+@contextmanager
+def _step(message: str) -> Iterator[None]:
+    """Progress on stderr for a step that may take a while."""
+    print(f"[hf-fna inspect] {message} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"[hf-fna inspect] {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence load reports, backend fallback notices and progress bars of transformers while loading."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _default_model() -> str:
+    from .assets import AssetError, dinov2_small
+
+    try:
+        return dinov2_small()
+    except AssetError as e:
+        raise CLIError(f"the default model (real DINOv2-small) is unavailable: {_first_line(e)}") from e
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def load_image(spec: str) -> tuple[Image.Image, str]:
+    """An RGB image from a file path, or a bundled photo by name; returns it with a short name for file names."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .assets import PHOTO_NAMES
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), path.stem
+        except (UnidentifiedImageError, OSError) as e:
+            raise CLIError(f"cannot read image {spec}: {_first_line(e)}") from e
+    if spec in PHOTO_NAMES:
+        from .assets import AssetError, photos
+
+        try:
+            dataset = photos()
+        except AssetError as e:
+            raise CLIError(f"bundled photos unavailable: {_first_line(e)}") from e
+        return dataset[dataset["name"].index(spec)]["image"].convert("RGB"), spec
+    if path.suffix or os.sep in spec:
+        raise CLIError(f"image file not found: {spec}")
+    raise CLIError(f"{spec!r} is neither an image file nor a bundled photo; photos: {', '.join(PHOTO_NAMES)}")
+
+
+def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
+    """The vision transformer of a checkpoint (the vision tower of CLIP/SigLIP-style models) and its processor.
+
+    Raises:
+        CLIError: the checkpoint cannot be read, is not a patch-based vision transformer, its vision weights are
+            missing, or it has no image processor.
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    _register_inspect_attention()
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError, KeyError) as e:
+            raise CLIError(f"cannot load model {name_or_path}: {_first_line(e)}") from e
+        tower = getattr(config, "vision_config", None) or config
+        if not all(hasattr(tower, a) for a in ("patch_size", "num_hidden_layers", "num_attention_heads")):
+            raise CLIError(
+                f"{name_or_path} ({config.model_type}) is not a vision transformer: inspect supports ViT, DeiT, "
+                "DINOv2, CLIP and SigLIP vision towers"
+            )
+        model_class = MODEL_MAPPING.get(type(tower), None)
+        if model_class is None:
+            raise CLIError(f"{name_or_path}: no vision model class for {tower.model_type}")
+        try:
+            model, info = model_class.from_pretrained(
+                name_or_path, attn_implementation=INSPECT_ATTENTION, output_loading_info=True
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CLIError(f"cannot load the vision model of {name_or_path}: {_first_line(e)}") from e
+        if info["missing_keys"]:
+            raise CLIError(
+                f"{name_or_path}: {len(info['missing_keys'])} weights of {model_class.__name__} are missing from the "
+                f"checkpoint (e.g. {sorted(info['missing_keys'])[0]})"
+            )
+        try:
+            processor = AutoImageProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError, KeyError) as e:
+            raise CLIError(f"{name_or_path} has no usable image processor: {_first_line(e)}") from e
+    return model.to(device).eval(), processor
+
+
+def preprocess(processor: Any, image: Image.Image, resolution: int) -> torch.Tensor:
+    """`[1, 3, H, W]` pixel values at `resolution`: the processor's own pipeline, its size set to `resolution`
+    (shortest edge resized then centre-cropped to a square, or resized to a square, as the processor does)."""
+    size = getattr(processor, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    kwargs: dict[str, Any] = {"return_tensors": "pt"}
+    if get("shortest_edge"):
+        kwargs["size"] = {"shortest_edge": resolution}
+        if getattr(processor, "crop_size", None) is not None:
+            kwargs["crop_size"] = {"height": resolution, "width": resolution}
+    else:
+        kwargs["size"] = {"height": resolution, "width": resolution}
+    return processor(images=image, **kwargs)["pixel_values"]
+
+
+def display_image(processor: Any, pixel_values: torch.Tensor) -> Any:
+    """The model input as an `[H, W, 3]` float array in [0, 1] (normalisation undone)."""
+    import numpy as np
+
+    array = pixel_values[0].permute(1, 2, 0).float().cpu().numpy()
+    if getattr(processor, "do_normalize", False):
+        array = array * np.asarray(processor.image_std) + np.asarray(processor.image_mean)
+    return array.clip(0.0, 1.0)
+
+
+def special_token_names(tower_config: Any) -> list[str]:
+    """Names of the leading non-patch tokens of a tower (CLS, distillation token, registers)."""
+    from .backend import num_special_tokens
+
+    count = num_special_tokens(tower_config)
+    if getattr(tower_config, "model_type", "") == "deit":
+        return ["CLS", "distillation"][:count]
+    names = ["CLS"] + [f"register {i}" for i in range(1, count)]
+    return names[:count]
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+_RECORDERS: weakref.WeakKeyDictionary[Any, Callable[[torch.Tensor], None]] = weakref.WeakKeyDictionary()
+
+
+def _inspect_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact SDPA attention; modules with a recorder also get their head-averaged attention probabilities."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .nystrom import key_bias_from_mask
+    from .sinks import attention_probabilities
+
+    recorder = _RECORDERS.get(module)
+    if recorder is not None:
+        key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
+        if not per_key:
+            raise ValueError("hf-fna inspect supports bidirectional attention with per-key masks only")
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        with torch.no_grad():
+            recorder(attention_probabilities(query, key, scale, key_bias))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _register_inspect_attention() -> None:
+    """Make `attn_implementation="hf_fna_inspect"` available (idempotent; done when a model is loaded)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(INSPECT_ATTENTION, _inspect_attention_forward)
+
+
+def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> attention module, for the attention modules of `model`'s own tower."""
+    from .backend import _layer_index, dispatches_through_interface
+
+    layers = {}
+    for name, module in model.named_modules():
+        if getattr(module, "config", None) is model.config and dispatches_through_interface(module):
+            index = _layer_index(name)
+            if index is not None and "attention" in type(module).__name__.lower():
+                layers.setdefault(index, module)
+    return layers
+
+
+def _forward_kwargs(model: nn.Module, pixel_values: torch.Tensor) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"pixel_values": pixel_values}
+    if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+        kwargs["interpolate_pos_encoding"] = True  # ViT, CLIP, SigLIP; DINOv2 interpolates natively
+    return kwargs
+
+
+def _positions(flags: torch.Tensor, special: int, columns: int) -> list[Position]:
+    return [divmod(int(i) - special, columns) for i in flags.nonzero().flatten().tolist()]
+
+
+def inspect_image(
+    model: nn.Module,
+    processor: Any,
+    image: Image.Image,
+    resolution: int = DEFAULT_RESOLUTION,
+    fna_layers: str | list[int] = "auto",
+    num_landmarks: int = 64,
+    max_tokens: int | None = 32,
+    min_gap: float = 1.0,
+    std_threshold: float = 3.0,
+    model_name: str = "",
+    image_name: str = "image",
+    out: Path | None = None,
+) -> Inspection:
+    """Measure one image (see the module docstring) and, when `out` is given, write the two figures there.
+
+    `model` must come from `load_vision_model` (its attention runs through the inspection function); after the
+    call it runs FNA with the given settings.
+    """
+    import torch
+
+    from . import last_landmarks
+    from .config import FNAConfig, resolve_layers
+    from .sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
+
+    config = model.config
+    names = special_token_names(config)
+    special = len(names)
+    patch = int(config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0])
+    if resolution < patch:
+        raise CLIError(f"--resolution {resolution} is smaller than the patch size ({patch} px)")
+    pixel_values = preprocess(processor, image, resolution).to(next(model.parameters()).device)
+    height, width = pixel_values.shape[-2:]
+    grid = (height // patch, width // patch)
+    tokens = grid[0] * grid[1] + special
+    if num_landmarks > tokens:
+        raise CLIError(f"--landmarks {num_landmarks} exceeds the {tokens} tokens of a {height}x{width} input")
+
+    _register_inspect_attention()
+    modules = attention_layers(model)
+    if sorted(modules) != list(range(config.num_hidden_layers)):
+        raise CLIError(
+            f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface; "
+            "inspect supports ViT, DeiT, DINOv2, CLIP and SigLIP vision towers"
+        )
+    sinks: dict[int, torch.Tensor] = {}
+    for index, module in modules.items():
+
+        def record(probs: torch.Tensor, index: int = index) -> None:
+            sinks[index] = detect_attention_sinks(
+                probs, std_threshold=std_threshold, max_tokens=max_tokens, num_special_tokens=special
+            )[0]
+
+        _RECORDERS[module] = record
+    try:
+        if config._attn_implementation != INSPECT_ATTENTION:
+            model.set_attn_implementation(INSPECT_ATTENTION)
+        with _step(f"exact forward pass, {tokens} tokens, {config.num_hidden_layers} layers"), torch.no_grad():
+            hidden_states = model(**_forward_kwargs(model, pixel_values), output_hidden_states=True).hidden_states
+    finally:
+        for module in modules.values():
+            _RECORDERS.pop(module, None)
+    if hidden_states[-1].shape[1] != tokens or len(hidden_states) != config.num_hidden_layers + 1:
+        raise CLIError(f"{type(model).__name__}: unexpected hidden states ({hidden_states[-1].shape[1]} tokens)")
+
+    layers = []
+    for index, states in enumerate(hidden_states[1:]):
+        massive = detect_massive_tokens(states, min_gap=min_gap, max_tokens=max_tokens, num_special_tokens=special)
+        layers.append(
+            LayerReport(
+                layer=index,
+                norms=norm_statistics(states, num_special_tokens=special),
+                massive=_positions(massive[0], special, grid[1]),
+                sinks=_positions(sinks[index], special, grid[1]),
+            )
+        )
+
+    try:
+        settings = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
+        settings.apply(model)
+    except ValueError as e:
+        raise CLIError(_first_line(e)) from e
+    chosen_layers = resolve_layers(settings.layers, config.num_hidden_layers)
+    if not chosen_layers:
+        raise CLIError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")
+    with (
+        _step(f"FNA forward pass, layers {chosen_layers[0]}..{chosen_layers[-1]}, {num_landmarks} landmarks"),
+        torch.no_grad(),
+    ):
+        model(**_forward_kwargs(model, pixel_values))
+    picked = last_landmarks(model)
+    if picked is None:  # pragma: no cover - min_tokens=0 and num_landmarks <= tokens make FNA run
+        raise CLIError("FNA did not run, so no landmarks were chosen")
+    picked_list = [int(i) for i in picked[0].tolist()]
+
+    result = Inspection(
+        model=model_name,
+        image=image_name,
+        resolution=resolution,
+        input_size=(int(height), int(width)),
+        patch_size=patch,
+        grid=grid,
+        special_tokens=names,
+        layers=layers,
+        fna_layers=chosen_layers,
+        num_landmarks=num_landmarks,
+        landmarks=[divmod(i - special, grid[1]) for i in picked_list if i >= special],
+        special_landmarks=[i for i in picked_list if i < special],
+    )
+    if out is not None:
+        with _step("drawing figures"):
+            norm_maps = [_norm_map(states, special, grid) for states in hidden_states]
+            stem = f"{image_name}_{resolution}"
+            result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], out / f"{stem}_norms.png")
+            picture = display_image(processor, pixel_values)
+            landmarks_png = out / f"{stem}_landmarks.png"
+            result.figures["landmarks"] = plot_landmarks(result, picture, norm_maps[chosen_layers[0]], landmarks_png)
+    return result
+
+
+def _norm_map(states: torch.Tensor, special: int, grid: tuple[int, int]) -> Any:
+    return states[0, special:].float().norm(dim=-1).reshape(grid).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _format_positions(positions: list[Position]) -> str:
+    if not positions:
+        return "-"
+    shown = " ".join(f"({r}, {c})" for r, c in positions[:_SHOWN_FLAGS])
+    return shown + (f" +{len(positions) - _SHOWN_FLAGS} more" if len(positions) > _SHOWN_FLAGS else "")
+
+
+def format_report(result: Inspection) -> str:
+    """The per-layer table (one row per layer) and the landmark summary, as printed by `hf-fna inspect`."""
+    rows, cols = result.grid
+    lines = [
+        f"{result.model} | {result.image} at {result.input_size[0]}x{result.input_size[1]} px | "
+        f"{rows}x{cols} patches of {result.patch_size} px + {len(result.special_tokens)} special token(s)"
+    ]
+    lines.append("patch-token L2 norms of each layer's output; flagged tokens as (row, col) on the patch grid")
+    header = f"{'layer':>5} {'min':>9} {'median':>9} {'max':>9} {'max/med':>8}  {'massive (norm_gap)':<28}  "
+    header += "sinks (attention)"
+    lines += [header, "-" * len(header)]
+    for report in result.layers:
+        n = report.norms
+        lines.append(
+            f"{report.layer:>5} {n['min']:>9.3g} {n['median']:>9.3g} {n['max']:>9.3g} {n['max_over_median']:>8.2f}  "
+            f"{_format_positions(report.massive):<28}  {_format_positions(report.sinks)}"
+        )
+    special = ", ".join(f"{result.special_tokens[i]} (token {i})" for i in result.special_landmarks) or "none"
+    lines.append(
+        f"landmarks: {len(result.landmarks) + len(result.special_landmarks)} chosen by FNA at layer "
+        f"{result.fna_layers[0]} (FNA layers {result.fna_layers[0]}-{result.fna_layers[-1]}): "
+        f"{len(result.landmarks)} patches, special tokens {special}"
+    )
+    lines.append(f"first patch landmarks (pick order): {_format_positions(result.landmarks[:12])}")
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_norm_maps(result: Inspection, norm_maps: list[Any], path: Path) -> str:
+    """One panel per layer: patch-token norms on the patch grid, one log colour scale; flagged tokens marked."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    count = len(norm_maps)
+    cols = min(count, math.ceil(math.sqrt(count * 4 / 3)))
+    rows = math.ceil(count / cols)
+    vmin = max(float(min(m.min() for m in norm_maps)), 1e-6)
+    vmax = max(float(max(m.max() for m in norm_maps)), vmin * 1.01)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 2.3 * rows + 0.6), squeeze=False)
+    image = None
+    for ax, report, norms in zip(axes.flat, result.layers, norm_maps, strict=False):
+        image = ax.imshow(norms, norm=LogNorm(vmin=vmin, vmax=vmax), cmap="viridis", interpolation="nearest")
+        ax.set_title(f"layer {report.layer}  max/med {report.norms['max_over_median']:.1f}", fontsize=8)
+        if report.massive:
+            r, c = np.asarray(report.massive).T
+            ax.scatter(c, r, marker="s", s=40, facecolors="none", edgecolors="red", linewidths=1.2)
+        if report.sinks:
+            r, c = np.asarray(report.sinks).T
+            ax.scatter(c, r, marker="x", s=30, c="white", linewidths=1.2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    fig.suptitle(
+        f"{Path(result.model).name} | {result.image} {result.input_size[0]}x{result.input_size[1]} | patch-token norm"
+        " per layer (red square: norm_gap, white x: attention sink)",
+        fontsize=9,
+    )
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="L2 norm (log scale)")
+    return _save(fig, path, dpi=100)
+
+
+def plot_landmarks(result: Inspection, picture: Any, norm_map: Any, path: Path) -> str:
+    """The patch landmarks in pick order on the model input, and on the norm map of the first FNA layer's input."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5.2))
+    order = np.arange(len(result.landmarks))
+    rc = np.asarray(result.landmarks, dtype=float).reshape(-1, 2)
+    p = result.patch_size
+    left.imshow(picture)
+    left.scatter((rc[:, 1] + 0.5) * p, (rc[:, 0] + 0.5) * p, c=order, cmap="plasma", s=28, edgecolors="white",
+                 linewidths=0.6)  # fmt: skip
+    left.set_title("landmarks on the model input", fontsize=9)
+    right.imshow(norm_map, norm=LogNorm(vmin=max(float(norm_map.min()), 1e-6)), cmap="viridis")
+    dots = right.scatter(rc[:, 1], rc[:, 0], c=order, cmap="plasma", s=28, edgecolors="white", linewidths=0.6)
+    right.set_title(f"on the token norms entering layer {result.fna_layers[0]} (log scale)", fontsize=9)
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(dots, ax=[left, right], shrink=0.8, label="pick order (farthest point sampling)")
+    special = ", ".join(result.special_tokens[i] for i in result.special_landmarks) or "none"
+    fig.suptitle(
+        f"{Path(result.model).name} | {result.image} {result.input_size[0]}x{result.input_size[1]} | "
+        f"{result.num_landmarks} landmarks chosen at layer {result.fna_layers[0]}: {len(result.landmarks)} patches "
+        f"shown; special tokens (always landmarks, not shown): {special}",
+        fontsize=9,
+    )
+    return _save(fig, path, dpi=80)  # a photo: keeps the file < 200 KB
+
+
+def _save(fig: Any, path: Path, dpi: int) -> str:
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,261 @@
+"""`hf-fna push-config`: publish an `FNAConfig` as a Hub repo holding `fna_config.json` and a model card.
+
+The repo holds settings, not weights: FNA is training-free and runs on the base model's own weights. The model card
+says so, lists every setting, shows how to use them, and states whether speed/accuracy figures were measured (with
+the command and machine that produced them) or the settings are only recommended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .cli import CLIError
+from .config import FNA_CONFIG_NAME, FNAConfig
+
+MODEL_CARD_NAME = "README.md"
+TAGS = ("fna", "vision", "nystrom-attention", "hf-fna")
+_MEASURED_REQUIRED = ("command", "machine")
+
+# One line per FNAConfig field (and masking sub-field) for the settings table of the card.
+FIELD_DOCS = {
+    "layers": "layers running FNA (others run exact attention)",
+    "num_landmarks": "landmark tokens per image (m); cost O(N m d) instead of O(N^2 d)",
+    "sampling": "landmark selection: farthest point sampling (fps) or seeded random",
+    "sampling_features": "features FPS measures distances on (q, k or hidden)",
+    "resample_every_layer": "select landmarks in every FNA layer instead of once per forward pass",
+    "pinv": "pseudo-inverse of the landmark kernel: Newton-Schulz iteration or exact",
+    "pinv_iterations": "Newton-Schulz iterations",
+    "min_tokens": "shorter sequences run exact attention",
+    "seed": "seed of random sampling",
+    "num_special_tokens": "leading tokens always kept as landmarks (null: read from the model config)",
+    "masking.mode": "intervention on flagged massive/artifact tokens (none, mask, sink, sink_keep_self)",
+    "masking.detect": "how tokens are flagged (norm_gap or attention)",
+    "masking.detect_layer": "layer where tokens are flagged",
+    "masking.from_layer": "first layer of the intervention",
+    "masking.max_tokens": "at most this many flagged tokens per image",
+    "masking.std_threshold": "attention detection: outlier threshold in standard deviations",
+    "masking.min_gap": "norm_gap detection: smallest gap in sorted log norms that flags tokens",
+}
+
+
+def _settings_rows(fna_config: FNAConfig) -> list[tuple[str, Any]]:
+    rows = []
+    for name, value in fna_config.to_dict().items():
+        if isinstance(value, dict):
+            rows += [(f"{name}.{sub}", sub_value) for sub, sub_value in value.items()]
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _front_matter(base_model: str) -> str:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(library_name="transformers", base_model=base_model, tags=list(TAGS))
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def model_card(
+    fna_config: FNAConfig, base_model: str, measured: dict[str, Any] | None = None, repo_id: str | None = None
+) -> str:
+    """A Hub model card (`README.md`) for FNA settings of `base_model`.
+
+    Args:
+        fna_config: the settings; every field appears in the settings table.
+        base_model: Hub id of the model the settings are for (the card's `base_model` metadata).
+        measured: figures measured with these settings, as `{"command": ..., "machine": ..., name: value, ...}`;
+            without it the card carries a "Recommended settings, not measured" notice.
+        repo_id: the repo the card will live in, for the usage snippet (default: a placeholder).
+
+    Raises:
+        ValueError: `measured` lacks its command or machine, or holds no figure.
+    """
+    repo = repo_id or "<this-repo>"
+    lines = [
+        _front_matter(base_model),
+        f"# Fast Nyström Attention settings for {base_model}",
+        "",
+        f"Settings of Fast Nyström Attention (FNA) for [`{base_model}`](https://huggingface.co/{base_model}), for the "
+        "`hf-fna` plugin of Transformers. FNA replaces exact attention in the chosen layers by a Nyström "
+        "approximation built on landmark tokens picked by farthest point sampling; it needs no training. This "
+        f"repository holds settings only (`{FNA_CONFIG_NAME}`): the weights are those of the base model.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        'import hf_fna  # registers attn_implementation="fna"',
+        "from transformers import AutoModel",
+        "",
+        f'model = AutoModel.from_pretrained("{base_model}")',
+        f'hf_fna.FNAConfig.from_pretrained("{repo}").apply(model)  # FNA with the settings below',
+        "```",
+        "",
+        "A model repository whose `config.json` carries these settings (the `fna_config` entry that "
+        "`model.save_pretrained` writes after `apply`) loads with them directly:",
+        "",
+        "```python",
+        'model = AutoModel.from_pretrained("<model-repo-with-fna_config>", attn_implementation="fna")',
+        "```",
+        "",
+        f'`AutoModel.from_pretrained("{base_model}", attn_implementation="fna")` alone runs FNA with the default '
+        "settings, not these.",
+        "",
+        "## Settings",
+        "",
+        "| setting | value | meaning |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| `{name}` | `{json.dumps(value)}` | {_cell(FIELD_DOCS.get(name, ''))} |"
+        for name, value in _settings_rows(fna_config)
+    ]
+    lines += ["", *_measured_section(base_model, measured), ""]
+    return "\n".join(lines)
+
+
+def _measured_section(base_model: str, measured: dict[str, Any] | None) -> list[str]:
+    if measured is None:
+        return [
+            "## Recommended settings, not measured",
+            "",
+            f"> **Recommended settings, not measured.** No speed or accuracy figure was measured with these settings "
+            f"on `{base_model}`. Measure them on your own inputs and hardware (for example with "
+            f"`hf-fna compare --model {base_model}`) before relying on them.",
+        ]
+    missing = [key for key in _MEASURED_REQUIRED if not str(measured.get(key) or "").strip()]
+    figures = {k: v for k, v in measured.items() if k not in _MEASURED_REQUIRED}
+    if missing or not figures:
+        raise ValueError(
+            "measured figures need the command and machine that produced them and at least one figure; "
+            f"missing: {', '.join(missing) or 'figures'}."
+        )
+    return [
+        "## Measured",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *(f"| {_cell(name)} | {_cell(value)} |" for name, value in figures.items()),
+        "",
+        f"Command: `{_cell(measured['command'])}`",
+        "",
+        f"Machine: {_cell(measured['machine'])}",
+    ]
+
+
+def write_config_folder(
+    fna_config: FNAConfig,
+    folder: str | os.PathLike,
+    base_model: str,
+    measured: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> list[str]:
+    """Write `fna_config.json` and the model card `README.md` into `folder` (created if needed); return their paths."""
+    config_path = fna_config.save_pretrained(folder)
+    card_path = os.path.join(folder, MODEL_CARD_NAME)
+    Path(card_path).write_text(model_card(fna_config, base_model, measured, repo_id), encoding="utf-8")
+    return [config_path, card_path]
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. user/dinov2-base-fna")
+    parser.add_argument("--base-model", required=True, help="Hub id of the model the settings are for")
+    parser.add_argument("--config", help="fna_config.json file, or a folder / Hub repo holding one")
+    parser.add_argument("--layers", nargs="+", help="FNA layers (instead of --config): indices, 'auto', 'all', '6:'")
+    parser.add_argument("--landmarks", type=int, help="number of landmarks (instead of --config; default 64)")
+    parser.add_argument("--measured", help="JSON file of measured figures with their 'command' and 'machine'")
+    parser.add_argument("--dry-run", action="store_true", help="write the files to --out and upload nothing")
+    parser.add_argument("--out", help="folder to write fna_config.json and README.md into (required with --dry-run)")
+    parser.add_argument("--token", help="Hub token (default: the one huggingface_hub finds)")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _check_repo_id(option: str, value: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as e:
+        raise CLIError(f"{option} {value!r} is not a Hub repo id ({_first_line(e)})") from e
+
+
+def _load_settings(args: argparse.Namespace) -> FNAConfig:
+    if args.config is not None:
+        if args.layers is not None or args.landmarks is not None:
+            raise CLIError("give either --config or --layers/--landmarks, not both")
+        try:
+            return FNAConfig.from_pretrained(args.config)
+        except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise CLIError(f"cannot read --config {args.config}: {_first_line(e)}") from e
+    from .inspection import parse_layers
+
+    kwargs: dict[str, Any] = {}
+    if args.layers is not None:
+        kwargs["layers"] = parse_layers(args.layers)
+    if args.landmarks is not None:
+        kwargs["num_landmarks"] = args.landmarks
+    try:
+        return FNAConfig(**kwargs)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
+def _load_measured(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        measured = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read --measured {path}: {_first_line(e)}") from e
+    if not isinstance(measured, dict):
+        raise CLIError(f"--measured {path} must hold a JSON object")
+    return measured
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_repo_id("--repo-id", args.repo_id)
+    _check_repo_id("--base-model", args.base_model)
+    if args.dry_run and not args.out:
+        raise CLIError("--dry-run needs --out DIR, the folder to write the files into")
+    settings = _load_settings(args)
+    measured = _load_measured(args.measured)
+    try:
+        card = model_card(settings, args.base_model, measured, repo_id=args.repo_id)
+    except ValueError as e:
+        raise CLIError(f"--measured {args.measured}: {e}") from e
+    if args.out:
+        try:
+            paths = write_config_folder(settings, args.out, args.base_model, measured, repo_id=args.repo_id)
+        except OSError as e:
+            raise CLIError(f"cannot write to --out {args.out}: {_first_line(e)}") from e
+        for path in paths:
+            print(f"wrote {path}")
+    if args.dry_run:
+        print(f"dry run: nothing uploaded to {args.repo_id}")
+        return 0
+    try:
+        url = settings.push_to_hub(
+            args.repo_id,
+            commit_message="Upload FNA settings",
+            model_card=card,
+            token=args.token,
+            private=True if args.private else None,
+        )
+    except Exception as e:  # network, authentication and Hub errors come in many types; all are reported the same
+        raise CLIError(f"upload to {args.repo_id} failed: {type(e).__name__}: {_first_line(e)}") from e
+    print(f"uploaded {FNA_CONFIG_NAME} and {MODEL_CARD_NAME} to {url}")
+    return 0
