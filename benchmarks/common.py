@@ -1,0 +1,115 @@
+"""Helpers shared by the benchmarks: timing, machine description, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hf_fna.compare import machine_info, machine_line
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+__all__ = [
+    "RESULTS_DIR",
+    "machine_info",
+    "machine_line",
+    "pick_device",
+    "time_call",
+    "wait_for_idle",
+    "write_results",
+]
+
+
+def _cpu_busy(interval: float) -> float | None:
+    """Fraction of all CPUs busy over `interval` seconds (this process sleeps meanwhile), from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="utf-8") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_idle(threshold: float = 0.1, max_wait: float = 900.0, interval: float = 0.5) -> dict[str, float | None]:
+    """Wait until other processes use less than `threshold` of the CPUs (shared machines), at most `max_wait` s.
+
+    Returns the seconds waited and the last busy fraction seen, to store next to the timing.
+    """
+    began = time.perf_counter()
+    busy = _cpu_busy(interval)
+    while busy is not None and busy > threshold and time.perf_counter() - began < max_wait:
+        busy = _cpu_busy(interval)
+    return {"waited_s": time.perf_counter() - began, "busy_before": busy}
+
+
+def pick_device(name: str | None) -> torch.device:
+    """`name`, or CUDA when available, else CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def time_call(
+    fn: Callable[[], Any],
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 5,
+    min_seconds: float = 0.0,
+    max_idle_wait: float = 900.0,
+) -> dict[str, float]:
+    """Wall-clock seconds of `fn()` under `torch.inference_mode`: `warmup` untimed calls, then at least `repeats` timed
+    calls (more until `min_seconds` have passed), after waiting (at most `max_idle_wait` s) for other processes to
+    leave the CPUs idle.
+    Returns min, median, the number of timed calls and the idle wait."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    idle = {"waited_s": 0.0, "busy_before": None}
+    if device.type == "cpu" and max_idle_wait > 0:
+        idle = wait_for_idle(max_wait=max_idle_wait)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync()
+        began = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - began < min_seconds:
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    return {"min": min(times), "median": statistics.median(times), "calls": len(times), **idle}
+
+
+def write_results(report: dict[str, Any], table: str, json_path: str | None, markdown_path: str | None) -> None:
+    """Write the JSON report and/or the markdown (command line, machine line, table)."""
+    for path in (json_path, markdown_path):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as f:
+            f.write(f"`{report['command']}`\n\n{machine_line(report['machine'])}\n\n{table}\n")
+
+
+def command_line() -> str:
+    """The command that is running, for the result files."""
+    return " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])

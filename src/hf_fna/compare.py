@@ -1,0 +1,596 @@
+"""`hf-fna compare`: exact (SDPA) against FNA attention on one model, on the same inputs, at several resolutions.
+
+Two copies of the model are loaded through the public path, `AutoModel.from_pretrained(path,
+attn_implementation="sdpa")` and `attn_implementation="fna"` followed by `FNAConfig(...).apply(model)`, and both run
+the same batches at each resolution (the two models alternate batch by batch, so a change in machine load hits both
+alike). Per resolution it reports:
+
+- throughput (images/s) of each model over every timed forward pass (photos and probe images), after a warm-up
+  batch, under `torch.inference_mode`, and the speed-up fna/exact with its FLOP bound (DESIGN.md section 3);
+- fidelity on the bundled photos: cosine similarity of the CLS token and mean cosine of the patch tokens of the
+  last hidden state, FNA against exact;
+- linear-probe accuracy (logistic regression on frozen CLS + mean-patch features) of a stratified Fashion-MNIST
+  subset, for each model.
+
+With no arguments it runs the real DINOv2-small of `hf_fna.assets.dinov2_small()` at 224, 518 and 896 px on the 18
+bundled photos and a 40 + 40 image probe subset, which takes a few minutes on 2 CPU cores (most of it at 896 px,
+where an exact forward pass costs about 3 s per image); the probe is then a smoke test (a few points of noise), so
+pass larger `--probe-train/--probe-test` for a real estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cli import CLIError
+from .config import FNAConfig, resolve_layers
+
+DEFAULT_RESOLUTIONS = (224, 518, 896)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="Hub id or local folder of a vision transformer (default: the real "
+        "DINOv2-small converted by hf_fna.assets.dinov2_small)",
+    )
+    parser.add_argument(
+        "--resolutions",
+        default=",".join(map(str, DEFAULT_RESOLUTIONS)),
+        help="comma-separated square input sizes in pixels (default: %(default)s); each must be a "
+        "multiple of the patch size, otherwise the command stops and names the nearest valid sizes "
+        "(images are never silently resized to another size)",
+    )
+    parser.add_argument(
+        "--layers",
+        help="FNA layers: 'auto', 'all', 'none', a slice such as '6:' or a list such as "
+        "'0,1,9' (default: the model's fna_config, else FNAConfig's default)",
+    )
+    parser.add_argument("--landmarks", type=int, help="landmarks per image (num_landmarks)")
+    parser.add_argument("--min-tokens", type=int, help="sequences shorter than this run exact attention")
+    parser.add_argument("--pinv", choices=("newton", "exact"), help="pseudo-inverse of the landmark kernel")
+    parser.add_argument("--sampling", choices=("fps", "random"), help="landmark sampling")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--photos", type=int, help="use the first N bundled photos for fidelity (default: all 18)")
+    parser.add_argument(
+        "--probe-train",
+        type=int,
+        default=40,
+        help="Fashion-MNIST train images of the linear probe, "
+        "stratified by class (default: %(default)s; 0 disables the probe)",
+    )
+    parser.add_argument(
+        "--probe-test",
+        type=int,
+        default=40,
+        help="Fashion-MNIST test images of the linear probe (default: %(default)s)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write every figure, the settings and the machine as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up and fidelity against resolution")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# --- the cost model ---------------------------------------------------------------------------------------------
+
+
+def flop_bound(
+    tokens: int, width: int, num_layers: int, fna_layers: int, landmarks: int, mlp_ratio: float = 4.0
+) -> float:
+    """End-to-end speed-up bound of FNA in `fna_layers` of `num_layers` layers (DESIGN.md section 3).
+
+    A layer costs 8 N D^2 (projections) + 2 r N D^2 (MLP of ratio r) + 4 N^2 D (exact attention) or 8 N m D (FNA);
+    the bound is the FLOP ratio, i.e. the speed-up if every FLOP ran equally fast.
+    """
+    dense = (8 + 2 * mlp_ratio) * tokens * width**2
+    exact = dense + 4 * tokens**2 * width
+    fna = dense + 8 * tokens * min(landmarks, tokens) * width
+    return num_layers * exact / ((num_layers - fna_layers) * exact + fna_layers * fna)
+
+
+# --- machine ----------------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """CPU model, threads, library versions, device and load average, to store next to any timing."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.device(device)
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One line describing the machine, printed above every table."""
+    device = info.get("gpu") or info["device"]
+    return (
+        f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), {info['torch_threads']} torch threads, torch "
+        f"{info['torch']}, transformers {info['transformers']}, device {device}"
+    )
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedPair:
+    """The exact and FNA copies of a model, reduced to their vision encoders."""
+
+    exact: nn.Module
+    fna: nn.Module
+    tower_config: Any
+    settings: FNAConfig
+    patch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_special_tokens(self) -> int:
+        from .backend import num_special_tokens
+
+        special = self.settings.num_special_tokens
+        return num_special_tokens(self.tower_config) if special is None else special
+
+
+def _vision_encoder(model: nn.Module) -> nn.Module:
+    """The module that maps `pixel_values` to a `last_hidden_state` (the model, or its vision tower)."""
+    for name in ("vision_model", "vision_tower"):
+        tower = getattr(model, name, None)
+        if isinstance(tower, nn.Module):
+            return tower
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        raise CLIError(
+            f"{type(model).__name__} takes no pixel_values: hf-fna compare supports vision transformers (ViT, DeiT, "
+            "DINOv2, CLIP/SigLIP vision towers, LLaVA-style vision towers)"
+        )
+    return model
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.layers is not None:
+        layers = args.layers.strip()
+        if layers and all(part.strip().lstrip("-").isdigit() for part in layers.split(",")) and ":" not in layers:
+            out["layers"] = [int(part) for part in layers.split(",")]
+        else:
+            out["layers"] = layers
+    for option, name in (
+        ("landmarks", "num_landmarks"),
+        ("min_tokens", "min_tokens"),
+        ("pinv", "pinv"),
+        ("sampling", "sampling"),
+    ):
+        if getattr(args, option) is not None:
+            out[name] = getattr(args, option)
+    return out
+
+
+def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedPair:
+    """Load the exact (`sdpa`) and FNA (`fna` + `FNAConfig.apply`) copies of `model_id`.
+
+    Raises:
+        CLIError: the model cannot be loaded, is not a vision transformer, or the FNA settings are invalid.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    looks_local = os.path.isabs(model_id) or model_id.startswith(".") or model_id.count("/") > 1
+    if looks_local and not os.path.isdir(model_id):
+        raise CLIError(f"cannot load model {model_id!r}: no such folder")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no weight-loading reports or bars around the table
+    hf_logging.disable_progress_bar()
+    try:
+        exact = AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
+        fna = AutoModel.from_pretrained(model_id, attn_implementation="fna", dtype=dtype)
+    except Exception as error:  # OSError, ValueError, HTTP errors...: all mean "cannot load this"
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"cannot load model {model_id!r}: {message}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    from .backend import find_tower_config_name
+
+    tower_name = find_tower_config_name(fna)
+    tower_config = fna.config if tower_name is None else getattr(fna.config, tower_name)
+    try:
+        settings = FNAConfig.from_dict({**FNAConfig.from_model_config(tower_config).to_dict(), **_overrides(args)})
+        settings.apply(fna)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    encoders = [_vision_encoder(m).to(device).eval() for m in (exact, fna)]
+
+    patch = getattr(tower_config, "patch_size", None)
+    if patch is None:
+        raise CLIError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
+    patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+    mean, std = _normalisation(model_id)
+    forward = inspect.signature(encoders[0].forward).parameters
+    kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in forward else {}
+    return LoadedPair(encoders[0], encoders[1], tower_config, settings, patch, mean, std, kwargs)
+
+
+def _normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the model's image processor, ImageNet's when it has none."""
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_id)
+        mean, std = processor.image_mean, processor.image_std
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except Exception:
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------
+
+
+def parse_resolutions(text: str, patch_size: int) -> list[int]:
+    """Parse `--resolutions`; each must be a positive multiple of the patch size.
+
+    Raises:
+        CLIError: naming the nearest valid sizes.
+    """
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) <= 0:
+            raise CLIError(f"--resolutions expects positive integers separated by commas; got {text!r}")
+        size = int(part)
+        if size % patch_size:
+            low = (size // patch_size) * patch_size
+            nearest = ", ".join(str(v) for v in (low, low + patch_size) if v > 0)
+            raise CLIError(
+                f"resolution {size} is not a multiple of the patch size {patch_size}; nearest valid sizes: {nearest}"
+            )
+        out.append(size)
+    return out
+
+
+def _photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), centre-crop `size` x `size`, normalise."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
+
+
+def _stratified(labels: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` indices of a class round-robin (index order within each class): balanced and deterministic."""
+    rank = np.empty(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank[members] = np.arange(len(members))
+    order = np.lexsort((labels, rank))
+    return np.sort(order[:count])
+
+
+@dataclass
+class Inputs:
+    """PIL images of one run: photos (fidelity) and the probe's train/test images with labels."""
+
+    photos: list[Any]
+    probe_train: list[Any]
+    probe_test: list[Any]
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_inputs(num_photos: int | None, probe_train: int, probe_test: int) -> Inputs:
+    from . import assets
+
+    try:
+        photo_set = assets.photos()
+        photos = [photo_set[i]["image"] for i in range(len(photo_set) if num_photos is None else num_photos)]
+        train, test, train_labels, test_labels = [], [], np.zeros(0, int), np.zeros(0, int)
+        if probe_train and probe_test:
+            data = assets.fashion_mnist()
+            subsets = []
+            for split, count in (("train", probe_train), ("test", probe_test)):
+                labels = data[split].data.column("label").to_numpy()
+                index = _stratified(labels, count)
+                subsets.append(([data[split][int(i)]["image"] for i in index], labels[index]))
+            (train, train_labels), (test, test_labels) = subsets
+    except (assets.AssetError, ImportError) as error:
+        raise CLIError(str(error).splitlines()[0]) from error
+    return Inputs(photos, train, test, train_labels, test_labels)
+
+
+# --- measuring --------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_forward(model: nn.Module, pixels: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    _synchronize(pixels.device)
+    start = time.perf_counter()
+    hidden = model(pixel_values=pixels, **kwargs).last_hidden_state
+    _synchronize(pixels.device)
+    return hidden, time.perf_counter() - start
+
+
+def _summary(hidden: torch.Tensor, special: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CLS, patch tokens) of a last hidden state; the mean token stands in for CLS in towers without one."""
+    patches = hidden[:, special:].float()
+    cls = hidden[:, 0].float() if special else patches.mean(dim=1)
+    return cls, patches
+
+
+def measure_resolution(
+    pair: LoadedPair,
+    inputs: Inputs,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run both models on every input at `size` px; return the row of the table."""
+    from tqdm.auto import tqdm
+
+    from .evaluation.linear_probe import probe_accuracy
+
+    mean, std = torch.tensor(pair.mean).view(3, 1, 1), torch.tensor(pair.std).view(3, 1, 1)
+    items = (
+        [("photo", image) for image in inputs.photos]
+        + [("train", image) for image in inputs.probe_train]
+        + [("test", image) for image in inputs.probe_test]
+    )
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    special = pair.num_special_tokens
+    seconds = {"exact": 0.0, "fna": 0.0}
+    cls_cos, patch_cos, tokens = [], [], 0
+    features: dict[str, dict[str, list[np.ndarray]]] = {name: {"train": [], "test": []} for name in ("exact", "fna")}
+    with torch.inference_mode():
+        warm = torch.stack([_photo_tensor(image, size, mean, std) for _, image in batches[0]]).to(device, dtype)
+        for model in (pair.exact, pair.fna):
+            model(pixel_values=warm, **pair.forward_kwargs)
+        bar = tqdm(batches, desc=f"{size} px", unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            pixels = torch.stack([_photo_tensor(image, size, mean, std) for _, image in batch]).to(device, dtype)
+            outputs = {}
+            for name, model in (("exact", pair.exact), ("fna", pair.fna)):
+                outputs[name], elapsed = _timed_forward(model, pixels, pair.forward_kwargs)
+                seconds[name] += elapsed
+            tokens = outputs["exact"].shape[1]
+            (cls_e, patch_e), (cls_f, patch_f) = (_summary(outputs[k], special) for k in ("exact", "fna"))
+            kinds = [kind for kind, _ in batch]
+            photo = torch.tensor([kind == "photo" for kind in kinds], device=cls_e.device)
+            if photo.any():
+                cls_cos.append(nn.functional.cosine_similarity(cls_e[photo], cls_f[photo], dim=-1).cpu())
+                patch_cos.append(nn.functional.cosine_similarity(patch_e[photo], patch_f[photo], dim=-1).mean(1).cpu())
+            for name, (cls, patches) in (("exact", (cls_e, patch_e)), ("fna", (cls_f, patch_f))):
+                feats = torch.cat([cls, patches.mean(dim=1)], dim=-1).cpu().numpy()
+                for row, kind in zip(feats, kinds, strict=True):
+                    if kind != "photo":
+                        features[name][kind].append(row)
+        bar.close()
+
+    count = len(items)
+    settings = pair.settings
+    num_layers = int(pair.tower_config.num_hidden_layers)
+    runs_fna = tokens >= max(settings.min_tokens, settings.num_landmarks)
+    fna_layers = resolve_layers(settings.layers, num_layers) if runs_fna else []
+    width = int(pair.tower_config.hidden_size)
+    mlp_ratio = getattr(pair.tower_config, "mlp_ratio", None) or pair.tower_config.intermediate_size / width
+    row: dict[str, Any] = {
+        "resolution": size,
+        "tokens": tokens,
+        "images": count,
+        "fna_layers": fna_layers,
+        "exact_images_per_s": count / seconds["exact"],
+        "fna_images_per_s": count / seconds["fna"],
+        "exact_seconds": seconds["exact"],
+        "fna_seconds": seconds["fna"],
+        "flop_bound": flop_bound(tokens, width, num_layers, len(fna_layers), settings.num_landmarks, float(mlp_ratio)),
+        "cls_cosine": float(torch.cat(cls_cos).mean()) if cls_cos else None,
+        "patch_cosine": float(torch.cat(patch_cos).mean()) if patch_cos else None,
+        "min_image_patch_cosine": float(torch.cat(patch_cos).min()) if patch_cos else None,
+        "probe_exact": None,
+        "probe_fna": None,
+    }
+    row["speedup"] = row["fna_images_per_s"] / row["exact_images_per_s"]
+    if features["exact"]["train"]:
+        for name in ("exact", "fna"):
+            row[f"probe_{name}"] = probe_accuracy(
+                np.stack(features[name]["train"]),
+                inputs.train_labels,
+                np.stack(features[name]["test"]),
+                inputs.test_labels,
+            )
+    return row
+
+
+# --- output -----------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _layers_text(layers: list[int], num_layers: int) -> str:
+    if not layers:
+        return "none (exact)"
+    if layers == list(range(layers[0], num_layers)):
+        return f"{layers[0]}-{num_layers - 1}"
+    return ",".join(map(str, layers))
+
+
+def markdown_table(rows: list[dict[str, Any]], num_layers: int) -> str:
+    header = (
+        "| resolution | tokens | FNA layers | exact img/s | fna img/s | speed-up | FLOP bound | CLS cos | patch cos "
+        "| probe exact | probe fna |"
+    )
+    lines = [header, "|" + "---:|" * 11]
+    for r in rows:
+        probe = [_fmt(None if r[k] is None else 100 * r[k], ".1f") for k in ("probe_exact", "probe_fna")]
+        lines.append(
+            f"| {r['resolution']} | {r['tokens']} | {_layers_text(r['fna_layers'], num_layers)} "
+            f"| {r['exact_images_per_s']:.2f} | {r['fna_images_per_s']:.2f} | {r['speedup']:.2f}x "
+            f"| {r['flop_bound']:.2f}x | {_fmt(r['cls_cosine'], '.4f')} | {_fmt(r['patch_cosine'], '.4f')} "
+            f"| {probe[0]} | {probe[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    """Speed-up (with its FLOP bound) and fidelity against resolution, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["resolution"] for r in rows]
+    fig, (speed, fidelity) = plt.subplots(1, 2, figsize=(10, 4))
+    speed.plot(sizes, [r["speedup"] for r in rows], "o-", label="measured")
+    speed.plot(sizes, [r["flop_bound"] for r in rows], "s--", label="FLOP bound")
+    speed.axhline(1.0, color="gray", lw=0.8)
+    speed.set(xlabel="resolution (px)", ylabel="speed-up fna / exact", title="throughput")
+    speed.legend()
+    for key, label in (("cls_cosine", "CLS cosine"), ("patch_cosine", "mean patch cosine")):
+        values = [r[key] for r in rows]
+        if all(v is not None for v in values):
+            fidelity.plot(sizes, values, "o-", label=label)
+    fidelity.set(xlabel="resolution (px)", ylabel="cosine to exact", title="fidelity (photos)")
+    fidelity.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CLIError(f"--device {name!r} is not a torch device") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for option in ("batch_size", "threads", "photos", "probe_train", "probe_test", "landmarks", "min_tokens"):
+        value = getattr(args, option)
+        minimum = 1 if option in ("batch_size", "threads", "landmarks") else 0
+        if value is not None and value < minimum:
+            raise CLIError(f"--{option.replace('_', '-')} must be >= {minimum}; got {value}")
+    if args.photos is not None and args.photos > 18:
+        raise CLIError(f"--photos: only 18 photos are bundled; got {args.photos}")
+    if bool(args.probe_train) != bool(args.probe_test):
+        raise CLIError("--probe-train and --probe-test must both be positive (or both 0 to skip the probe)")
+    if args.photos == 0 and not args.probe_train:
+        raise CLIError("nothing to run: --photos 0 and no probe")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    _check_counts(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device, dtype = _device(args.device), DTYPES[args.dtype]
+    model_id = args.model
+    if model_id is None:
+        from .assets import AssetError, dinov2_small
+
+        try:
+            model_id = dinov2_small()
+        except (AssetError, ImportError) as error:
+            raise CLIError(str(error).splitlines()[0]) from error
+    pair = load_pair(model_id, args, device, dtype)
+    resolutions = parse_resolutions(args.resolutions, pair.patch_size)
+    inputs = load_inputs(args.photos, args.probe_train, args.probe_test)
+    machine = machine_info(device)
+
+    rows = []
+    for size in resolutions:
+        rows.append(measure_resolution(pair, inputs, size, args.batch_size, device, dtype, not args.no_progress))
+    num_layers = int(pair.tower_config.num_hidden_layers)
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+    print(
+        f"hf-fna compare: {model_id} ({type(pair.fna).__name__}), batch {args.batch_size}, {args.dtype}, "
+        f"FNA {json.dumps(pair.settings.to_dict(), sort_keys=True)}"
+    )
+    print(machine_line(machine))
+    print(
+        f"Fidelity on {len(inputs.photos)} photos; probe on {len(inputs.probe_train)} train / "
+        f"{len(inputs.probe_test)} test Fashion-MNIST images; throughput over all {rows[0]['images']} images.\n"
+    )
+    print(markdown_table(rows, num_layers))
+    report = {
+        "arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "model": model_id,
+        "settings": {
+            "fna_config": pair.settings.to_dict(),
+            "resolutions": resolutions,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "photos": len(inputs.photos),
+            "probe_train": len(inputs.probe_train),
+            "probe_test": len(inputs.probe_test),
+            "num_layers": num_layers,
+        },
+        "machine": machine,
+        "rows": rows,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    if args.json:
+        if os.path.dirname(args.json):
+            os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        write_plot(rows, args.plot, f"{os.path.basename(os.path.normpath(model_id))}: exact vs fna")
+    return 0
