@@ -36,13 +36,6 @@ SCHEDULES = ("6:", "auto", "all")
 LANDMARKS = (32, 64, 128)
 
 
-def parse_layers(text: str) -> str | list[int]:
-    """A schedule as FNAConfig.layers: a keyword, a slice such as '6:', or a list such as '0,1,2'."""
-    if ":" not in text and all(part.strip().lstrip("-").isdigit() for part in text.split(",")):
-        return [int(part) for part in text.split(",")]
-    return text
-
-
 # --- worker (one configuration, in its own process) --------------------------------------------------------------
 
 
@@ -57,6 +50,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import hf_fna
     from hf_fna.assets import dinov2_small, photos
     from hf_fna.compare import _photo_tensor
+    from hf_fna.config import parse_layers
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -221,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from hf_fna.compare import flop_bound
-    from hf_fna.config import FNAConfig, resolve_layers
+    from hf_fna.config import FNAConfig, parse_layers, resolve_layers
 
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)

@@ -12,6 +12,8 @@ bench_model.py); this script measures no time, so it can run on a busy machine.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Any
 
@@ -21,16 +23,10 @@ from tqdm.auto import tqdm
 
 import hf_fna
 from hf_fna.compare import flop_bound
-from hf_fna.config import resolve_layers
+from hf_fna.config import parse_layers, resolve_layers
 
 SCHEDULES_64 = [f"{first}:" for first in range(12)] + ["0:2", "0:3", "0:4", "0,1,11", "0,1,10,11", "0,1,2,10,11"]
-SCHEDULES_OTHER = ["4:", "6:", "8:", "10:", "0,1,10,11"]
-
-
-def parse_layers(text: str) -> str | list[int]:
-    if ":" not in text and all(part.strip().isdigit() for part in text.split(",")):
-        return [int(part) for part in text.split(",")]
-    return text
+SCHEDULES_OTHER = ["6:", "8:", "10:", "0,1,10,11"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SCHEDULE@M",
         help="e.g. 8:@64 0,1,10,11@64 (default: every m=64 schedule of the module, a few at 32/128)",
     )
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--markdown", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
@@ -72,11 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return torch.cat([model(pixel_values=b).last_hidden_state for b in batches])
 
-    reference = run(AutoModel.from_pretrained(path, attn_implementation="sdpa").eval())
-    tokens = reference.shape[1]
-    model = AutoModel.from_pretrained(path, attn_implementation="fna").eval()
     rows: list[dict[str, Any]] = []
-    for schedule, landmarks in tqdm(configs, desc="schedules"):
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json, encoding="utf-8") as f:
+            rows = json.load(f)["rows"]
+    done = {(r["schedule"], r["landmarks"]) for r in rows}
+    todo = [c for c in configs if c not in done]
+    tokens = (args.resolution // 14) ** 2 + 1
+    if todo:
+        reference = run(AutoModel.from_pretrained(path, attn_implementation="sdpa").eval())
+        tokens = reference.shape[1]
+        model = AutoModel.from_pretrained(path, attn_implementation="fna").eval()
+    for schedule, landmarks in tqdm(todo, desc="schedules"):
         layers = parse_layers(schedule)
         hf_fna.FNAConfig(layers=layers, num_landmarks=landmarks, min_tokens=0).apply(model)
         cosine = torch.nn.functional.cosine_similarity(run(model), reference, dim=-1)
@@ -95,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 "per_photo_patch_cosine": [round(float(v), 4) for v in per_photo],
             }
         )
+        if args.json:  # saved after every configuration: an interrupted sweep keeps its rows
+            write_results({"command": command_line(), "settings": vars(args), "rows": rows}, "", args.json, None)
 
+    for r in rows:  # (re)computed here, so that resumed rows follow the current cost model
+        r["flop_bound"] = flop_bound(r["tokens"], 384, 12, len(r["fna_layers"]), r["landmarks"])
     rows.sort(key=lambda r: (r["landmarks"], -r["flop_bound"], -r["patch_cosine"]))
     lines = [
         "| schedule | m | FNA layers | FLOP bound | patch cos | worst photo | CLS cos | >= 0.97 |",

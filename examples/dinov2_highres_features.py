@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     special = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)  # CLS (+ registers)
 
     exact, exact_seconds = timed_forward(model, pixels, args.repeats)
-    # min_tokens=0: FNA runs whatever the resolution (the library default falls back below 1024 tokens).
+    # min_tokens=0: FNA runs whatever the resolution (the library default falls back below 512 tokens).
     hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.landmarks, min_tokens=0).apply(model)
     fna, fna_seconds = timed_forward(model, pixels, args.repeats)
     landmarks = hf_fna.last_landmarks(model)

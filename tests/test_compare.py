@@ -10,8 +10,17 @@ import torch
 from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
 
 from hf_fna.cli import main
+from hf_fna.compare import flop_bound
 
 PATCH = 4
+
+
+def test_flop_bound_reproduces_the_design_cost_model() -> None:
+    # DESIGN.md section 3: DINOv2-small (D = 384, 12 layers) at 896 px (N = 4097), m = 64.
+    assert flop_bound(4097, 384, 12, 6, 64) == pytest.approx(1.45, abs=0.005)
+    assert flop_bound(4097, 384, 12, 12, 64) == pytest.approx(2.63, abs=0.005)
+    assert flop_bound(16385, 384, 12, 12, 64) == pytest.approx(7.7, abs=0.05)
+    assert flop_bound(4097, 384, 12, 0, 64) == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hf_fna import FNAConfig, MaskingConfig
-from hf_fna.config import resolve_layers
+from hf_fna.config import parse_layers, resolve_layers
 
 
 def test_defaults_are_the_documented_auto_schedule():
@@ -71,3 +71,14 @@ def test_from_pretrained_reads_model_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(OSError, match="carries no `fna_config`"):
         FNAConfig.from_pretrained(tmp_path)
+
+
+def test_parse_layers_from_command_line_text():
+    assert parse_layers(None) == parse_layers([]) == "auto"
+    assert parse_layers(["6", "7"]) == [6, 7]
+    assert parse_layers("6,7,-1") == parse_layers(["6,7", "-1"]) == [6, 7, -1]
+    assert parse_layers(" 6: ") == "6:"
+    assert parse_layers("none") == "none"
+    for bad in ("6:x", "six", "6:,7", "all,6"):
+        with pytest.raises(ValueError, match=r"layers .* is invalid; give layer indices"):
+            parse_layers(bad)

@@ -103,7 +103,7 @@ def test_missing_model_folder(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        (["--layers", "six"], "--layers 'six' is neither a slice"),
+        (["--layers", "six"], "layers 'six' is invalid; give layer indices"),
         (["--num-landmarks", "0"], "num_landmarks=0 is invalid"),
         (["--layers", "5:"], "out of range for a tower with 2 layers"),
         (["--limit", "0"], "limit must be a positive integer"),

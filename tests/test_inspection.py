@@ -225,10 +225,3 @@ def test_too_many_landmarks(tiny_dinov2, image_file, tmp_path, capsys):
     args = ["--model", tiny_dinov2, "--image", image_file, "--resolution", "32", "--out", str(tmp_path)]
     args += ["--landmarks", "500"]
     _one_line_error(capsys, args, "exceeds the 17 tokens")
-
-
-def test_parse_layers():
-    assert inspection.parse_layers(None) == "auto"
-    assert inspection.parse_layers(["6", "7"]) == [6, 7]
-    assert inspection.parse_layers(["6,7,-1"]) == [6, 7, -1]
-    assert inspection.parse_layers(["6:"]) == "6:"

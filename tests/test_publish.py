@@ -153,3 +153,19 @@ def test_push_config_bad_files_and_failed_upload(hub, tmp_path, capsys, monkeypa
     assert main(["push-config", "--repo-id", REPO, "--base-model", BASE]) == 2
     err = capsys.readouterr().err
     assert err == f"hf-fna push-config: error: upload to {REPO} failed: OSError: Network is unreachable\n"
+
+
+MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in MODEL_CARDS.iterdir() if p.is_dir()))
+def test_bundled_model_cards_match_their_settings(folder):
+    # Each bundled card is what `model_card` writes for its fna_config.json (and measured.json, when the figures were
+    # measured): a setting edited in one file and not the other fails here.
+    path = MODEL_CARDS / folder
+    settings = FNAConfig.from_pretrained(path)
+    card = (path / "README.md").read_text(encoding="utf-8")
+    measured_path = path / "measured.json"
+    measured = json.loads(measured_path.read_text(encoding="utf-8")) if measured_path.exists() else None
+    assert card == model_card(settings, _metadata(card)["base_model"], measured)
+    assert ("Recommended settings, not measured" in card) == (measured is None)

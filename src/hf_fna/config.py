@@ -57,6 +57,31 @@ def _check_layers(name: str, value: Any) -> None:
     )
 
 
+def parse_layers(text: str | list[str] | tuple[str, ...] | None) -> str | list[int]:
+    """Command-line text -> an `FNAConfig.layers` value.
+
+    Layer indices (`"6,7,8"`, or the tokens `["6", "7", "-1"]`) become a list of integers; one keyword or slice
+    string (`"auto"`, `"all"`, `"none"`, `"6:"`, `"-4:"`) is returned as is; `None` or nothing means `"auto"`.
+
+    Raises:
+        ValueError: naming the text and the accepted forms.
+    """
+    values = [text] if isinstance(text, str) else list(text or [])
+    tokens = [token.strip() for value in values for token in value.split(",") if token.strip()]
+    if not tokens:
+        return "auto"
+    try:
+        return [int(token) for token in tokens]
+    except ValueError:
+        pass
+    if len(tokens) == 1 and (tokens[0] in LAYER_KEYWORDS or _SLICE_PATTERN.match(tokens[0])):
+        return tokens[0]
+    raise ValueError(
+        f"layers {' '.join(values)!r} is invalid; give layer indices ('6,7,8'), a slice ('6:', '-4:') or one of "
+        f"{', '.join(LAYER_KEYWORDS)}."
+    )
+
+
 def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, name: str = "layers") -> list[int]:
     """Turn a layer specification into sorted, non-negative layer indices of a tower with `num_layers` layers.
 
@@ -179,7 +204,7 @@ class FNAConfig:
     resample_every_layer: bool = False
     pinv: Literal["newton", "exact"] = "newton"
     pinv_iterations: int = 6
-    min_tokens: int = 1024
+    min_tokens: int = 512
     seed: int = 0
     num_special_tokens: int | None = None
     masking: MaskingConfig = field(default_factory=MaskingConfig)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli import CLIError
+from .config import parse_layers
 
 if TYPE_CHECKING:
     import torch
@@ -79,22 +80,6 @@ class Inspection:
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def parse_layers(values: list[str] | None) -> str | list[int]:
-    """`--layers` tokens -> an `FNAConfig.layers` value: integers (`6 7 8`, `6,7,8`), or one keyword / slice string
-    (`auto`, `all`, `6:`, `-4:`)."""
-    if not values:
-        return "auto"
-    tokens = [t for value in values for t in value.split(",") if t.strip()]
-    try:
-        return [int(t) for t in tokens]
-    except ValueError:
-        if len(tokens) == 1:
-            return tokens[0].strip()
-        raise CLIError(
-            f"--layers {' '.join(values)}: give layer indices, or one of auto/all/a slice such as 6:"
-        ) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder or Hub id (default: the real DINOv2-small of hf_fna.assets)")
     parser.add_argument(
@@ -116,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resolution < 1 or args.landmarks < 1 or args.max_tokens < 1:
         raise CLIError("--resolution, --landmarks and --max-tokens must be positive integers")
-    layers = parse_layers(args.layers)
+    try:
+        layers = parse_layers(args.layers)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     image, image_name = load_image(args.image)
     with _step("loading the model"):

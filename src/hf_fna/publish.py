@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import CLIError
-from .config import FNA_CONFIG_NAME, FNAConfig
+from .config import FNA_CONFIG_NAME, FNAConfig, parse_layers
 
 MODEL_CARD_NAME = "README.md"
 TAGS = ("fna", "vision", "nystrom-attention", "hf-fna")
@@ -201,14 +201,12 @@ def _load_settings(args: argparse.Namespace) -> FNAConfig:
             return FNAConfig.from_pretrained(args.config)
         except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise CLIError(f"cannot read --config {args.config}: {_first_line(e)}") from e
-    from .inspection import parse_layers
-
     kwargs: dict[str, Any] = {}
-    if args.layers is not None:
-        kwargs["layers"] = parse_layers(args.layers)
     if args.landmarks is not None:
         kwargs["num_landmarks"] = args.landmarks
     try:
+        if args.layers is not None:
+            kwargs["layers"] = parse_layers(args.layers)
         return FNAConfig(**kwargs)
     except ValueError as e:
         raise CLIError(str(e)) from e

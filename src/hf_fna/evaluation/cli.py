@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The `EvalSettings` an `hf-fna eval` command line describes."""
-    from ..config import FNAConfig
+    from ..config import FNAConfig, parse_layers
 
     base = None
     if args.fna_config:
@@ -90,8 +90,12 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
             base = FNAConfig.from_pretrained(args.fna_config)
         except (OSError, ValueError) as error:
             raise CLIError(f"could not read --fna-config {args.fna_config!r}: {error}") from error
+    try:
+        layers = None if args.layers is None else parse_layers(args.layers)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
     overrides: dict[str, Any] = {
-        "layers": _parse_layers(args.layers),
+        "layers": layers,
         "num_landmarks": args.num_landmarks,
         "min_tokens": args.min_tokens,
         "sampling": args.sampling,
@@ -130,17 +134,6 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         output=args.output,
         show_progress=not args.no_progress,
     )
-
-
-def _parse_layers(value: str | None) -> str | list[int] | None:
-    if value is None or ":" in value or value in ("all", "auto", "none"):
-        return value
-    try:
-        return [int(part) for part in value.split(",")]
-    except ValueError:
-        raise CLIError(
-            f"--layers {value!r} is neither a slice ('6:'), a keyword (all, auto, none) nor indices ('6,7,8')"
-        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
