@@ -83,3 +83,21 @@ def test_bad_counts():
         farthest_point_sampling(points(), 51)
     with pytest.raises(ValueError, match="method 'grid' is not supported; accepted values: fps, random"):
         select_landmarks(points(), 5, method="grid")
+
+
+def test_fps_restores_the_blas_thread_count_of_the_process():
+    # FPS limits NumPy's BLAS to one thread while it runs (its pool would otherwise spin against PyTorch's threads);
+    # the user's setting must come back afterwards, also when two threads run FPS at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    features = torch.randn(2, 300, 16)
+    with ThreadPoolExecutor(2) as pool:
+        picks = list(pool.map(lambda _: farthest_point_sampling(features, 32), range(8)))
+    assert blas_threads() == before
+    assert all(torch.equal(p, picks[0]) for p in picks)

@@ -10,6 +10,7 @@ valid tokens.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -99,9 +100,13 @@ def _fps_loop_cpu(
     )
     # One BLAS thread: NumPy's OpenBLAS threads spin after each product and then steal the cores from PyTorch's
     # OpenMP threads (measured: H=6, N=8193, 2 threads, FNA 36 ms -> 22 ms), and these products are small anyway.
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    # The limit is process-wide and restored on exit: the lock keeps two threads from restoring each other's value.
+    with _BLAS_LIMIT_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
         _fps_per_sample(distance, points, centres, forced_lists, picks)
     return torch.from_numpy(picks)
+
+
+_BLAS_LIMIT_LOCK = threading.Lock()
 
 
 @functools.cache
