@@ -77,6 +77,14 @@ def farthest_point_sampling(
     return picks.t().contiguous()
 
 
+_BLAS_LIMIT_LOCK = threading.Lock()
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
 def _fps_loop_cpu(
     distance: torch.Tensor,
     points: torch.Tensor,
@@ -90,48 +98,27 @@ def _fps_loop_cpu(
     The same steps as the tensor loop, one sample at a time: NumPy's per-call overhead is a fraction of a PyTorch
     op's, which dominates FPS at these sizes (64 steps of a few microseconds of arithmetic each).
     """
-
-    batch = distance.shape[0]
+    batch, num_tokens = distance.shape
     picks = np.empty((batch, num_landmarks), dtype=np.int64)
     forced_lists = (
         [[]] * batch
         if forced is None
         else [forced[b, : int(count)].tolist() for b, count in enumerate(forced_count.tolist())]
     )
+    new_distance = np.empty(num_tokens, dtype=np.float32)
     # One BLAS thread: NumPy's OpenBLAS threads spin after each product and then steal the cores from PyTorch's
     # OpenMP threads (measured: H=6, N=8193, 2 threads, FNA 36 ms -> 22 ms), and these products are small anyway.
     # The limit is process-wide and restored on exit: the lock keeps two threads from restoring each other's value.
     with _BLAS_LIMIT_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
-        _fps_per_sample(distance, points, centres, forced_lists, picks)
+        for b in range(batch):
+            dist, rows, cols, first = distance[b].numpy(), centres[b].numpy(), points[b].numpy(), forced_lists[b]
+            for i in range(num_landmarks):
+                pick = first[i] if i < len(first) else int(dist.argmax())
+                picks[b, i] = pick
+                np.dot(rows[pick], cols, out=new_distance)
+                np.minimum(dist, new_distance, out=dist)
+                dist[pick] = _PICKED
     return torch.from_numpy(picks)
-
-
-_BLAS_LIMIT_LOCK = threading.Lock()
-
-
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
-def _fps_per_sample(
-    distance: torch.Tensor,
-    points: torch.Tensor,
-    centres: torch.Tensor,
-    forced_lists: list[list[int]],
-    picks: np.ndarray,
-) -> None:
-    """Fill `picks` `[B, m]` sample by sample; `distance` is updated in place."""
-    batch, num_landmarks = picks.shape
-    new_distance = np.empty(distance.shape[1], dtype=np.float32)
-    for b in range(batch):
-        dist, rows, cols, first = distance[b].numpy(), centres[b].numpy(), points[b].numpy(), forced_lists[b]
-        for i in range(num_landmarks):
-            pick = first[i] if i < len(first) else int(dist.argmax())
-            picks[b, i] = pick
-            np.dot(rows[pick], cols, out=new_distance)
-            np.minimum(dist, new_distance, out=dist)
-            dist[pick] = _PICKED
 
 
 def _forced_order(
