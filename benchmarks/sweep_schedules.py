@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.load(f)["rows"]
     done = {(r["schedule"], r["landmarks"]) for r in rows}
     todo = [c for c in configs if c not in done]
-    tokens = (args.resolution // 14) ** 2 + 1
     if todo:
         reference = run(AutoModel.from_pretrained(path, attn_implementation="sdpa").eval())
         tokens = reference.shape[1]
@@ -95,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                 "patch_cosine": float(per_photo.mean()),
                 "worst_photo_patch_cosine": float(per_photo.min()),
                 "cls_cosine": float(cosine[:, 0].mean()),
-                "flop_bound": flop_bound(tokens, 384, 12, len(fna_layers), landmarks),
                 "per_photo_patch_cosine": [round(float(v), 4) for v in per_photo],
             }
         )
         if args.json:  # saved after every configuration: an interrupted sweep keeps its rows
             write_results({"command": command_line(), "settings": vars(args), "rows": rows}, "", args.json, None)
 
-    for r in rows:  # (re)computed here, so that resumed rows follow the current cost model
+    tokens = rows[0]["tokens"]
+    for r in rows:  # computed here for resumed rows too, so that every row follows the current cost model
         r["flop_bound"] = flop_bound(r["tokens"], 384, 12, len(r["fna_layers"]), r["landmarks"])
     rows.sort(key=lambda r: (r["landmarks"], -r["flop_bound"], -r["patch_cosine"]))
     lines = [
