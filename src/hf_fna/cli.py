@@ -50,4 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m hf_fna.cli` this file runs as `__main__`, whose `CLIError` is not the class the subcommands
+    # raise: run the package's own `main` so that their errors still print as one line.
+    from hf_fna.cli import main as package_main
+
+    sys.exit(package_main())

@@ -35,6 +35,7 @@ from torch import nn
 
 from .cli import CLIError
 from .config import FNAConfig, parse_layers, resolve_layers
+from .outputs import OutputPathError, check_output_file, write_atomically, write_json_atomically
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
 # The defaults keep a no-argument run short on 2 CPU cores (an exact 896 px pass costs about 3 s per image there).
@@ -503,10 +504,10 @@ def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     fidelity.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
+    finally:
+        plt.close(fig)
 
 
 # --- the command ------------------------------------------------------------------------------------------------
@@ -538,9 +539,37 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise CLIError("nothing to run: --photos 0 and no probe")
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Try the `--json` and `--plot` paths before minutes of compute depend on them."""
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            try:
+                check_output_file(path)
+            except OutputPathError as error:
+                raise CLIError(f"{option}: {error}") from None
+
+
+def _write_outputs(args: argparse.Namespace, report: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:
+    """Write `--json` and `--plot` (each atomically); one that fails is reported after trying the other."""
+    failures = []
+    if args.json:
+        try:
+            write_json_atomically(args.json, report)
+        except (OSError, TypeError, ValueError) as error:
+            failures.append(f"--json {args.json}: {error}")
+    if args.plot:
+        try:
+            write_plot(rows, args.plot, title)
+        except (OSError, ValueError) as error:
+            failures.append(f"--plot {args.plot}: {error}")
+    if failures:
+        raise CLIError(f"the table above is complete, but could not write {'; '.join(failures)}")
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_counts(args)
+    _check_outputs(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, dtype = _device(args.device), DTYPES[args.dtype]
@@ -590,11 +619,5 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows,
         "elapsed_s": time.perf_counter() - started,
     }
-    if args.json:
-        if os.path.dirname(args.json):
-            os.makedirs(os.path.dirname(args.json), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-    if args.plot:
-        write_plot(rows, args.plot, f"{os.path.basename(os.path.normpath(model_id))}: exact vs fna")
+    _write_outputs(args, report, rows, f"{os.path.basename(os.path.normpath(model_id))}: exact vs fna")
     return 0

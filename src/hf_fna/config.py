@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +29,9 @@ LAYER_KEYWORDS = ("auto", "all", "none")
 # ViT-L). `hf-fna compare` and benchmarks/bench_model.py measure this schedule against the others.
 AUTO_FIRST_LAYER_FRACTION = 0.5
 
+# The largest seed `torch.Generator.manual_seed` accepts (a larger one passes construction but fails at forward).
+MAX_SEED = 2**64 - 1
+
 _SLICE_PATTERN = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
 
 
@@ -36,9 +40,11 @@ def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
         raise ValueError(f"FNAConfig.{name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"FNAConfig.{name}={value!r} is invalid; expected an integer >= {minimum}.")
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    too_large = maximum is not None and isinstance(value, int) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_large:
+        accepted = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+        raise ValueError(f"FNAConfig.{name}={value!r} is invalid; expected {accepted}.")
 
 
 def _check_layers(name: str, value: Any) -> None:
@@ -162,8 +168,9 @@ class MaskingConfig:
         _check_int("masking.max_tokens", self.max_tokens, 1)
         for name in ("std_threshold", "min_gap"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"FNAConfig.masking.{name}={value!r} is invalid; expected a number >= 0.")
+            # NaN compares False with every threshold, so it would silently flag nothing: refuse it.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"FNAConfig.masking.{name}={value!r} is invalid; expected a finite number >= 0.")
 
     @property
     def enabled(self) -> bool:
@@ -223,7 +230,7 @@ class FNAConfig:
         _check_choice("pinv", self.pinv, PINV_METHODS)
         _check_int("pinv_iterations", self.pinv_iterations, 1)
         _check_int("min_tokens", self.min_tokens, 0)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
         if self.num_special_tokens is not None:
             _check_int("num_special_tokens", self.num_special_tokens, 0)
         if isinstance(self.masking, dict):
@@ -252,8 +259,12 @@ class FNAConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> FNAConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read an `fna_config.json`; a file that is not a valid one raises a `ValueError` naming the file."""
+        values = _read_json(path)
+        try:
+            return cls.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)}: {error}") from error
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
         """Write `fna_config.json` into `save_directory` (created if needed) and return the file path.
@@ -281,6 +292,7 @@ class FNAConfig:
         or its `vision_config`) works too.
         """
         path = str(pretrained_model_name_or_path)
+        check_local_path(path)
         if os.path.isfile(path):
             return cls.from_json_file(path)
         if os.path.isdir(path):
@@ -301,11 +313,19 @@ class FNAConfig:
 
     @classmethod
     def _from_model_config_file(cls, config_file: str, source: str) -> FNAConfig:
-        with open(config_file, encoding="utf-8") as f:
-            model_config = json.load(f)
-        for candidate in (model_config, model_config.get("vision_config") or {}):
-            if isinstance(candidate.get("fna_config"), dict):
-                return cls.from_dict(candidate["fna_config"])
+        model_config = _read_json(config_file)
+        vision = model_config.get("vision_config") if isinstance(model_config, dict) else None
+        if not isinstance(model_config, dict) or not isinstance(vision, (dict, type(None))):
+            raise ValueError(
+                f"{config_file}: not a model config.json (expected a JSON object whose `vision_config`, if any, is an "
+                "object)."
+            )
+        for candidate in (model_config, vision or {}):
+            if candidate.get("fna_config") is not None:
+                try:
+                    return cls.from_dict(candidate["fna_config"])
+                except ValueError as error:
+                    raise ValueError(f"{config_file}: invalid `fna_config`: {error}") from error
         raise OSError(f"{source!r} has no {FNA_CONFIG_NAME} and its config.json carries no `fna_config`.")
 
     def push_to_hub(
@@ -355,6 +375,31 @@ class FNAConfig:
         if isinstance(value, FNAConfig):
             return value
         return cls.from_dict(value)
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in a file; a file that is not UTF-8 JSON raises a `ValueError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{os.fspath(path)} is not a valid JSON file ({error}).") from None
+
+
+def check_local_path(path: str) -> None:
+    """Raise `OSError` when `path` names no existing file or folder and cannot be a Hub repo id either.
+
+    Without it a mistyped local path reaches `huggingface_hub` and fails with a message about repo id syntax.
+    """
+    if os.path.exists(path):
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise OSError(f"{path!r} does not exist (no such file or folder, and not a Hub repo id).") from None
 
 
 def _known_fields(cls: type, values: dict[str, Any], owner: str) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import os
 import sys
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cli import CLIError
 from .config import parse_layers
+from .outputs import OutputPathError, check_output_file, check_output_folder, write_atomically, write_json_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -101,37 +101,63 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resolution < 1 or args.landmarks < 1 or args.max_tokens < 1:
         raise CLIError("--resolution, --landmarks and --max-tokens must be positive integers")
+    for option, value in (("--min-gap", args.min_gap), ("--std-threshold", args.std_threshold)):
+        if not math.isfinite(value) or value < 0:
+            raise CLIError(f"{option} must be a finite number >= 0; got {value}")
     try:
         layers = parse_layers(args.layers)
     except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:  # before minutes of compute depend on them
+        check_output_folder(args.out)
+        if args.json:
+            check_output_file(args.json)
+    except OutputPathError as e:
         raise CLIError(str(e)) from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     image, image_name = load_image(args.image)
     with _step("loading the model"):
         model_path = args.model or _default_model()
         model, processor = load_vision_model(model_path, device)
-    result = inspect_image(
-        model,
-        processor,
-        image,
-        resolution=args.resolution,
-        fna_layers=layers,
-        num_landmarks=args.landmarks,
-        max_tokens=args.max_tokens,
-        min_gap=args.min_gap,
-        std_threshold=args.std_threshold,
-        model_name=model_path,
-        image_name=image_name,
-        out=Path(args.out),
-    )
+    failures = []
+    try:
+        result = inspect_image(
+            model,
+            processor,
+            image,
+            resolution=args.resolution,
+            fna_layers=layers,
+            num_landmarks=args.landmarks,
+            max_tokens=args.max_tokens,
+            min_gap=args.min_gap,
+            std_threshold=args.std_threshold,
+            model_name=model_path,
+            image_name=image_name,
+            out=Path(args.out),
+        )
+    except FigureError as e:  # the measurements are complete: print them anyway
+        result = e.result
+        failures.append(str(e))
     print(format_report(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
-        result.figures["json"] = args.json
+        try:
+            write_json_atomically(args.json, asdict(result))
+            result.figures["json"] = args.json
+        except OSError as e:
+            failures.append(f"cannot write --json {args.json}: {_first_line(e)}")
     for name, path in result.figures.items():
         print(f"wrote {name}: {path}")
+    if failures:
+        raise CLIError(f"the report above is complete, but {'; '.join(failures)}")
     return 0
+
+
+class FigureError(CLIError):
+    """A figure could not be written; `result` holds the complete measurements."""
+
+    def __init__(self, message: str, result: Inspection) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @contextmanager
@@ -210,9 +236,12 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+    from .config import check_local_path
+
     _register_inspect_attention()
     with _quiet_transformers():
         try:
+            check_local_path(name_or_path)
             config = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError, KeyError) as e:
             raise CLIError(f"cannot load model {name_or_path}: {_first_line(e)}") from e
@@ -451,13 +480,17 @@ def inspect_image(
         special_landmarks=[i for i in picked_list if i < special],
     )
     if out is not None:
-        with _step("drawing figures"):
-            norm_maps = [_norm_map(states, special, grid) for states in hidden_states]
-            stem = f"{image_name}_{resolution}"
-            result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], out / f"{stem}_norms.png")
-            picture = display_image(processor, pixel_values)
-            landmarks_png = out / f"{stem}_landmarks.png"
-            result.figures["landmarks"] = plot_landmarks(result, picture, norm_maps[chosen_layers[0]], landmarks_png)
+        try:
+            with _step("drawing figures"):
+                norm_maps = [_norm_map(states, special, grid) for states in hidden_states]
+                stem = f"{image_name}_{resolution}"
+                result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], out / f"{stem}_norms.png")
+                picture = display_image(processor, pixel_values)
+                landmarks_png = out / f"{stem}_landmarks.png"
+                norm_map = norm_maps[chosen_layers[0]]
+                result.figures["landmarks"] = plot_landmarks(result, picture, norm_map, landmarks_png)
+        except OSError as e:
+            raise FigureError(f"cannot write the figures into {out}: {_first_line(e)}", result) from e
     return result
 
 
@@ -577,7 +610,9 @@ def plot_landmarks(result: Inspection, picture: Any, norm_map: Any, path: Path) 
 
 def _save(fig: Any, path: Path, dpi: int) -> str:
     plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
-    plt.close(fig)
+    try:
+        save = lambda f: fig.savefig(f, dpi=dpi, bbox_inches="tight", pad_inches=0.1, format="png")  # noqa: E731
+        write_atomically(str(path), save, binary=True)
+    finally:
+        plt.close(fig)
     return str(path)

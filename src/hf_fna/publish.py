@@ -229,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
     _check_repo_id("--base-model", args.base_model)
     if args.dry_run and not args.out:
         raise CLIError("--dry-run needs --out DIR, the folder to write the files into")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} is a file; give a folder to write {FNA_CONFIG_NAME} and README.md into")
     settings = _load_settings(args)
     measured = _load_measured(args.measured)
     try:
@@ -238,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         try:
             paths = write_config_folder(settings, args.out, args.base_model, measured, repo_id=args.repo_id)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise CLIError(f"cannot write to --out {args.out}: {_first_line(e)}") from e
         for path in paths:
             print(f"wrote {path}")

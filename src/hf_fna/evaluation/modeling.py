@@ -14,7 +14,7 @@ import torch
 
 from ..backend import ATTENTION_NAME, find_tower_config_name, num_special_tokens
 from ..cli import CLIError
-from ..config import FNAConfig
+from ..config import FNAConfig, check_local_path
 
 EXACT, FNA = "exact", "fna"
 VARIANTS = (EXACT, FNA)
@@ -31,6 +31,10 @@ MODEL_KINDS = {
 def load_config(path: str) -> Any:
     from transformers import AutoConfig
 
+    try:
+        check_local_path(path)
+    except OSError as error:
+        raise CLIError(f"could not load the config of {path!r}: {error}") from None
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as error:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import outputs
 from .modeling import EXACT, FNA, VARIANTS
 
 if TYPE_CHECKING:
@@ -105,18 +104,4 @@ def _without_nan(value: Any) -> Any:
 
 def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
     """Write `payload` as JSON to `path` through a temporary file in the same folder and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(_without_nan(payload), f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    outputs.write_json_atomically(path, _without_nan(payload), allow_nan=False)

@@ -20,6 +20,7 @@ import torch
 
 from ..cli import CLIError
 from ..config import FNAConfig, resolve_layers
+from ..outputs import OutputPathError, check_output_file
 from .modeling import (
     EXACT,
     FNA,
@@ -245,9 +246,15 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
         CLIError: bad input (unknown task, a model that cannot do the task, missing columns, empty split...).
     """
     settings.check()
+    if settings.output:
+        try:
+            check_output_file(settings.output)
+        except OutputPathError as error:
+            raise CLIError(f"--output: {error}") from None
     task = importlib.import_module(TASKS[settings.task])
     config = load_config(settings.model)
     check_model_kind(config, task.MODEL_KIND, settings.task)
+    check_image_size(settings.image_size, vision_config(config))
     fna = settings.fna or fna_settings_for(config, settings.fna_overrides)
     try:
         resolve_layers(fna.layers, int(vision_config(config).num_hidden_layers))
@@ -259,12 +266,32 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     runner = Runner(settings, model, processor, fna)
     outcome: TaskOutcome = task.run_task(runner, data)
     result = build_result(settings, runner, outcome)
+    error = None
     if runner.accelerator.is_main_process:
+        print(result.to_markdown())  # first: a report that cannot be written must not take the table with it
         if settings.output:
-            write_json_atomically(settings.output, result.to_dict())
-        print(result.to_markdown())
+            try:
+                write_json_atomically(settings.output, result.to_dict())
+            except OSError as failure:
+                error = f"the table above is complete, but --output {settings.output} could not be written: {failure}"
     runner.accelerator.wait_for_everyone()
+    if error is not None:
+        raise CLIError(error)
     return result
+
+
+def check_image_size(image_size: int | None, tower_config: Any) -> None:
+    """Raise `CLIError` when `--image-size` is not a multiple of the patch size (as `hf-fna compare` does): the
+    patch embedding would silently drop the border pixels."""
+    patch = getattr(tower_config, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    if image_size is None or not isinstance(patch, int) or image_size % patch == 0:
+        return
+    low = image_size // patch * patch
+    nearest = ", ".join(str(size) for size in (low, low + patch) if size > 0)
+    raise CLIError(
+        f"--image-size {image_size} is not a multiple of the patch size {patch}; nearest valid sizes: {nearest}"
+    )
 
 
 @contextlib.contextmanager

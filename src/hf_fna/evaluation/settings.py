@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..cli import CLIError
-from ..config import FNAConfig
+from ..config import MAX_SEED, FNAConfig
 
 # task -> module implementing it; each exposes MODEL_KIND, load_data(settings) -> TaskData and
 # run_task(runner, data) -> TaskOutcome
@@ -79,6 +79,10 @@ class EvalSettings:
                 raise CLIError(f"{name} must be a positive integer, got {value}")
         if self.batch_size < 1:
             raise CLIError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise CLIError(f"num_workers must be >= 0 (0 loads data in the main process), got {self.num_workers}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise CLIError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
         if "{}" not in self.prompt:
             raise CLIError(f"the zero-shot prompt must contain '{{}}' where the class name goes, got {self.prompt!r}")
 
