@@ -7,8 +7,10 @@ Attention modules of Transformers carry no layer index, so each model is *planne
 that dispatches through `AttentionInterface` is mapped to its tower (the modules sharing one config) and to its
 layer index (its position in the tower's layer list). `FNAConfig.apply` plans explicitly; a model loaded with
 `from_pretrained(..., attn_implementation="fna")` is planned on its first forward pass, from the outermost module
-found on the call stack. Plans live in a weak mapping keyed by module, so two models never share state, and a
-deep-copied model is planned anew.
+found on the call stack. Each attention module holds its own plan (an attribute, not a global table keyed by module:
+`torch.compile` guards on what the traced code reads, and guards into a global weak mapping break when another model
+is garbage-collected). Copies and pickles of a model carry no plan, so two models never share state, and a
+deep-copied or reloaded model is planned anew.
 
 Landmarks are chosen at the first FNA layer of a forward pass and reused by the later FNA layers of the same pass
 (unless `resample_every_layer`). That per-pass state is thread-local, with the tower's last selection as a
@@ -17,10 +19,10 @@ fallback for the autograd thread that recomputes checkpointed layers.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +58,7 @@ class TowerPlan:
     """FNA settings of one tower, resolved against its depth, plus its per-forward-pass landmark state."""
 
     settings: FNAConfig
-    source: Any  # the `fna_config` value the plan was built from, to notice later changes
+    source: Any  # a copy of the `fna_config` value the plan was built from, to notice later changes, in place too
     num_layers: int
     fna_layers: frozenset[int]
     first_fna_layer: int
@@ -92,7 +94,59 @@ class LayerPlan:
         return self.index in self.tower.fna_layers
 
 
-_PLANS: weakref.WeakKeyDictionary[nn.Module, LayerPlan] = weakref.WeakKeyDictionary()
+_PLAN_ATTRIBUTE = "_hf_fna_plan"
+
+
+class _PlanSlot:
+    """Holds the `LayerPlan` of one attention module; a copied or unpickled module gets an empty slot.
+
+    The plan holds thread-local state and hook handles that cannot be copied, and a copy must not write into the
+    original's state: it is planned anew on its first forward pass.
+    """
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: LayerPlan | None = None) -> None:
+        self.plan = plan
+
+    def __deepcopy__(self, memo: dict) -> _PlanSlot:
+        return _PlanSlot()
+
+    def __copy__(self) -> _PlanSlot:
+        return _PlanSlot()
+
+    def __reduce__(self) -> tuple:
+        return (_PlanSlot, ())
+
+
+class _ModulePlans:
+    """The plans of attention modules, stored on the modules themselves (see the module docstring)."""
+
+    def get(self, module: nn.Module) -> LayerPlan | None:
+        slot = module.__dict__.get(_PLAN_ATTRIBUTE)
+        return None if slot is None else slot.plan
+
+    def __contains__(self, module: nn.Module) -> bool:
+        return self.get(module) is not None
+
+    def __getitem__(self, module: nn.Module) -> LayerPlan:
+        plan = self.get(module)
+        if plan is None:
+            raise KeyError(module)
+        return plan
+
+    def __setitem__(self, module: nn.Module, plan: LayerPlan) -> None:
+        setattr(module, _PLAN_ATTRIBUTE, _PlanSlot(plan))
+
+    def pop(self, module: nn.Module, default: Any = None) -> LayerPlan | None:
+        plan = self.get(module)
+        if plan is None:
+            return default
+        module.__dict__[_PLAN_ATTRIBUTE].plan = None
+        return plan
+
+
+_PLANS = _ModulePlans()
 _PLAN_LOCK = threading.Lock()
 _DISPATCHING_CLASSES: dict[type, bool] = {}
 
@@ -116,14 +170,18 @@ def _layer_index(name: str) -> int | None:
 
 
 def _tower_plan(tower_config: Any) -> TowerPlan:
-    settings = FNAConfig.from_model_config(tower_config)
-    num_layers = int(tower_config.num_hidden_layers)
-    fna_layers = frozenset(resolve_layers(settings.layers, num_layers))
+    """Resolve a tower config's `fna_config` against its depth; raises `ValueError` naming the config."""
+    try:
+        settings = FNAConfig.from_model_config(tower_config)
+        num_layers = int(tower_config.num_hidden_layers)
+        fna_layers = frozenset(resolve_layers(settings.layers, num_layers))
+        detect_layer, from_layer = _masking_layers(settings, num_layers)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
     special = settings.num_special_tokens
-    detect_layer, from_layer = _masking_layers(settings, num_layers)
     return TowerPlan(
         settings=settings,
-        source=getattr(tower_config, "fna_config", None),
+        source=copy.deepcopy(getattr(tower_config, "fna_config", None)),
         num_layers=num_layers,
         fna_layers=fna_layers,
         first_fna_layer=min(fna_layers, default=num_layers),
@@ -157,11 +215,21 @@ def _masking_layers(settings: FNAConfig, num_layers: int) -> tuple[int, int]:
     return detect_layer, from_layer
 
 
-def _add_norm_gap_hook(tower: TowerPlan, block: nn.Module) -> None:
-    """Flag massive tokens from the residual stream entering the detection layer (a forward pre-hook)."""
-    masking = tower.settings.masking
+class NormGapDetector:
+    """Forward pre-hook of the detection block: flags massive tokens from the residual stream entering it.
 
-    def detect(_block: nn.Module, args: tuple, kwargs: dict) -> None:
+    It holds no state: the tower plan is looked up on the block's attention module at call time, so the hook pickles
+    with the model (`torch.save(model)`) and a deep copy's hook writes into the copy's plan, never the original's.
+    """
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        plan = next((p for p in map(_PLANS.get, block.modules()) if p is not None), None)
+        if plan is None:  # a copy not planned yet: its first attention call plans it, and this hook runs next pass
+            return
+        tower = plan.tower
+        masking = tower.settings.masking
+        if not masking.enabled or masking.detect != "norm_gap" or plan.index != tower.detect_layer:
+            return
         hidden_states = args[0] if args else kwargs["hidden_states"]
         tower.store_flags(
             detect_massive_tokens(
@@ -172,40 +240,46 @@ def _add_norm_gap_hook(tower: TowerPlan, block: nn.Module) -> None:
             )
         )
 
-    tower.hooks.append(block.register_forward_pre_hook(detect, with_kwargs=True))
+
+def _add_norm_gap_hook(tower: TowerPlan, block: nn.Module) -> None:
+    """Register a `NormGapDetector` on `block` unless it has one (a copied or unpickled model keeps its own)."""
+    if any(isinstance(hook, NormGapDetector) for hook in block._forward_pre_hooks.values()):
+        return
+    tower.hooks.append(block.register_forward_pre_hook(NormGapDetector(), with_kwargs=True))
 
 
 def plan_model(root: nn.Module) -> int:
     """Map every attention module under `root` whose tower runs `fna` to its tower plan and layer index.
 
-    Returns the number of attention modules planned. Raises `ValueError` for out-of-range layer indices.
+    Returns the number of attention modules planned. Raises `ValueError` naming the config for an invalid
+    `fna_config` (out-of-range layers included), before any plan of `root` changes.
     """
     towers: dict[int, TowerPlan] = {}
-    planned = 0
+    layers: list[tuple[str, nn.Module, TowerPlan, int]] = []
+    for name, module in root.named_modules():  # resolve every tower first: a bad config changes nothing
+        config = getattr(module, "config", None)
+        if config is None or getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+            continue
+        if not dispatches_through_interface(module):
+            continue
+        index = _layer_index(name)
+        if index is None:
+            continue
+        if id(config) not in towers:
+            towers[id(config)] = _tower_plan(config)
+        layers.append((name, module, towers[id(config)], index))
     with _PLAN_LOCK:
         for module in root.modules():
             previous = _PLANS.pop(module, None)
             if previous is not None:
                 for hook in previous.tower.hooks:
                     hook.remove()
-        for name, module in root.named_modules():
-            config = getattr(module, "config", None)
-            if config is None or getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
-                continue
-            if not dispatches_through_interface(module):
-                continue
-            index = _layer_index(name)
-            if index is None:
-                continue
-            if id(config) not in towers:
-                towers[id(config)] = _tower_plan(config)
-            tower = towers[id(config)]
+        for name, module, tower, index in layers:
             _PLANS[module] = LayerPlan(tower, index)
-            planned += 1
             masking = tower.settings.masking
             if masking.enabled and masking.detect == "norm_gap" and index == tower.detect_layer:
                 _add_norm_gap_hook(tower, root.get_submodule(_block_name(name)))
-    return planned
+    return len(layers)
 
 
 def _block_name(attention_name: str) -> str:
@@ -215,9 +289,28 @@ def _block_name(attention_name: str) -> str:
     return ".".join(parts[: last_index + 1])
 
 
-def _plan_for(module: nn.Module) -> LayerPlan:
+def _current_plan(module: nn.Module) -> LayerPlan | None:
     plan = _PLANS.get(module)
-    if plan is not None and plan.tower.source is getattr(module.config, "fna_config", None):
+    # By value: `config.fna_config["num_landmarks"] = 32` edits the dict in place, and must take effect too.
+    if plan is not None and plan.tower.source == getattr(module.config, "fna_config", None):
+        return plan
+    return None
+
+
+def _plan_for(module: nn.Module) -> LayerPlan:
+    plan = _current_plan(module)
+    return plan if plan is not None else _plan_from_call_stack(module)
+
+
+@torch.compiler.disable
+def _plan_from_call_stack(module: nn.Module) -> LayerPlan:
+    """Plan the model running `module` (found on the call stack).
+
+    Run eagerly: Dynamo cannot trace the frame walk, and a graph traced before the model was planned calls this for
+    every layer, so a plan made by an earlier layer of the same pass is reused, not rebuilt.
+    """
+    plan = _current_plan(module)
+    if plan is not None:
         return plan
     root = _outermost_caller_module(module)
     if root is None or plan_model(root) == 0 or module not in _PLANS:
@@ -334,6 +427,9 @@ def fna_attention_forward(
     if use_fna and valid is not None:
         # A padded sample with fewer real tokens than landmarks would need duplicate landmarks: run exact attention.
         use_fna = int(valid.sum(dim=-1).min()) >= settings.num_landmarks
+    if plan.runs_fna and not use_fna and plan.index == plan.tower.first_fna_layer:
+        # This pass selects no landmarks: `last_landmarks` must not report an earlier pass's.
+        plan.tower.local.landmarks = plan.tower.last_landmarks = None
 
     flagged = _flags_for(plan, query, key, scaling, key_bias, valid)
     intervention = settings.masking.mode if flagged is not None else "none"
@@ -455,7 +551,10 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
             "`fna` backend cannot run in it; supported: ViT, DeiT, DINOv2 (with registers), CLIP, SigLIP, LLaVA-style "
             "vision towers and other models whose attention calls `ALL_ATTENTION_FUNCTIONS.get_interface`."
         )
-    resolve_layers(settings.layers, int(tower_config.num_hidden_layers))  # raises on out-of-range indices
+    # Everything is checked before the model changes: a failed apply leaves no half-applied model behind.
+    num_layers = int(tower_config.num_hidden_layers)
+    resolve_layers(settings.layers, num_layers)
+    _masking_layers(settings, num_layers)
     tower_config.fna_config = settings.to_dict()
     if tower is None:
         model.set_attn_implementation(ATTENTION_NAME)
