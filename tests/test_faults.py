@@ -11,9 +11,11 @@ import gc
 import io
 import json
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model
 
 import hf_fna
@@ -204,3 +206,179 @@ def test_seed_range_is_what_torch_generator_accepts():
 def test_masking_thresholds_must_be_finite_and_non_negative(name, value):
     with pytest.raises(ValueError, match=rf"FNAConfig.masking.{name}=.* expected a finite number >= 0"):
         MaskingConfig(**{name: value})
+
+
+# --- item 1: settings that cannot work ---------------------------------------------------------------------------
+
+
+def test_pinv_iterations_is_bounded_and_warns_outside_the_measured_range():
+    with pytest.raises(ValueError, match=r"FNAConfig.pinv_iterations=100 is invalid; expected an integer in \[1, 20\]"):
+        FNAConfig(pinv_iterations=100)
+    for iterations in (3, 6, 10):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            FNAConfig(pinv_iterations=iterations)
+    for iterations in (1, 12, 20):
+        with pytest.warns(UserWarning, match=f"pinv_iterations={iterations} is outside the recommended 3-10"):
+            FNAConfig(pinv_iterations=iterations)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"pinv_iterations=100 is invalid"):
+        hf_fna.fna_attention(q, k, v, num_landmarks=8, pinv_iterations=100)
+
+
+def test_many_newton_iterations_converge_to_the_exact_pseudo_inverse():
+    # Why more iterations are not better: Newton-Schulz tends to the exact pseudo-inverse of the landmark kernel,
+    # the mode that fails with m < N, while the default 6 stays a regularised inverse far from it.
+    q, k, _ = qkv(tokens=64)
+    kernel = (q[:, :, :16] @ k[:, :, :16].transpose(-1, -2) * 2.0).softmax(-1).double()
+    exact = torch.linalg.pinv(kernel)
+
+    def distance(iterations: int) -> float:
+        return float((hf_fna.newton_schulz_pinv(kernel, iterations) - exact).norm() / exact.norm())
+
+    assert distance(6) > 0.5
+    assert distance(20) < distance(12) < distance(6)
+    assert distance(40) < 1e-6
+
+
+def test_reference_mode_refuses_fewer_landmarks_than_tokens_and_training():
+    q, k, v = qkv()
+    with pytest.raises(hf_fna.nystrom.ReferenceModeError, match="needs every unmasked token as a landmark"):
+        hf_fna.fna_attention(q, k, v, num_landmarks=8, pinv="exact")
+    q.requires_grad_(True)
+    with pytest.raises(hf_fna.nystrom.ReferenceModeError, match="cannot be trained through"):
+        hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
+    with torch.no_grad():
+        got = hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=0)
+
+    model = tiny_dinov2(layers="all", num_landmarks=8, min_tokens=0, pinv="exact")
+    with pytest.raises(ValueError, match="needs every unmasked token as a landmark, got 8 landmarks for 17 tokens"):
+        hidden(model)
+    FNAConfig(layers="all", num_landmarks=17, min_tokens=0, pinv="exact").apply(model)
+    model.train()
+    with pytest.raises(ValueError, match="cannot be trained through"):
+        model(pixel_values=pixels())
+    model.eval()
+    assert hidden(model).isfinite().all()
+
+
+def test_compare_refuses_the_reference_mode_with_fewer_landmarks_than_tokens(tmp_path, capsys):
+    from hf_fna.cli import main
+
+    tiny_dinov2().save_pretrained(tmp_path)
+    capsys.readouterr()
+    argv = ["--model", str(tmp_path), "--resolutions", "32", "--pinv", "exact", "--landmarks", "8", "--min-tokens", "0"]
+    assert main(["compare", *argv]) == 2
+    assert "pass --landmarks 17 or use --pinv newton" in capsys.readouterr().err
+
+
+# --- item 5: the masks of scaled_dot_product_attention -----------------------------------------------------------
+
+
+def qkv(batch: int = 2, heads: int = 3, tokens: int = 12, dim: int = 8):
+    generator = torch.Generator().manual_seed(tokens)
+    return tuple(torch.randn(batch, heads, tokens, dim, generator=generator) for _ in range(3))
+
+
+def _keep(batch: int, tokens: int, real: tuple[int, ...]) -> torch.Tensor:
+    keep = torch.zeros(batch, tokens, dtype=torch.bool)
+    for row, count in enumerate(real):
+        keep[row, :count] = True
+    return keep
+
+
+def _masks(batch: int, tokens: int) -> dict[str, torch.Tensor]:
+    """Masks that are the same for every query, in every form SDPA accepts."""
+    keep = _keep(batch, tokens, (9, 7))
+    floats = torch.zeros(batch, 1, 1, tokens).masked_fill(~keep[:, None, None, :], float("-inf"))
+    first = keep[0]
+    return {
+        "2-D [N, N] bool": first[None, :].expand(tokens, tokens),
+        "[1, 1, N, N] bool": first[None, None, None, :].expand(1, 1, tokens, tokens),
+        "[1, 1, 1, N] float": floats[:1],
+        "[N] broadcast as [1, N] float": floats[0, 0],
+        "[B, 1, 1, N] bool": keep[:, None, None, :],
+        "[B, 1, N, N] float -inf": floats.expand(batch, 1, tokens, tokens),
+        "[B, 1, 1, N] float finfo.min": torch.zeros(batch, 1, 1, tokens).masked_fill(~keep[:, None, None, :], -3e38),
+        "3-D [1, N, N] bool": first[None, None, :].expand(1, tokens, tokens),
+        "fully masked sample, bool": _keep(batch, tokens, (0, 7))[:, None, None, :],
+        "fully masked sample, float -inf": torch.zeros(batch, 1, 1, tokens).index_fill(0, torch.tensor([0]), -math.inf),
+        "fully masked sample, float finfo.min": torch.zeros(batch, 1, 1, tokens).index_fill(
+            0, torch.tensor([0]), -3e38
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_masks(2, 12)))
+def test_masks_match_sdpa_side_by_side(case):
+    q, k, v = qkv()
+    mask = _masks(2, 12)[case]
+    tokens = q.shape[2]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = hf_fna.fna_attention(q, k, v, num_landmarks=tokens, attention_mask=mask, pinv="exact")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # Landmarks are chosen among the unmasked keys of each sample.
+    landmarks = hf_fna.fna_attention(q, k, v, num_landmarks=5, attention_mask=mask)
+    assert landmarks.shape == q.shape and landmarks.isfinite().all()
+
+
+def test_fully_masked_rows_are_zero_as_in_sdpa():
+    q, k, v = qkv()
+    masks = _masks(2, 12)
+    for case in ("fully masked sample, bool", "fully masked sample, float -inf"):
+        out = hf_fna.fna_attention(q, k, v, num_landmarks=6, attention_mask=masks[case])
+        assert F.scaled_dot_product_attention(q, k, v, attn_mask=masks[case])[0].abs().max() == 0
+        assert out[0].abs().max() == 0 and out[1].abs().max() > 0
+    # A finite minimum is not a mask to SDPA either: the row attends uniformly (mean of V).
+    out = hf_fna.fna_attention(q, k, v, num_landmarks=12, attention_mask=masks["fully masked sample, float finfo.min"])
+    torch.testing.assert_close(out[0], v[0].mean(dim=-2, keepdim=True).expand_as(v[0]), atol=1e-5, rtol=0)
+
+
+def test_a_causal_2d_mask_is_refused_even_when_batch_equals_tokens():
+    # With B == N a [N, N] causal mask used to be read as a [B, N] padding mask: a silently wrong result.
+    q, k, v = qkv(batch=12)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="varies across queries"):
+        hf_fna.fna_attention(q, k, v, num_landmarks=12, attention_mask=causal, pinv="exact")
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (torch.ones(2, 1, 1, 12, dtype=torch.long), "dtype torch.int64 is not supported"),
+        (torch.ones(12, 12, dtype=torch.int32), "dtype torch.int32 is not supported"),
+        (torch.zeros(12, 12, dtype=torch.float64), "dtype torch.float64 is not supported"),
+        (torch.ones(2, 12, dtype=torch.bool).T.T[:, :5], "not broadcastable"),
+        (torch.ones(3, 1, 1, 12, dtype=torch.bool), "not broadcastable"),
+        (torch.ones(2, 1, 1, 1, 12, dtype=torch.bool), "expected 2 to 4 dimensions"),
+    ],
+)
+def test_masks_sdpa_refuses_are_refused(mask, expected):
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError):  # side by side: SDPA refuses them too
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with pytest.raises(ValueError, match=expected):
+        hf_fna.fna_attention(q, k, v, num_landmarks=6, attention_mask=mask)
+
+
+def test_backend_with_a_mask_broadcast_over_the_batch():
+    # A fresh BEiT's relative position bias is zero, hence the same for every query: a [1, H, N, N] per-key mask.
+    from transformers import BeitConfig, BeitModel
+
+    config = BeitConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        use_relative_position_bias=True,
+    )
+    torch.manual_seed(0)
+    exact = BeitModel(config).eval()
+    model = copy.deepcopy(exact)
+    FNAConfig(layers="all", num_landmarks=17, min_tokens=0, pinv="exact").apply(model)
+    torch.testing.assert_close(hidden(model), hidden(exact), atol=1e-5, rtol=0)
+    FNAConfig(layers="all", num_landmarks=8, min_tokens=0).apply(model)
+    assert hidden(model).isfinite().all() and hf_fna.last_landmarks(model).shape == (2, 8)

@@ -31,7 +31,14 @@ from torch import nn
 
 from .config import FNAConfig, resolve_layers
 from .landmarks import select_landmarks
-from .nystrom import additive_mask, exact_attention, key_bias_from_mask, nystrom_attention, valid_keys
+from .nystrom import (
+    ReferenceModeError,
+    additive_mask,
+    exact_attention,
+    key_bias_from_mask,
+    nystrom_attention,
+    valid_keys,
+)
 from .sinks import attention_probabilities, detect_attention_sinks, detect_massive_tokens
 
 ATTENTION_NAME = "fna"
@@ -421,7 +428,13 @@ def fna_attention_forward(
     plan = _plan_for(module)
     settings = plan.tower.settings
     output_attentions = bool(kwargs.get("output_attentions", False))
-    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
+    if settings.pinv == "exact" and module.training:
+        raise ReferenceModeError(
+            "pinv='exact' is the reference mode and cannot be trained through (its gradients explode); call "
+            "model.eval(), or use pinv='newton' for training."
+        )
+    shape = (*query.shape[:3], key.shape[2])
+    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, shape)
     use_fna = plan.runs_fna and per_key and query.shape[2] >= max(settings.min_tokens, settings.num_landmarks)
     valid = valid_keys(key_bias)
     if use_fna and valid is not None:
@@ -448,9 +461,10 @@ def fna_attention_forward(
             flagged=flagged,
             intervention=intervention,
             return_weights=output_attentions,
+            valid=valid,
         )
     else:
-        bias = key_bias if per_key else additive_mask(attention_mask, query.dtype)
+        bias = key_bias if per_key else additive_mask(attention_mask, query.dtype, shape)
         output, weights = exact_attention(
             query,
             key,

@@ -566,6 +566,20 @@ def _write_outputs(args: argparse.Namespace, report: dict[str, Any], rows: list[
         raise CLIError(f"the table above is complete, but could not write {'; '.join(failures)}")
 
 
+def _check_reference_mode(pair: LoadedPair, resolutions: list[int]) -> None:
+    """`--pinv exact` needs every token a landmark wherever FNA runs: refuse before computing, not mid-run."""
+    settings = pair.settings
+    if settings.pinv != "exact":
+        return
+    for size in resolutions:
+        tokens = (size // pair.patch_size) ** 2 + pair.num_special_tokens
+        if tokens > settings.num_landmarks and tokens >= settings.min_tokens:
+            raise CLIError(
+                f"--pinv exact is the reference mode and needs every token as a landmark: {tokens} tokens at {size} "
+                f"px, --landmarks {settings.num_landmarks}; pass --landmarks {tokens} or use --pinv newton"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_counts(args)
@@ -583,6 +597,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(str(error).splitlines()[0]) from error
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)
+    _check_reference_mode(pair, resolutions)
     inputs = load_inputs(args.photos, args.probe_train, args.probe_test)
     machine = machine_info(device)
 

@@ -11,8 +11,10 @@ which is the Nyström form softmax(Q kp^T) A^+ softmax(qp K^T) V at cost O(N m d
 an exact pseudo-inverse it equals exact attention. A, its pseudo-inverse and vp are computed in float32 whatever
 the model dtype, because the landmark kernel is ill-conditioned.
 
-Key masks: an additive or boolean mask that is the same for every query (padding) is honoured in all three
-softmaxes. Interventions on flagged (massive / artifact) tokens, all O(N):
+Masks follow `scaled_dot_product_attention`: a bool mask (True = attend) or an additive float mask (float32 or the
+query dtype), broadcastable to `[B, H, N, N]` (a 2-D mask is `[N, N]`), and a query whose keys are all masked (False
+or -inf) gets an output of 0. A mask that is the same for every query (padding) is honoured in all three softmaxes.
+Interventions on flagged (massive / artifact) tokens, all O(N):
 - "mask": their logits become -inf (a key bias);
 - "sink": every query's weight on them is zeroed without renormalisation, i.e. their values are zeroed;
 - "sink_keep_self": as "sink", but a flagged token keeps its own weight, added back from its exact diagonal
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import MAX_PINV_ITERATIONS
 from .landmarks import select_landmarks
 
 INTERVENTIONS = ("none", "mask", "sink", "sink_keep_self")
@@ -55,6 +58,12 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
 def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int = 6) -> torch.Tensor:
     """Pseudo-inverse of the landmark kernel A: "newton" (default) or "exact" (`torch.linalg.pinv`)."""
     if method == "newton":
+        valid = isinstance(iterations, int) and not isinstance(iterations, bool)
+        if not valid or not 1 <= iterations <= MAX_PINV_ITERATIONS:
+            raise ValueError(
+                f"pinv_iterations={iterations!r} is invalid; expected an integer in [1, {MAX_PINV_ITERATIONS}] (more "
+                "iterations converge to the exact pseudo-inverse, which fails with fewer landmarks than tokens)."
+            )
         return newton_schulz_pinv(matrix, iterations)
     if method == "exact":
         return torch.linalg.pinv(matrix)
@@ -64,44 +73,94 @@ def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int 
 # --- masks ---------------------------------------------------------------------------------------------------------
 
 
-def additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """An attention mask as an additive float mask broadcastable to `[B, H, Nq, Nk]`.
+class ReferenceModeError(ValueError):
+    """`pinv="exact"` asked to do what the reference mode cannot: fewer landmarks than tokens, or training."""
 
-    Accepts a boolean mask (True = attend), an additive mask, or a `[B, N]` padding mask (1 = keep).
+
+def _mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """`attention_mask` checked with SDPA's rules and viewed as 4-D (leading dimensions of size 1 added)."""
+    mask = attention_mask
+    if mask.dtype != torch.bool and mask.dtype not in (torch.float32, dtype):
+        raise ValueError(
+            f"attention_mask of dtype {mask.dtype} is not supported; as in scaled_dot_product_attention, pass a bool "
+            f"mask (True = attend) or an additive float mask of dtype torch.float32 or {dtype} (convert a 0/1 integer "
+            "mask with mask.bool())."
+        )
+    if not 2 <= mask.dim() <= 4:
+        raise ValueError(
+            f"attention_mask of shape {tuple(mask.shape)} is not supported; expected 2 to 4 dimensions broadcastable "
+            "to [B, H, N, N] (a 2-D mask is [N, N], as in scaled_dot_product_attention)."
+        )
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if shape is not None and any(size not in (1, full) for size, full in zip(mask.shape, shape, strict=True)):
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} is not broadcastable to {tuple(shape)} "
+            "([B, H, N, N]; a 2-D mask is [N, N], as in scaled_dot_product_attention)."
+        )
+    return mask
+
+
+def additive_mask(
+    attention_mask: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+) -> torch.Tensor | None:
+    """An attention mask as a 4-D additive float mask broadcastable to `shape` (`[B, H, Nq, Nk]`).
+
+    Accepts what `scaled_dot_product_attention` accepts: a bool mask (True = attend; False becomes -inf) or an
+    additive float mask; other dtypes (integer 0/1 masks) raise `ValueError`.
     """
     if attention_mask is None:
         return None
-    mask = attention_mask
-    if mask.dim() == 2:
-        mask = mask[:, None, None, :].bool()
+    mask = _mask_4d(attention_mask, dtype, shape)
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
     return mask.to(dtype)
 
 
-def key_bias_from_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
-    """Reduce an attention mask to an additive key bias `[B, 1|H, 1, N]`.
+def key_bias_from_mask(
+    attention_mask: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor | None, bool]:
+    """Reduce an attention mask to an additive key bias `[B, 1|H, 1, N]` (batch and keys expanded to `shape`).
 
     Returns `(bias, ok)`; `ok` is False when the mask differs between queries (a causal or structured mask), which
-    the Nyström path cannot honour: the caller must then run exact attention.
+    the Nyström path cannot honour: the caller must then run exact attention. Masked keys are -inf.
     """
-    mask = additive_mask(attention_mask, dtype)
+    mask = additive_mask(attention_mask, dtype, shape)
     if mask is None:
         return None, True
-    if mask.dim() != 4:
-        return None, False
     if mask.shape[-2] > 1:
         if not bool((mask == mask[..., :1, :]).all()):
             return None, False
         mask = mask[..., :1, :]
+    if shape is not None:  # a mask broadcast over the batch or the keys still needs one row per sample and key
+        mask = mask.expand(shape[0], -1, -1, shape[-1])
     return mask, True
 
 
 def valid_keys(key_bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`[B, N]` bool of keys not masked out for any head: padding never becomes a landmark."""
+    """`[B, N]` bool of keys not masked out for any head: padding never becomes a landmark.
+
+    Masked means far below the sample's largest bias (-inf, or a float mask's large negative value); in a row where
+    every key carries the same finite minimum nothing is masked, since SDPA then attends uniformly.
+    """
     if key_bias is None:
         return None
-    return (key_bias > torch.finfo(key_bias.dtype).min / 2).all(dim=1)[:, 0, :]
+    bias = key_bias.float()
+    threshold = bias.amax(dim=-1, keepdim=True) + torch.finfo(key_bias.dtype).min / 2  # -inf for such a row
+    return (bias > threshold).all(dim=1)[:, 0, :]
+
+
+def _dead_queries(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`[..., 1]` bool of queries whose keys are all masked out (-inf): SDPA returns 0 for them."""
+    return None if bias is None else torch.isneginf(bias).all(dim=-1, keepdim=True)
+
+
+def _finite(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """-inf entries raised to the dtype's minimum, so that a fully masked query yields no NaN on the way."""
+    return None if bias is None else bias.clamp_min(torch.finfo(bias.dtype).min)
+
+
+def _zero_dead(tensor: torch.Tensor | None, dead: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor if tensor is None or dead is None else tensor.masked_fill(dead, 0.0)
 
 
 def _flag_bias(flagged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,7 +246,8 @@ def exact_attention(
     Uses `scaled_dot_product_attention` unless `return_weights` asks for the (quadratic) attention matrix.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    value_used, bias = _prepare_intervention(value, key_bias, flagged, intervention)
+    dead = _dead_queries(key_bias)
+    value_used, bias = _prepare_intervention(value, _finite(key_bias), flagged, intervention)
     weights = None
     if return_weights:
         logits = scale * query.float() @ key.float().transpose(-1, -2)
@@ -201,12 +261,12 @@ def exact_attention(
                 weights = weights + torch.diag_embed(torch.diagonal(kept, dim1=-2, dim2=-1))
         weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
         output = (weights @ value.float()).to(value.dtype)
-        return output, weights.to(query.dtype)
+        return _zero_dead(output, dead), _zero_dead(weights.to(query.dtype), dead)
     output = F.scaled_dot_product_attention(query, key, value_used, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     if flagged is not None and intervention == "sink_keep_self":
         positions, _, correction = _keep_self_correction(query, key, value, bias, flagged, scale)
         output = _add_at(output, positions, correction)
-    return output, weights
+    return _zero_dead(output, dead), weights
 
 
 def nystrom_attention(
@@ -222,8 +282,12 @@ def nystrom_attention(
     flagged: torch.Tensor | None = None,
     intervention: str = "none",
     return_weights: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Nyström attention `[B, H, N, d]` given landmark indices `[B, m]` (shared by all heads of a sample).
+
+    `valid` (`[B, N]` bool of unmasked keys) defaults to `valid_keys(key_bias)`; masked or repeated landmarks take no
+    part, so a sample with fewer unmasked tokens than landmarks is still handled exactly where that is possible.
 
     Flagged tokens handled by an intervention should be among the landmarks (`fna_attention` and the Transformers
     backend make them so): their columns then act through the landmark kernel exactly as in exact attention.
@@ -232,6 +296,10 @@ def nystrom_attention(
     """
     head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
+    if valid is None and key_bias is not None:
+        valid = valid_keys(key_bias)  # in the mask's own dtype, before any float64 cast blurs its minimum
+    if pinv == "exact":
+        check_reference_mode(query, key, value, landmarks, valid)
     if pinv == "exact" and query.dtype != torch.float64:
         # The reference mode: the whole chain in float64, so that with every token a landmark the (ill-conditioned)
         # kernel still reproduces exact attention.
@@ -245,18 +313,30 @@ def nystrom_attention(
             flagged=flagged,
             intervention=intervention,
             return_weights=return_weights,
+            valid=valid,
         )
         return output.to(query.dtype), None if weights is None else weights.to(query.dtype)
-    value_used, bias = _prepare_intervention(value, key_bias, flagged, intervention)
+    dead = _dead_queries(key_bias)
+    value_used, bias = _prepare_intervention(value, _finite(key_bias), flagged, intervention)
 
     q_land, k_land = _take_tokens(query, landmarks), _take_tokens(key, landmarks)
     bias_land = None if bias is None else bias.gather(3, landmarks[:, None, None, :].expand(*bias.shape[:3], -1))
+    # A sample with fewer unmasked tokens than landmarks gets masked or repeated landmarks (selection pads with
+    # them). Each must not act at all: as a key its column is masked, as a landmark query its row of the kernel and of
+    # the landmark attention is dropped. With every unmasked token a landmark the result is then exact attention.
+    rows = None
+    if valid is not None:
+        usable = valid.gather(1, landmarks) & _first_occurrences(landmarks, key.shape[2])
+        rows = usable[:, None, :, None]
+        bias_land = _merge_bias(bias_land, _flag_bias(~usable, query.dtype))
 
     precise = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 in the reference mode
     logits = scale * q_land.to(precise) @ k_land.to(precise).transpose(-1, -2)
     if bias_land is not None:
         logits = logits + bias_land.to(precise)
     kernel = logits.softmax(dim=-1)
+    if rows is not None:
+        kernel = kernel * rows
     kernel_pinv = landmark_pinv(kernel, pinv, pinv_iterations)
 
     # Steps 4 and 6 are skinny attentions (m queries over N keys, N queries over m keys): SDPA computes them without
@@ -264,6 +344,7 @@ def nystrom_attention(
     # backend transposes to, so that its `transpose(1, 2).contiguous()` copies nothing. (A per-sample bmm + softmax
     # path was measured on 2 CPU threads, H=6, d=64, m=64: 1.4x slower at N=1025 and 1.1-1.2x slower at N=4097.)
     landmark_output = F.scaled_dot_product_attention(q_land, key, value_used, attn_mask=bias, scale=scale)
+    landmark_output = landmark_output if rows is None else landmark_output * rows
     v_land = kernel_pinv @ landmark_output.to(precise)
     output = F.scaled_dot_product_attention(
         query, k_land, v_land.to(query.dtype), attn_mask=bias_land, dropout_p=dropout_p, scale=scale
@@ -274,14 +355,50 @@ def nystrom_attention(
 
     weights = None
     if return_weights:
-        weights = _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale)
+        weights = _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale, rows)
         if flagged is not None and intervention in ("sink", "sink_keep_self"):
             kept = weights * flagged[:, None, None, :]
             weights = weights - kept
             if intervention == "sink_keep_self":
                 weights = weights + torch.diag_embed(torch.diagonal(kept, dim1=-2, dim2=-1))
         weights = weights.to(query.dtype)
-    return output, weights
+    return _zero_dead(output, dead), _zero_dead(weights, dead)
+
+
+def check_reference_mode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    landmarks: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> None:
+    """Refuse what `pinv="exact"` cannot do: it reproduces exact attention only with every unmasked token a landmark,
+    and only without gradients.
+
+    Raises:
+        ReferenceModeError: fewer landmarks than unmasked tokens (the exact pseudo-inverse of a partial landmark
+            kernel is not an approximation of attention), or a pass that records gradients (through the
+            ill-conditioned kernel they explode).
+    """
+    tokens = key.shape[2] if valid is None else int(valid.sum(dim=-1).max())
+    if landmarks.shape[-1] < tokens:
+        raise ReferenceModeError(
+            f"pinv='exact' is the reference mode: it needs every unmasked token as a landmark, got "
+            f"{landmarks.shape[-1]} landmarks for {tokens} tokens; use pinv='newton' to approximate attention."
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise ReferenceModeError(
+            "pinv='exact' cannot be trained through: gradients through the exact pseudo-inverse of the "
+            "ill-conditioned landmark kernel explode; use pinv='newton', or run the reference under torch.no_grad()."
+        )
+
+
+def _first_occurrences(landmarks: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """`[B, m]` bool: True where a landmark index appears for the first time in its row."""
+    positions = torch.arange(landmarks.shape[1], device=landmarks.device).expand_as(landmarks)
+    first = torch.full((landmarks.shape[0], num_tokens), landmarks.shape[1], device=landmarks.device)
+    first = first.scatter_reduce(1, landmarks, positions, reduce="amin")
+    return first.gather(1, landmarks) == positions
 
 
 def _take_tokens(states: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
@@ -297,7 +414,7 @@ def _take_tokens(states: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
     return states.gather(2, index)
 
 
-def _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale) -> torch.Tensor:
+def _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale, rows=None) -> torch.Tensor:
     """The approximate attention matrix softmax(Q kp^T) A^+ softmax(qp K^T), `[B, H, N, N]`."""
     precise = kernel_pinv.dtype
     left = scale * query.to(precise) @ k_land.to(precise).transpose(-1, -2)
@@ -305,7 +422,8 @@ def _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, s
     if bias is not None:
         left = left + bias_land.to(precise)
         right = right + bias.to(precise)
-    return left.softmax(-1) @ kernel_pinv @ right.softmax(-1)
+    right = right.softmax(-1)
+    return left.softmax(-1) @ kernel_pinv @ (right if rows is None else right * rows)
 
 
 def fna_attention(
@@ -334,8 +452,10 @@ def fna_attention(
     Args:
         query, key, value: `[B, H, N, d]`.
         num_landmarks: landmarks per sample; with `num_landmarks >= N` every token is a landmark.
-        attention_mask: optional boolean (True = attend) or additive mask broadcastable to `[B, H, N, N]` that is
-            the same for every query (a padding mask); padded keys never become landmarks.
+        attention_mask: optional mask with the rules of `scaled_dot_product_attention`: bool (True = attend) or
+            additive float (float32 or the query dtype), broadcastable to `[B, H, N, N]` (2-D is `[N, N]`); it must
+            be the same for every query (a padding mask). Masked keys never become landmarks; a query whose keys are
+            all masked (False or -inf) gets 0, as in SDPA.
         scale: softmax scale, `d ** -0.5` by default.
         dropout_p: attention dropout (pass 0.0 at evaluation).
         sampling: "fps" or "random".
@@ -351,7 +471,9 @@ def fna_attention(
         `[B, H, N, d]`.
 
     Raises:
-        ValueError: a mask that differs between queries (e.g. causal), or a bad option value.
+        ValueError: a mask that differs between queries (e.g. causal), a mask SDPA would refuse (integer dtype, a
+            shape not broadcastable to `[B, H, N, N]`), or a bad option value; `ReferenceModeError` for
+            `pinv="exact"` with fewer landmarks than unmasked tokens or with gradients.
     """
     if query.dim() != 4 or key.shape != query.shape[:3] + key.shape[3:] or value.shape[:3] != key.shape[:3]:
         raise ValueError(
@@ -360,7 +482,7 @@ def fna_attention(
         )
     if sampling_features not in ("q", "k"):
         raise ValueError(f"sampling_features={sampling_features!r} is not supported here; accepted values: q, k.")
-    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
+    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, (*query.shape[:3], key.shape[2]))
     if not per_key:
         raise ValueError(
             "fna_attention supports masks that are the same for every query (padding masks); got a mask of shape "

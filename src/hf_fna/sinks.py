@@ -158,7 +158,7 @@ def attention_probabilities(
     keys = key.float().transpose(-1, -2)
     for start in range(0, tokens, chunk_size):
         logits = scale * query[:, :, start : start + chunk_size].float() @ keys
-        if key_bias is not None:
-            logits = logits + key_bias.float()
+        if key_bias is not None:  # -inf raised to the minimum: a fully masked sample gets no NaN
+            logits = logits + key_bias.float().clamp_min(torch.finfo(torch.float32).min)
         probs[:, start : start + chunk_size] = logits.softmax(dim=-1).mean(dim=1)
     return probs

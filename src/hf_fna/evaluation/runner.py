@@ -20,6 +20,7 @@ import torch
 
 from ..cli import CLIError
 from ..config import FNAConfig, resolve_layers
+from ..nystrom import ReferenceModeError
 from ..outputs import OutputPathError, check_output_file
 from .modeling import (
     EXACT,
@@ -264,7 +265,10 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
         data = task.load_data(settings)
         model, processor = load_model(settings.model, task.MODEL_KIND, settings.task)
     runner = Runner(settings, model, processor, fna)
-    outcome: TaskOutcome = task.run_task(runner, data)
+    try:
+        outcome: TaskOutcome = task.run_task(runner, data)
+    except ReferenceModeError as error:  # pinv="exact" from --fna-config with fewer landmarks than tokens
+        raise CLIError(str(error)) from None
     result = build_result(settings, runner, outcome)
     error = None
     if runner.accelerator.is_main_process:
