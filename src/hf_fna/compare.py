@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .cli import CLIError
-from .config import FNAConfig, parse_layers, resolve_layers
+from .config import SAMPLING_METHODS, FNAConfig, parse_layers, resolve_layers
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
 # The defaults keep a no-argument run short on 2 CPU cores (an exact 896 px pass costs about 3 s per image there).
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--landmarks", type=int, help="landmarks per image (num_landmarks)")
     parser.add_argument("--min-tokens", type=int, help="sequences shorter than this run exact attention")
     parser.add_argument("--pinv", choices=("newton", "exact"), help="pseudo-inverse of the landmark kernel")
-    parser.add_argument("--sampling", choices=("fps", "random"), help="landmark sampling")
+    parser.add_argument("--sampling", choices=SAMPLING_METHODS, help="landmark sampling")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")

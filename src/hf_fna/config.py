@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 FNA_CONFIG_NAME = "fna_config.json"
 
-SAMPLING_METHODS = ("fps", "random")
+SAMPLING_METHODS = ("fps", "random", "quickfps")
 SAMPLING_FEATURES = ("q", "k", "hidden")
 PINV_METHODS = ("newton", "exact")
 MASKING_MODES = ("none", "mask", "sink", "sink_keep_self")
@@ -179,7 +179,8 @@ class FNAConfig:
             "6:" or "-4:", "all", "none" (exact attention everywhere, e.g. masking only) or "auto" (the default
             schedule: FNA in the second half of the layers).
         num_landmarks: landmark tokens per image (m). Cost is O(N m d) instead of O(N^2 d).
-        sampling: "fps" (farthest point sampling, picks outlier tokens first) or "random" (seeded; the ablation).
+        sampling: "fps" (farthest point sampling, picks outlier tokens first), "random" (seeded; the ablation) or
+            "quickfps" (the paper's sampler: FPS by the `torch-quickfps` package over the non-special tokens).
         sampling_features: what FPS measures distances on: "q" (mean over heads of the queries, the reference
             default), "k" (mean of the keys) or "hidden" (the layer's normalised input hidden state, recovered
             exactly from the value projection).
@@ -199,7 +200,7 @@ class FNAConfig:
 
     layers: str | list[int] = "auto"
     num_landmarks: int = 64
-    sampling: Literal["fps", "random"] = "fps"
+    sampling: Literal["fps", "random", "quickfps"] = "fps"
     sampling_features: Literal["q", "k", "hidden"] = "q"
     resample_every_layer: bool = False
     pinv: Literal["newton", "exact"] = "newton"
