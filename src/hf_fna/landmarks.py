@@ -49,13 +49,11 @@ def farthest_point_sampling(
         valid: optional `[B, N]` bool, tokens that may be picked (False for padding).
         seed_with_guaranteed: whether the guaranteed tokens count as landmarks in the distances (the default): the
             first free pick is then the token farthest from CLS and registers. False runs FPS over the other tokens
-            alone and prepends the guaranteed ones, as the paper's code does. Chosen by measurement: on the real
-            DINOv2-small (layers 6-11, m=64, 9 tuning photos) seeding held the worst photo's patch cosine at 0.947
-            (518 px) and 0.952 (896 px) against 0.932 and 0.913 unseeded, at the same mean (README, Benchmarks).
+            alone and prepends the guaranteed ones, as the paper's code does. Seeding is the default because it kept
+            the worst tuning photo more faithful at the same mean (README, "Landmark sampler").
         start: the first pick when nothing seeds the distances (no guaranteed token, or `seed_with_guaranteed=False`):
             `"first"`, the lowest-index eligible token (the paper's sampler; deterministic and cheap), or
-            `"centroid"`, the token farthest from the centroid (no better on the tuning photos: worst photo 0.878
-            at 896 px).
+            `"centroid"`, the token farthest from the centroid (it did no better on the tuning photos).
         implementation: `"numpy"` (a per-sample loop, fastest on CPU), `"torch"` (a batched loop of tensor ops on
             the features' device, no host synchronisation), `"quickfps"` (the `torch-quickfps` package, if
             installed), or `"auto"`: NumPy on CPU, torch elsewhere and under `torch.compile`. All give the same
