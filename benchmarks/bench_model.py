@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="PATH", help="PNG of speed-up against patch cosine")
     args = parser.parse_args(argv)
 
-    from hf_fna.compare import flop_bound
-    from hf_fna.config import FNAConfig, parse_layers, resolve_layers
+    from hf_fna.compare import schedule_flop_bound
+    from hf_fna.config import FNAConfig, parse_layers
 
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
@@ -261,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
                         reference = hidden if reference is None else reference
                         exact_rate = result["images_per_s"]  # speed-ups are against exact in the same mode
                     tokens = result["tokens"]
-                    runs = schedule != "none" and tokens >= max(min_tokens, landmarks or 0)
-                    fna_layers = resolve_layers(parse_layers(schedule), 12) if runs else []
+                    settings = FNAConfig(
+                        layers=parse_layers(schedule), num_landmarks=landmarks or 1, min_tokens=min_tokens
+                    )
+                    per_layer = settings.landmarks_per_layer(12, tokens)
+                    fna_layers = [i for i, m in enumerate(per_layer) if m is not None]
                     patch_cos, worst_cos, cls_cos = fidelity(hidden, reference)
                     row = {
                         **spec,
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         "worst_photo_patch_cosine": worst_cos,
                         "cls_cosine": cls_cos,
                         "speedup": result["images_per_s"] / exact_rate,
-                        "flop_bound": flop_bound(tokens, 384, 12, len(fna_layers), landmarks or 1),
+                        "flop_bound": schedule_flop_bound(tokens, 384, 6, per_layer),
                     }
                     del row["output"]
                     rows.append(row)

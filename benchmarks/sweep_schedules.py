@@ -26,7 +26,7 @@ from common import command_line, machine_info, write_results
 from tqdm.auto import tqdm
 
 import hf_fna
-from hf_fna.compare import flop_bound
+from hf_fna.compare import schedule_flop_bound
 from hf_fna.config import parse_layers, resolve_layers
 
 SCHEDULES_64 = [f"{first}:" for first in range(12)] + ["0:2", "0:3", "0:4", "0,1,11", "0,1,10,11", "0,1,2,10,11"]
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = rows[0]["tokens"]
     for r in rows:  # computed here for resumed rows too, so that every row follows the current cost model
-        r["flop_bound"] = flop_bound(r["tokens"], 384, 12, len(r["fna_layers"]), r["landmarks"])
+        settings = hf_fna.FNAConfig(layers=parse_layers(r["schedule"]), num_landmarks=r["landmarks"], **r["options"])
+        r["flop_bound"] = schedule_flop_bound(r["tokens"], 384, 6, settings.landmarks_per_layer(12, r["tokens"]))
     rows.sort(key=lambda r: (r["landmarks"], -r["flop_bound"], -r["patch_cosine"]))
     lines = [
         "| schedule | m | options | FNA layers | FLOP bound | patch cos | worst photo | CLS cos | >= 0.97 |",

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,32 @@ def flop_bound(
     exact = dense + 4 * tokens**2 * width
     fna = dense + 8 * tokens * min(landmarks, tokens) * width
     return num_layers * exact / ((num_layers - fna_layers) * exact + fna_layers * fna)
+
+
+def schedule_flop_bound(
+    tokens: int,
+    width: int,
+    heads: int,
+    landmarks_per_layer: Sequence[int | None],
+    mlp_ratio: float = 4.0,
+    pinv_iterations: int = 6,
+) -> float:
+    """End-to-end speed-up bound of a schedule: `landmarks_per_layer[i]` is the m of layer i, None for exact attention.
+
+    As `flop_bound`, plus what grows with m: the landmark kernel (2 m^2 D) and the Newton-Schulz pseudo-inverse
+    (4 products of m x m matrices per iteration and head: 8 m^3 each), which outweighs the Nyström products at m=256
+    on a 384-wide model.
+    """
+    dense = (8 + 4 * mlp_ratio) * tokens * width**2
+    exact = dense + 4 * tokens**2 * width
+
+    def layer(landmarks: int | None) -> float:
+        if landmarks is None:
+            return exact
+        m = min(landmarks, tokens)
+        return dense + 8 * tokens * m * width + 2 * m * m * width + 8 * pinv_iterations * heads * m**3
+
+    return len(landmarks_per_layer) * exact / sum(layer(m) for m in landmarks_per_layer)
 
 
 # --- machine ----------------------------------------------------------------------------------------------------

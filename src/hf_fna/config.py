@@ -452,6 +452,16 @@ class FNAConfig:
         """The selection groups of a tower with `num_layers` layers (see `layers`); raises on out-of-range layers."""
         return resolve_groups(self.layers, self.num_landmarks, self.resample_every_layer, num_layers)
 
+    def landmarks_per_layer(self, num_layers: int, tokens: int | None = None) -> list[int | None]:
+        """The landmark count of every layer, None where it runs exact attention (for `tokens` tokens, a group
+        falls back to exact attention below `max(min_tokens, its m)`)."""
+        out: list[int | None] = [None] * num_layers
+        for group in self.groups(num_layers):
+            if tokens is None or tokens >= max(self.min_tokens, group.num_landmarks):
+                for layer in group.layers:
+                    out[layer] = group.num_landmarks
+        return out
+
     @classmethod
     def from_model_config(cls, config: Any) -> FNAConfig:
         """The settings a tower config carries (`config.fna_config`), or the defaults when it carries none."""
