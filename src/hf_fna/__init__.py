@@ -11,6 +11,7 @@ Settings come from the `fna_config` dict of the tower's config (as a Hub `config
 """
 
 from .backend import ATTENTION_NAME, fna_attention_forward, last_flagged_tokens, last_landmarks, register
+from .calibration import CalibrationReport, calibrate
 from .config import FNAConfig, MaskingConfig
 from .landmarks import farthest_point_sampling, random_sampling, select_landmarks
 from .nystrom import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
@@ -22,8 +23,10 @@ register()
 
 __all__ = [
     "ATTENTION_NAME",
+    "CalibrationReport",
     "FNAConfig",
     "MaskingConfig",
+    "calibrate",
     "detect_attention_sinks",
     "detect_massive_tokens",
     "exact_attention",

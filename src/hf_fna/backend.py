@@ -12,8 +12,9 @@ found on the call stack. Each attention module holds its own plan (an attribute,
 is garbage-collected). Copies and pickles of a model carry no plan, so two models never share state, and a
 deep-copied or reloaded model is planned anew.
 
-Landmarks are chosen at the first FNA layer of a forward pass and reused by the later FNA layers of the same pass
-(unless `resample_every_layer`). That per-pass state is thread-local, with the tower's last selection as a
+Landmarks are chosen at the first layer of each selection group (by default one group: the first FNA layer of a
+forward pass) and reused by the later layers of that group in the same pass. That per-pass state is thread-local,
+with the tower's last selection of each group as a
 fallback for the autograd thread that recomputes checkpointed layers.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FNAConfig, resolve_layers
+from .config import FNAConfig, LayerGroup, resolve_layers
 from .landmarks import select_landmarks
 from .nystrom import (
     ReferenceModeError,
@@ -67,13 +68,13 @@ class TowerPlan:
     settings: FNAConfig
     source: Any  # a copy of the `fna_config` value the plan was built from, to notice later changes, in place too
     num_layers: int
-    fna_layers: frozenset[int]
-    first_fna_layer: int
+    groups: dict[int, LayerGroup]  # FNA layer -> its selection group
     num_special_tokens: int
     detect_layer: int  # masking: where tokens are flagged (resolved, non-negative)
     from_layer: int  # masking: first layer of the intervention; num_layers when masking is off
     local: threading.local = field(default_factory=threading.local, repr=False)
     last_landmarks: tuple | None = field(default=None, repr=False)
+    last_group_landmarks: dict = field(default_factory=dict, repr=False)
     last_flagged: tuple | None = field(default=None, repr=False)
     hooks: list = field(default_factory=list, repr=False)
 
@@ -97,8 +98,9 @@ class LayerPlan:
     index: int
 
     @property
-    def runs_fna(self) -> bool:
-        return self.index in self.tower.fna_layers
+    def group(self) -> LayerGroup | None:
+        """The selection group of this layer; None where it runs exact attention."""
+        return self.tower.groups.get(self.index)
 
 
 _PLAN_ATTRIBUTE = "_hf_fna_plan"
@@ -181,7 +183,7 @@ def _tower_plan(tower_config: Any) -> TowerPlan:
     try:
         settings = FNAConfig.from_model_config(tower_config)
         num_layers = int(tower_config.num_hidden_layers)
-        fna_layers = frozenset(resolve_layers(settings.layers, num_layers))
+        groups = {layer: group for group in settings.groups(num_layers) for layer in group.layers}
         detect_layer, from_layer = _masking_layers(settings, num_layers)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
@@ -190,8 +192,7 @@ def _tower_plan(tower_config: Any) -> TowerPlan:
         settings=settings,
         source=copy.deepcopy(getattr(tower_config, "fna_config", None)),
         num_layers=num_layers,
-        fna_layers=fna_layers,
-        first_fna_layer=min(fna_layers, default=num_layers),
+        groups=groups,
         num_special_tokens=num_special_tokens(tower_config) if special is None else special,
         detect_layer=detect_layer,
         from_layer=from_layer,
@@ -367,6 +368,7 @@ def _selection_features(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
 def _landmarks_for(
     plan: LayerPlan,
+    group: LayerGroup,
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -375,26 +377,28 @@ def _landmarks_for(
     guaranteed: torch.Tensor | None,
 ) -> torch.Tensor:
     tower, settings = plan.tower, plan.tower.settings
-    # Landmarks are reused within a pass while the shape and the guaranteed (flagged) tokens stay the same.
+    # Landmarks are reused within a group and pass while the shape and the guaranteed (flagged) tokens stay the same.
     shape = (query.shape[0], query.shape[2], query.device, None if guaranteed is None else id(guaranteed))
-    if not settings.resample_every_layer and plan.index != tower.first_fna_layer:
-        cached = getattr(tower.local, "landmarks", None)
+    if not hasattr(tower.local, "landmarks"):
+        tower.local.landmarks = {}
+    if plan.index != group.first_layer:
+        cached = tower.local.landmarks.get(group)
         if cached is None:
-            cached = tower.last_landmarks  # e.g. the autograd thread recomputing a checkpointed layer
+            cached = tower.last_group_landmarks.get(group)  # e.g. the autograd thread recomputing a checkpointed layer
         if cached is not None and cached[0] == shape:
             return cached[1]
     with torch.no_grad():
         features = _selection_features(module, query, key, value, settings.sampling_features)
         landmarks = select_landmarks(
             features,
-            min(settings.num_landmarks, query.shape[2]),
+            min(group.num_landmarks, query.shape[2]),
             method=settings.sampling,
             num_special_tokens=tower.num_special_tokens,
             guaranteed=guaranteed,
             valid=valid,
             seed=settings.seed,
         )
-    tower.local.landmarks = tower.last_landmarks = (shape, landmarks)
+    tower.local.landmarks[group] = tower.last_group_landmarks[group] = tower.last_landmarks = (shape, landmarks)
     return landmarks
 
 
@@ -435,19 +439,22 @@ def fna_attention_forward(
         )
     shape = (*query.shape[:3], key.shape[2])
     key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, shape)
-    use_fna = plan.runs_fna and per_key and query.shape[2] >= max(settings.min_tokens, settings.num_landmarks)
+    group = plan.group
+    use_fna = group is not None and per_key and query.shape[2] >= max(settings.min_tokens, group.num_landmarks)
     valid = valid_keys(key_bias)
     if use_fna and valid is not None:
         # A padded sample with fewer real tokens than landmarks would need duplicate landmarks: run exact attention.
-        use_fna = int(valid.sum(dim=-1).min()) >= settings.num_landmarks
-    if plan.runs_fna and not use_fna and plan.index == plan.tower.first_fna_layer:
-        # This pass selects no landmarks: `last_landmarks` must not report an earlier pass's.
-        plan.tower.local.landmarks = plan.tower.last_landmarks = None
+        use_fna = int(valid.sum(dim=-1).min()) >= group.num_landmarks
+    if group is not None and not use_fna and plan.index == group.first_layer:
+        # This group selects no landmarks in this pass: `last_landmarks` must not report an earlier pass's.
+        getattr(plan.tower.local, "landmarks", {}).pop(group, None)
+        plan.tower.last_group_landmarks.pop(group, None)
+        plan.tower.last_landmarks = None
 
     flagged = _flags_for(plan, query, key, scaling, key_bias, valid)
     intervention = settings.masking.mode if flagged is not None else "none"
     if use_fna:
-        landmarks = _landmarks_for(plan, module, query, key, value, valid, guaranteed=flagged)
+        landmarks = _landmarks_for(plan, group, module, query, key, value, valid, guaranteed=flagged)
         output, weights = nystrom_attention(
             query,
             key,
@@ -567,7 +574,7 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
         )
     # Everything is checked before the model changes: a failed apply leaves no half-applied model behind.
     num_layers = int(tower_config.num_hidden_layers)
-    resolve_layers(settings.layers, num_layers)
+    settings.groups(num_layers)  # raises on out-of-range indices and overlapping groups
     _masking_layers(settings, num_layers)
     tower_config.fna_config = settings.to_dict()
     if tower is None:
