@@ -383,3 +383,10 @@ def test_backend_with_a_mask_broadcast_over_the_batch():
     torch.testing.assert_close(hidden(model), hidden(exact), atol=1e-5, rtol=0)
     FNAConfig(layers="all", num_landmarks=8, min_tokens=0).apply(model)
     assert hidden(model).isfinite().all() and hf_fna.last_landmarks(model).shape == (2, 8)
+    # A trained bias differs between queries: exact attention, with the [1, H, N, N] bias broadcast over the batch.
+    with torch.no_grad():
+        for m in (exact, model):
+            for name, table in m.named_parameters():
+                if name.endswith("relative_position_bias_table"):
+                    table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(hidden(model), hidden(exact), atol=1e-5, rtol=0)
