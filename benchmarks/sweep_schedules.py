@@ -41,7 +41,7 @@ def parse_config(text: str) -> tuple[str, int, dict[str, Any]]:
     options: dict[str, Any] = {}
     for pair in pairs:
         name, value = pair.split("=", 1)
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
+        options[name] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value.lower(), value)
     return schedule, int(landmarks), options
 
 
