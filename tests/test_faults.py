@@ -303,6 +303,8 @@ def _masks(batch: int, tokens: int) -> dict[str, torch.Tensor]:
         "[B, 1, N, N] float -inf": floats.expand(batch, 1, tokens, tokens),
         "[B, 1, 1, N] float finfo.min": torch.zeros(batch, 1, 1, tokens).masked_fill(~keep[:, None, None, :], -3e38),
         "3-D [1, N, N] bool": first[None, None, :].expand(1, tokens, tokens),
+        "per-head [1, H, 1, N] bool": torch.stack([_keep(1, tokens, (n,))[0] for n in (10, 12, 6)])[None, :, None],
+        "one head fully masked, bool": torch.stack([_keep(1, tokens, (n,))[0] for n in (0, 12, 6)])[None, :, None],
         "fully masked sample, bool": _keep(batch, tokens, (0, 7))[:, None, None, :],
         "fully masked sample, float -inf": torch.zeros(batch, 1, 1, tokens).index_fill(0, torch.tensor([0]), -math.inf),
         "fully masked sample, float finfo.min": torch.zeros(batch, 1, 1, tokens).index_fill(

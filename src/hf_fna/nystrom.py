@@ -136,8 +136,9 @@ def key_bias_from_mask(
     return mask, True
 
 
-def valid_keys(key_bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`[B, N]` bool of keys not masked out for any head: padding never becomes a landmark.
+def valid_keys(key_bias: torch.Tensor | None, per_head: bool = False) -> torch.Tensor | None:
+    """`[B, N]` bool of keys not masked out for any head (padding never becomes a landmark); with `per_head`, the
+    `[B, H|1, N]` bool of each head's unmasked keys.
 
     Masked means far below the sample's largest bias (-inf, or a float mask's large negative value); in a row where
     every key carries the same finite minimum nothing is masked, since SDPA then attends uniformly.
@@ -146,7 +147,8 @@ def valid_keys(key_bias: torch.Tensor | None) -> torch.Tensor | None:
         return None
     bias = key_bias.float()
     threshold = bias.amax(dim=-1, keepdim=True) + torch.finfo(key_bias.dtype).min / 2  # -inf for such a row
-    return (bias > threshold).all(dim=1)[:, 0, :]
+    valid = (bias > threshold)[:, :, 0, :]
+    return valid if per_head else valid.all(dim=1)
 
 
 def _dead_queries(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -286,8 +288,9 @@ def nystrom_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Nyström attention `[B, H, N, d]` given landmark indices `[B, m]` (shared by all heads of a sample).
 
-    `valid` (`[B, N]` bool of unmasked keys) defaults to `valid_keys(key_bias)`; masked or repeated landmarks take no
-    part, so a sample with fewer unmasked tokens than landmarks is still handled exactly where that is possible.
+    `valid` (`[B, N]` bool of unmasked keys, or `[B, H|1, N]` per head) defaults to `valid_keys(key_bias,
+    per_head=True)`; masked or repeated landmarks take no part (per head), so a sample with fewer unmasked tokens than
+    landmarks, or a head masking some landmarks, is still handled exactly where that is possible.
 
     Flagged tokens handled by an intervention should be among the landmarks (`fna_attention` and the Transformers
     backend make them so): their columns then act through the landmark kernel exactly as in exact attention.
@@ -297,7 +300,7 @@ def nystrom_attention(
     head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     if valid is None and key_bias is not None:
-        valid = valid_keys(key_bias)  # in the mask's own dtype, before any float64 cast blurs its minimum
+        valid = valid_keys(key_bias, per_head=True)  # in the mask's own dtype, before a float64 cast blurs its minimum
     if pinv == "exact":
         check_reference_mode(query, key, value, landmarks, valid)
     if pinv == "exact" and query.dtype != torch.float64:
@@ -326,9 +329,14 @@ def nystrom_attention(
     # the landmark attention is dropped. With every unmasked token a landmark the result is then exact attention.
     rows = None
     if valid is not None:
-        usable = valid.gather(1, landmarks) & _first_occurrences(landmarks, key.shape[2])
-        rows = usable[:, None, :, None]
-        bias_land = _merge_bias(bias_land, _flag_bias(~usable, query.dtype))
+        heads = valid if valid.dim() == 3 else valid[:, None, :]
+        index = landmarks[:, None, :].expand(heads.shape[0], heads.shape[1], -1)
+        usable = heads.gather(2, index) & _first_occurrences(landmarks, key.shape[2])[:, None, :]  # [B, H|1, m]
+        rows = usable[..., None]
+        unusable = torch.zeros(usable.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~usable, torch.finfo(query.dtype).min
+        )
+        bias_land = _merge_bias(bias_land, unusable[:, :, None, :])
 
     precise = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 in the reference mode
     logits = scale * q_land.to(precise) @ k_land.to(precise).transpose(-1, -2)
@@ -380,7 +388,8 @@ def check_reference_mode(
             kernel is not an approximation of attention), or a pass that records gradients (through the
             ill-conditioned kernel they explode).
     """
-    tokens = key.shape[2] if valid is None else int(valid.sum(dim=-1).max())
+    unmasked = None if valid is None else valid if valid.dim() == 2 else valid.any(dim=1)  # unmasked in some head
+    tokens = key.shape[2] if unmasked is None else int(unmasked.sum(dim=-1).max())
     if landmarks.shape[-1] < tokens:
         raise ReferenceModeError(
             f"pinv='exact' is the reference mode: it needs every unmasked token as a landmark, got "
@@ -497,7 +506,7 @@ def fna_attention(
             method=sampling,
             num_special_tokens=num_special_tokens,
             guaranteed=flagged if intervention != "none" else None,
-            valid=valid_keys(key_bias),
+            valid=None if key_bias is None else valid_keys(key_bias, per_head=True).any(dim=1),
             seed=seed,
         )
     output, _ = nystrom_attention(
