@@ -145,7 +145,7 @@ def test_unusable_cache_is_one_line_in_compare_and_inspect(capsys, monkeypatch, 
     monkeypatch.setenv("HF_FNA_CACHE", str(bad_files["a_file"] / "cache"))
     monkeypatch.delenv("HF_FNA_WHEEL_DIR", raising=False)
     assert "HF_FNA_CACHE" in _one_line_error(capsys, "compare", "--resolutions", "224")
-    assert "HF_FNA_CACHE" in _one_line_error(capsys, "inspect")
+    assert "HF_FNA_CACHE" in _one_line_error(capsys, "inspect", "--out", str(bad_files["a_file"].parent / "figures"))
 
 
 def test_python_dash_m_entry_point_prints_one_line(tiny_dinov2):
@@ -166,8 +166,9 @@ def test_eval_image_size_must_be_a_multiple_of_the_patch(capsys, tiny_dinov2):
 
 
 @pytest.mark.parametrize(("option", "value"), [("--min-gap", "-1"), ("--std-threshold", "-5"), ("--min-gap", "nan")])
-def test_inspect_refuses_negative_or_nan_thresholds(capsys, tiny_dinov2, option, value):
-    assert "finite number >= 0" in _one_line_error(capsys, "inspect", "--model", tiny_dinov2, option, value)
+def test_inspect_refuses_negative_or_nan_thresholds(capsys, tiny_dinov2, tmp_path, option, value):
+    argv = ["--model", tiny_dinov2, "--out", str(tmp_path), option, value]
+    assert "finite number >= 0" in _one_line_error(capsys, "inspect", *argv)
 
 
 # --- output paths: checked first, written atomically, table printed anyway (item 3) ----------------------------------
@@ -196,7 +197,10 @@ def test_output_paths_are_checked_before_computing(capsys, monkeypatch, tiny_din
     assert "cannot write" in _one_line_error(capsys, "eval", *eval_argv)
     for option in ("--json", "--plot"):
         assert "cannot write" in _one_line_error(capsys, "compare", "--model", tiny_dinov2, option, path)
-    assert "cannot write" in _one_line_error(capsys, "inspect", "--model", tiny_dinov2, "--json", path)
+    figures = str(tmp_path / "figures")
+    message = _one_line_error(capsys, "inspect", "--model", tiny_dinov2, "--out", figures, "--json", path)
+    assert "cannot write" in message
+    assert not os.path.exists(figures)  # checked, not created: a failed run leaves no empty folder
     if case == "below a file":
         assert "cannot write" in _one_line_error(capsys, "inspect", "--model", tiny_dinov2, "--out", path)
 

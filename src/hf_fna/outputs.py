@@ -1,9 +1,9 @@
 """Output files of the command line: checked before any compute, written atomically.
 
 A long run must not end in a traceback because its output path was bad, nor leave a truncated file in place of a
-good one. `check_output_file` / `check_output_folder` try the path up front (creating its folder and a probe file);
-`write_atomically` writes through a temporary file in the same folder and `os.replace`, so a reader sees the old file
-or the new one, never a partial one.
+good one. `check_output_file` / `check_output_folder` try the path up front (a probe file in its folder, or in the
+nearest existing one); `write_atomically` writes through a temporary file in the same folder and `os.replace`, so a
+reader sees the old file or the new one, never a partial one.
 """
 
 from __future__ import annotations
@@ -25,10 +25,15 @@ def _first_line(error: BaseException) -> str:
 
 
 def _probe_folder(folder: str, path: str) -> None:
-    """Create `folder` if needed and check that a file can be created in it."""
+    """Check that a file can be created in `folder`, or in its nearest existing ancestor when it does not exist yet
+    (it is created when the file is written, so a run that fails before then leaves no empty folder behind)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputPathError(f"cannot write {path}: {existing} is not a folder")
     try:
-        os.makedirs(folder, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".hf_fna-probe-", dir=folder)
+        handle, probe = tempfile.mkstemp(prefix=".hf_fna-probe-", dir=existing)
         os.close(handle)
         os.remove(probe)
     except OSError as error:
