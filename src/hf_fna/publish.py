@@ -22,11 +22,11 @@ _MEASURED_REQUIRED = ("command", "machine")
 
 # One line per FNAConfig field (and masking sub-field) for the settings table of the card.
 FIELD_DOCS = {
-    "layers": "layers running FNA (others run exact attention)",
-    "num_landmarks": "landmark tokens per image (m); cost O(N m d) instead of O(N^2 d)",
-    "sampling": "landmark selection: farthest point sampling (fps) or seeded random",
+    "layers": "layers running FNA (others run exact attention); `A@m;B@m` groups select their own m landmarks",
+    "num_landmarks": "landmark tokens per image (m) of groups that name none; cost O(N m d) instead of O(N^2 d)",
+    "sampling": "landmark selection: farthest point sampling (fps), the paper's sampler (quickfps) or seeded random",
     "sampling_features": "features FPS measures distances on (q, k or hidden)",
-    "resample_every_layer": "select landmarks in every FNA layer instead of once per forward pass",
+    "resample_every_layer": "select landmarks in every FNA layer instead of once per group",
     "pinv": "pseudo-inverse of the landmark kernel: Newton-Schulz iteration or exact",
     "pinv_iterations": "Newton-Schulz iterations",
     "min_tokens": "shorter sequences run exact attention",
