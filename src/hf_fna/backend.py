@@ -380,11 +380,13 @@ def fna_attention_forward(
     plan = _plan_for(module)
     output_attentions = bool(kwargs.get("output_attentions", False))
     key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
+    if key_bias is not None:  # a mask shared by the batch (e.g. BEiT's position bias): one per sample for landmarks
+        key_bias = key_bias.expand(query.shape[0], *key_bias.shape[1:])
     valid = valid_keys(key_bias)
     flagged = _flags_for(plan, query, key, scaling, key_bias, valid)
     blocks = None
     if plan.runs_fna and not per_key and not output_attentions:
-        blocks = diagonal_blocks(additive_mask(attention_mask, query.dtype))
+        blocks = diagonal_blocks(_batch_mask(attention_mask, query))
     if blocks is not None:
         packed = _packed_attention(plan, module, query, key, value, attention_mask, blocks, dropout, scaling, flagged)
         if packed is not None:
@@ -479,6 +481,14 @@ def _attend(
     )
 
 
+def _batch_mask(attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask broadcast to the batch of `query` (`[B, 1|H, N, N]`), or None when it is not 4-D."""
+    mask = additive_mask(attention_mask, query.dtype)
+    if mask is None or mask.dim() != 4:
+        return None
+    return mask.expand(query.shape[0], *mask.shape[1:])
+
+
 def _packed_attention(
     plan: LayerPlan,
     module: nn.Module,
@@ -500,7 +510,7 @@ def _packed_attention(
     threshold = max(settings.min_tokens, settings.num_landmarks)
     if not any(stop - start >= threshold for _, start, stop in blocks):
         return None  # one exact SDPA call on the whole mask beats a loop of small ones
-    mask = additive_mask(attention_mask, query.dtype)
+    mask = _batch_mask(attention_mask, query)
     outputs: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
     ran = 0
     for block, (sample, start, stop) in enumerate(blocks):

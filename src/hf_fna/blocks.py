@@ -22,21 +22,23 @@ def diagonal_blocks(mask: torch.Tensor | None) -> tuple[Block, ...] | None:
     """
     if mask is None or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
         return None
-    allowed = mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask.bool()
-    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
+    if not mask.is_floating_point():
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask.bool(), torch.finfo(torch.float32).min)
+    if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
         return None
-    allowed = allowed[:, 0]
-    num_tokens = allowed.shape[-1]
-    position = torch.arange(num_tokens, device=allowed.device)
+    mask = mask[:, 0]
+    allowed = mask > torch.finfo(mask.dtype).min / 2
+    num_tokens = mask.shape[-1]
+    position = torch.arange(num_tokens, device=mask.device)
     blocks: list[Block] = []
-    for sample, rows in enumerate(allowed):
+    for sample, rows in enumerate(mask):
+        # Runs of identical rows (values, not only the allowed keys: a relative position bias differs per query).
         changes = (rows[1:] != rows[:-1]).any(dim=-1).nonzero().flatten() + 1
         bounds = [0, *changes.tolist(), num_tokens]
-        starts = torch.tensor(bounds[:-1], device=allowed.device)
-        stops = torch.tensor(bounds[1:], device=allowed.device)
-        first_rows = rows[starts]  # [blocks, N]: one row stands for its whole run
+        starts = torch.tensor(bounds[:-1], device=mask.device)
+        stops = torch.tensor(bounds[1:], device=mask.device)
         inside = (position >= starts[:, None]) & (position < stops[:, None])
-        if bool((first_rows & ~inside).any()):
+        if bool((allowed[sample][starts] & ~inside).any()):
             return None  # a run attends outside itself: causal or structured, not block-diagonal
         blocks += [(sample, start, stop) for start, stop in itertools.pairwise(bounds)]
     return tuple(blocks)
