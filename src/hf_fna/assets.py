@@ -4,6 +4,7 @@
   into a Hugging Face ``Dinov2Model`` folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
   The weights seem tuned for saliency: good for exact-vs-approximate fidelity and speed, not a reference accuracy.
 * :func:`fashion_mnist` reads the idx files of the Debian package ``dataset-fashion-mnist``.
+* :func:`digits` returns the handwritten digits bundled with scikit-learn (``load_digits``; no download).
 * :func:`photos` returns the real photos bundled with scikit-image.
 * :func:`easy_vqa` returns the synthetic question/answer data of the PyPI package ``easy-vqa``.
 
@@ -38,6 +39,7 @@ __all__ = [
     "PHOTO_NAMES",
     "AssetError",
     "default_cache_dir",
+    "digits",
     "dinov2_small",
     "easy_vqa",
     "fashion_mnist",
@@ -397,6 +399,46 @@ def fashion_mnist(split: str | None = None) -> datasets.DatasetDict | datasets.D
         info = datasets.DatasetInfo(description="Fashion-MNIST (Debian dataset-fashion-mnist)", features=features)
         out[name] = datasets.Dataset(datasets.table.InMemoryTable(table), info=info, split=datasets.Split(name))
     return out[split] if split else datasets.DatasetDict(out)
+
+
+DIGITS_TRAIN_ROWS = 1500  # of scikit-learn's 1797 digits: the first 1500 train, the last 297 test
+
+
+def digits(split: str | None = None) -> datasets.DatasetDict | datasets.Dataset:
+    """The 8x8 handwritten digits bundled with scikit-learn (``sklearn.datasets.load_digits``, read from the wheel,
+    no download): ``image`` (grayscale 8x8 PIL, 0-16 scaled to 0-255) and ``label`` (ClassLabel "0".."9").
+
+    1797 images: the first 1500 are the ``train`` split, the last 297 ``test``. Returns a ``DatasetDict``, or one
+    ``Dataset`` when ``split`` is given. Being part of the ``eval`` extra, it is the default data of the linear probe
+    of ``hf-fna compare``.
+    """
+    import datasets
+    import numpy as np
+
+    sklearn_datasets = _require("sklearn.datasets")
+    _check_split(split, ("train", "test"))
+    bunch = sklearn_datasets.load_digits()
+    pixels = np.clip(np.rint(bunch.images * (255 / 16)), 0, 255).astype(np.uint8)
+    labels = bunch.target.astype("int64")
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    ranges = {"train": slice(0, DIGITS_TRAIN_ROWS), "test": slice(DIGITS_TRAIN_ROWS, len(labels))}
+    out = {}
+    for name in [split] if split else list(ranges):
+        rows = ranges[name]
+        images = [{"bytes": _png(image), "path": None} for image in pixels[rows]]
+        columns = {"image": images, "label": labels[rows].tolist()}
+        out[name] = datasets.Dataset.from_dict(columns, features=features, split=datasets.Split(name))
+    return out[split] if split else datasets.DatasetDict(out)
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def photos() -> datasets.Dataset:

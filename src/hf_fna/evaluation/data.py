@@ -49,13 +49,14 @@ def fashion_mnist_segmentation(threshold: int = FASHION_MNIST_GARMENT_THRESHOLD)
 def _builtin_datasets() -> dict[str, Callable[[], Any]]:
     return {
         "fashion_mnist": assets.fashion_mnist,
+        "digits": assets.digits,
         "fashion_mnist_segmentation": fashion_mnist_segmentation,
         "easy_vqa": assets.easy_vqa,
         "photos": assets.photos,
     }
 
 
-BUILTIN_DATASETS = ("fashion_mnist", "fashion_mnist_segmentation", "easy_vqa", "photos")
+BUILTIN_DATASETS = ("fashion_mnist", "fashion_mnist_segmentation", "digits", "easy_vqa", "photos")
 
 
 @dataclass
