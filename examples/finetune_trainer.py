@@ -67,7 +67,7 @@ def compute_metrics(prediction) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Hub id or folder (default: the real DINOv2-small from hf_fna.assets)")
+    parser.add_argument("--model", help="Hub id or folder (default: the saliency-tuned DINOv2-small of hf_fna.assets)")
     parser.add_argument("--dataset", help="Hub dataset with image/label columns (default: Fashion-MNIST offline)")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--layers", default="auto", help="FNAConfig.layers")

