@@ -223,14 +223,15 @@ class Runner:
         return {v: Timing(float(stats[:, i, 0].max()), int(stats[:, i, 1].sum())) for i, v in enumerate(VARIANTS)}
 
     def _tokens_per_image(self, pixel_values: torch.Tensor) -> int | None:
-        from ..backend import num_special_tokens
+        from ..families import special_tokens
 
         config = vision_config(self.model.config)
         patch = getattr(config, "patch_size", None)
         if not patch or pixel_values.dim() != 4:
             return None
         height, width = pixel_values.shape[-2:]
-        return (height // patch) * (width // patch) + num_special_tokens(config)
+        special = special_tokens(config)
+        return (height // patch) * (width // patch) + special.leading + special.trailing
 
 
 def _synchronize(device: torch.device) -> None:
