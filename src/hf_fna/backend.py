@@ -12,7 +12,11 @@ deep-copied model is planned anew.
 
 Landmarks are chosen at the first FNA layer of a forward pass and reused by the later FNA layers of the same pass
 (unless `resample_every_layer`). That per-pass state is thread-local, with the tower's last selection as a
-fallback for the autograd thread that recomputes checkpointed layers.
+fallback for the autograd thread that recomputes checkpointed layers. Packed sequences (block-diagonal masks) get
+landmarks per block.
+
+Every layer records what its last call ran (FNA or exact, and why) for `hf_fna.explain`; a layer configured for FNA
+that falls back to exact attention logs the reason once per model through Transformers' logging.
 """
 
 from __future__ import annotations
@@ -570,7 +574,10 @@ def _tower_plans(model: nn.Module) -> list[TowerPlan]:
 
 
 def last_landmarks(model: nn.Module) -> torch.Tensor | None:
-    """Landmark indices `[B, m]` chosen in the most recent forward pass of `model` (None if FNA never ran)."""
+    """Landmark indices `[B, m]` chosen in the most recent forward pass of `model` (None if FNA never ran).
+
+    Sequences packed with a block-diagonal mask are not covered: their landmarks are chosen per block.
+    """
     entries = [tower.last_landmarks for tower in _tower_plans(model) if tower.last_landmarks is not None]
     return entries[-1][1] if entries else None
 
