@@ -262,3 +262,12 @@ def test_packed_blocks_shorter_than_min_tokens_run_exact():
     assert "1 of 2 packed blocks" in hf_fna.explain(model).layers[0].reason
     torch.testing.assert_close(approx[:, 36:], exact[:, 36:], atol=1e-5, rtol=0)  # the 16-patch image: exact
     assert (approx[:, :36] - exact[:, :36]).abs().max() > 1e-3
+
+
+def test_an_unknown_family_is_assumed_to_have_one_cls_token_and_says_so():
+    model = _tiny("vit")
+    model.config.model_type = "my_vit"  # as a custom model on the Hub would be
+    with CaptureLogger(fna_backend.logger) as captured:
+        FNAConfig(min_tokens=0, num_landmarks=4).apply(model)
+    assert "model_type 'my_vit' are not known; assuming 1 leading token" in captured.out
+    assert fna_backend._tower_plans(model)[0].special == hf_fna.families.SpecialTokens(leading=1, trailing=0)

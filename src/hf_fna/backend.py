@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from .blocks import diagonal_blocks
 from .config import FNAConfig, resolve_layers
-from .families import SpecialTokens, special_tokens
+from .families import SpecialTokens, is_known_family, special_tokens
 from .landmarks import select_landmarks
 from .nystrom import additive_mask, exact_attention, key_bias_from_mask, nystrom_attention, valid_keys
 from .sinks import attention_probabilities, detect_attention_sinks, detect_massive_tokens
@@ -152,13 +152,20 @@ def _tower_plan(tower_config: Any, name: str = "model") -> TowerPlan:
     num_layers = int(tower_config.num_hidden_layers)
     fna_layers = frozenset(resolve_layers(settings.layers, num_layers))
     detect_layer, from_layer = _masking_layers(settings, num_layers)
+    special = special_tokens(tower_config, settings.num_special_tokens)
+    if settings.num_special_tokens is None and not is_known_family(tower_config):
+        logger.warning_once(
+            f"hf_fna: the always-landmark tokens of model_type {getattr(tower_config, 'model_type', '?')!r} are not "
+            f"known; assuming {special.leading} leading token(s) (a CLS token and its registers). Set "
+            "FNAConfig.num_special_tokens if that is wrong."
+        )
     return TowerPlan(
         settings=settings,
         source=getattr(tower_config, "fna_config", None),
         num_layers=num_layers,
         fna_layers=fna_layers,
         first_fna_layer=min(fna_layers, default=num_layers),
-        special=special_tokens(tower_config, settings.num_special_tokens),
+        special=special,
         detect_layer=detect_layer,
         from_layer=from_layer,
         name=name,
