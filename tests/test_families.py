@@ -271,3 +271,12 @@ def test_an_unknown_family_is_assumed_to_have_one_cls_token_and_says_so():
         FNAConfig(min_tokens=0, num_landmarks=4).apply(model)
     assert "model_type 'my_vit' are not known; assuming 1 leading token" in captured.out
     assert fna_backend._tower_plans(model)[0].special == hf_fna.families.SpecialTokens(leading=1, trailing=0)
+
+
+def test_packed_images_all_shorter_than_min_tokens_warn_as_short():
+    with CaptureLogger(fna_backend.logger) as captured:
+        exact, approx, model = _pixtral_pair(FNAConfig(layers="all", num_landmarks=8, min_tokens=40), 48)
+    lines = [line for line in captured.out.splitlines() if line.startswith("hf_fna:")]
+    assert len(lines) == 1 and "2 packed images of at most 36 tokens each, fewer than 40" in lines[0]
+    assert hf_fna.explain(model).layers[0].reason == "packed images of <= 36 tokens < min_tokens=40"
+    torch.testing.assert_close(approx, exact)

@@ -402,7 +402,9 @@ def fna_attention_forward(
         packed = _packed_attention(plan, module, query, key, value, attention_mask, blocks, dropout, scaling, flagged)
         if packed is not None:
             return packed.transpose(1, 2).contiguous(), None
-    use_fna, reason = _decide(plan, query.shape[2], per_key, valid)
+        use_fna, reason = False, _short_packed_images(plan, blocks)
+    else:
+        use_fna, reason = _decide(plan, query.shape[2], per_key, valid)
     plan.last = ("fna" if use_fna else "exact", reason, query.shape[2])
     output, weights = _attend(
         plan,
@@ -442,6 +444,16 @@ def _decide(plan: LayerPlan, tokens: int, per_key: bool, valid: torch.Tensor | N
         plan.tower.warn_once(REASON_PADDING, f"fewer unpadded tokens than num_landmarks={settings.num_landmarks}")
         return False, f"fewer unpadded tokens than num_landmarks={settings.num_landmarks}"
     return True, f"FNA, m={settings.num_landmarks}"
+
+
+def _short_packed_images(plan: LayerPlan, blocks: tuple) -> str:
+    """The reason (warned once) why no image of a packed sequence ran FNA: each is shorter than the threshold."""
+    settings = plan.tower.settings
+    threshold = max(settings.min_tokens, settings.num_landmarks)
+    longest = max(stop - start for _, start, stop in blocks)
+    detail = f"{len(blocks)} packed images of at most {longest} tokens each, fewer than {threshold}"
+    plan.tower.warn_once(REASON_SHORT, f"{detail} (min_tokens={settings.min_tokens})")
+    return f"packed images of <= {longest} tokens < min_tokens={settings.min_tokens}"
 
 
 def _attend(
