@@ -2,9 +2,10 @@
 
 Inputs are `[B, H, N, d]` views of `[B, N, H, d]` tensors, as Transformers passes them to an attention function.
 FNA is timed with landmark selection (FPS on the mean query, the CLS token guaranteed) and without it (precomputed
-`landmarks=`). Eager attention (matmul, softmax, matmul) is skipped where its `[B, H, N, N]` matrix would exceed
-`--eager-max-gib`. The FLOP bound is exact attention's 4 N^2 d FLOPs per head over FNA's 8 N m d + 2 m^2 d (landmark
-kernel) + 48 m^3 (6 Newton-Schulz steps).
+`landmarks=`). Selection alone is timed for hf-fna's FPS and, when `torch-quickfps` is installed, for the paper's
+sampler (`sampling="quickfps"`, the same call the paper's code makes). Eager attention (matmul, softmax, matmul) is
+skipped where its `[B, H, N, N]` matrix would exceed `--eager-max-gib`. The FLOP bound is exact attention's 4 N^2 d
+FLOPs per head over FNA's 8 N m d + 2 m^2 d (landmark kernel) + 48 m^3 (6 Newton-Schulz steps).
 
     python benchmarks/bench_op.py --json benchmarks/results/op_cpu.json --markdown benchmarks/results/op_cpu.md
 """
@@ -12,6 +13,7 @@ kernel) + 48 m^3 (6 Newton-Schulz steps).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Any
 
@@ -51,6 +53,10 @@ def bench_size(args: argparse.Namespace, tokens: int, device: torch.device) -> d
         "fna_given_landmarks": lambda: hf_fna.fna_attention(query, key, value, m, scale=scale, landmarks=landmarks),
         "selection": lambda: select_landmarks(query.mean(dim=1), m, num_special_tokens=1),
     }
+    if importlib.util.find_spec("torch_quickfps") is not None:
+        calls["selection_quickfps"] = lambda: select_landmarks(
+            query.mean(dim=1), m, method="quickfps", num_special_tokens=1
+        )
     matrix_gib = args.batch * args.heads * tokens**2 * torch.finfo(dtype).bits / 8 / 2**30
     if matrix_gib <= args.eager_max_gib:
         calls["eager"] = lambda: eager_attention(query, key, value, scale)
@@ -71,18 +77,19 @@ def bench_size(args: argparse.Namespace, tokens: int, device: torch.device) -> d
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| N | sdpa ms | eager ms | fna ms | fna ms (landmarks given) | selection ms | speed-up fna | "
-        "speed-up fna (given) | FLOP bound | fraction of bound |",
-        "|" + "---:|" * 10,
+        "| N | sdpa ms | eager ms | fna ms | fna ms (landmarks given) | selection ms | quickfps selection ms "
+        "| speed-up fna | speed-up fna (given) | FLOP bound | fraction of bound |",
+        "|" + "---:|" * 11,
     ]
     for r in rows:
         ms = {
             k: f"{1e3 * r[k]['min']:.2f}" if k in r else "skipped"
-            for k in ("sdpa", "eager", "fna", "fna_given_landmarks", "selection")
+            for k in ("sdpa", "eager", "fna", "fna_given_landmarks", "selection", "selection_quickfps")
         }
         lines.append(
             f"| {r['tokens']} | {ms['sdpa']} | {ms['eager']} | {ms['fna']} | {ms['fna_given_landmarks']} "
-            f"| {ms['selection']} | {r['speedup_fna']:.2f}x | {r['speedup_fna_given_landmarks']:.2f}x "
+            f"| {ms['selection']} | {ms['selection_quickfps']} | {r['speedup_fna']:.2f}x "
+            f"| {r['speedup_fna_given_landmarks']:.2f}x "
             f"| {r['flop_bound']:.1f}x | {r['speedup_fna_given_landmarks'] / r['flop_bound']:.0%} |"
         )
     return "\n".join(lines)

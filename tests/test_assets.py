@@ -240,6 +240,14 @@ def test_photos_are_real_rgb_images() -> None:
     assert (r == g).all() and (g == b).all() and r.std() > 10
 
 
+def test_photo_splits_are_disjoint_and_cover_every_photo() -> None:
+    tune, report = list(assets.photos("tune")["name"]), list(assets.photos("report")["name"])
+    assert not set(tune) & set(report)
+    assert sorted(tune + report) == sorted(assets.PHOTO_NAMES)
+    with pytest.raises(ValueError, match=r"split='train' is not available; use one of \('tune', 'report'\)"):
+        assets.photos("train")
+
+
 def test_easy_vqa_has_questions_answers_and_images() -> None:
     import easy_vqa as ev
 

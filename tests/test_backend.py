@@ -202,6 +202,42 @@ def test_landmarks_shared_across_layers_unless_resampling(tmp_path, monkeypatch)
     assert len(calls) == LAYERS
 
 
+def test_each_group_of_a_schedule_selects_its_own_landmarks(tmp_path, monkeypatch):
+    fam = family("dinov2")
+    counts = []
+    original = fna_backend.select_landmarks
+
+    def recording(features, num_landmarks, *args, **kwargs):
+        counts.append(num_landmarks)
+        return original(features, num_landmarks, *args, **kwargs)
+
+    monkeypatch.setattr(fna_backend, "select_landmarks", recording)
+    folder = save_tiny(fam, tmp_path, FNAConfig(layers="0:2@6;2:@4", min_tokens=0))
+    model = load(fam, folder, "fna")
+    run(fam, model)  # plans the model on its first forward
+    recorder = LayerRecorder(model, monkeypatch)
+    counts.clear()
+    run(fam, model)
+    assert counts == [6, 4] and recorder.layers == [0, 1, 2, 3]
+    assert hf_fna.last_landmarks(model).shape == (2, 4)  # the last selection: layer 2's group
+
+
+def test_a_schedule_with_every_token_a_landmark_equals_sdpa(tmp_path):
+    fam = family("dinov2")
+    n = fam.tokens
+    folder = save_tiny(fam, tmp_path, FNAConfig(layers=f"0@{n};1:3@{n};3@{n}", min_tokens=0, pinv="exact"))
+    exact = run(fam, load(fam, folder, "sdpa"))
+    torch.testing.assert_close(run(fam, load(fam, folder, "fna")), exact, atol=1e-4, rtol=0)
+
+
+def test_apply_rejects_overlapping_groups(tmp_path):
+    fam = family("dinov2")
+    model = load(fam, save_tiny(fam, tmp_path, None), "sdpa")
+    with pytest.raises(ValueError, match=r"puts layer\(s\) \[2\] in two groups"):
+        FNAConfig(layers="1:3@8;2:@4").apply(model)
+    assert getattr(model.config, "fna_config", None) is None  # nothing changed
+
+
 def test_changing_batch_size_grad_modes_and_checkpointing(tmp_path):
     fam = family("vit")
     folder = save_tiny(fam, tmp_path, FNAConfig(layers="1:", num_landmarks=6, min_tokens=0))

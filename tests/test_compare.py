@@ -10,17 +10,36 @@ import torch
 from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
 
 from hf_fna.cli import main
-from hf_fna.compare import flop_bound
+from hf_fna.compare import flop_bound, schedule_flop_bound
 
 PATCH = 4
 
 
 def test_flop_bound_reproduces_the_design_cost_model() -> None:
-    # DESIGN.md section 3: DINOv2-small (D = 384, 12 layers) at 896 px (N = 4097), m = 64.
+    # DINOv2-small (D = 384, 12 layers) at 896 px (N = 4097), m = 64: 40.3 GFLOP per exact layer, 15.3 with FNA.
     assert flop_bound(4097, 384, 12, 6, 64) == pytest.approx(1.45, abs=0.005)
     assert flop_bound(4097, 384, 12, 12, 64) == pytest.approx(2.63, abs=0.005)
     assert flop_bound(16385, 384, 12, 12, 64) == pytest.approx(7.7, abs=0.05)
     assert flop_bound(4097, 384, 12, 0, 64) == 1.0
+
+
+def test_schedule_flop_bound_counts_each_layers_landmarks_and_the_pseudo_inverse() -> None:
+    exact4 = [None] * 4
+    # At m=64 the landmark kernel and Newton-Schulz terms are small: within 0.3% of the plain bound.
+    assert schedule_flop_bound(4097, 384, 6, [None] * 6 + [64] * 6) == pytest.approx(
+        flop_bound(4097, 384, 12, 6, 64), rel=3e-3
+    )
+    assert schedule_flop_bound(4097, 384, 6, exact4 + [256] * 2 + [64] * 6) == pytest.approx(1.619, abs=0.001)
+    assert schedule_flop_bound(4097, 384, 6, exact4 + [128] * 2 + [64] * 6) == pytest.approx(1.685, abs=0.001)
+    assert schedule_flop_bound(4097, 384, 6, [None] * 2 + [256] * 2 + [128] * 2 + [64] * 6) == pytest.approx(
+        1.92, abs=0.005
+    )
+    # At m=256 the 48 m^3 per head of the pseudo-inverse outweighs the Nyström products: 8 layers at 256 gain less
+    # than 6 layers at 64.
+    assert schedule_flop_bound(4097, 384, 6, exact4 + [256] * 8) < schedule_flop_bound(
+        4097, 384, 6, [None] * 6 + [64] * 6
+    )
+    assert schedule_flop_bound(4097, 384, 6, [None] * 12) == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +70,28 @@ def _table_rows(out: str) -> list[list[str]]:
 def test_table_json_and_plot_are_consistent(tiny_dinov2: str, tmp_path, capsys) -> None:
     report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
     status = _compare(
-        "--model", tiny_dinov2, "--resolutions", "16,32", "--photos", "3", "--probe-train", "20", "--probe-test", "10",
-        "--layers", "all", "--landmarks", "8", "--min-tokens", "0", "--batch-size", "8",
-        "--json", str(report_path), "--plot", str(plot_path),
+        "--model",
+        tiny_dinov2,
+        "--resolutions",
+        "16,32",
+        "--photos",
+        "3",
+        "--probe-train",
+        "20",
+        "--probe-test",
+        "10",
+        "--layers",
+        "all",
+        "--landmarks",
+        "8",
+        "--min-tokens",
+        "0",
+        "--batch-size",
+        "8",
+        "--json",
+        str(report_path),
+        "--plot",
+        str(plot_path),
     )
     assert status == 0
     out = capsys.readouterr().out
@@ -84,9 +122,26 @@ def test_every_token_a_landmark_with_exact_pinv_matches_exact_attention(tiny_din
     report_path = tmp_path / "report.json"
     tokens = (16 // PATCH) ** 2 + 1
     status = _compare(
-        "--model", tiny_dinov2, "--resolutions", "16", "--photos", "4", "--probe-train", "0", "--probe-test", "0",
-        "--layers", "all", "--landmarks", str(tokens), "--min-tokens", "0", "--pinv", "exact",
-        "--json", str(report_path),
+        "--model",
+        tiny_dinov2,
+        "--resolutions",
+        "16",
+        "--photos",
+        "4",
+        "--probe-train",
+        "0",
+        "--probe-test",
+        "0",
+        "--layers",
+        "all",
+        "--landmarks",
+        str(tokens),
+        "--min-tokens",
+        "0",
+        "--pinv",
+        "exact",
+        "--json",
+        str(report_path),
     )
     assert status == 0
     (row,) = json.loads(report_path.read_text())["rows"]
@@ -98,8 +153,24 @@ def test_every_token_a_landmark_with_exact_pinv_matches_exact_attention(tiny_din
 def test_short_sequences_fall_back_to_exact_attention(tiny_dinov2: str, tmp_path) -> None:
     report_path = tmp_path / "report.json"
     status = _compare(
-        "--model", tiny_dinov2, "--resolutions", "16", "--photos", "2", "--probe-train", "0", "--probe-test", "0",
-        "--layers", "all", "--landmarks", "8", "--min-tokens", "1000", "--json", str(report_path),
+        "--model",
+        tiny_dinov2,
+        "--resolutions",
+        "16",
+        "--photos",
+        "2",
+        "--probe-train",
+        "0",
+        "--probe-test",
+        "0",
+        "--layers",
+        "all",
+        "--landmarks",
+        "8",
+        "--min-tokens",
+        "1000",
+        "--json",
+        str(report_path),
     )
     assert status == 0
     (row,) = json.loads(report_path.read_text())["rows"]
@@ -174,8 +245,16 @@ def test_default_probe_needs_no_fashion_mnist(tiny_dinov2: str, tmp_path, capsys
 def test_default_compare_on_the_real_model(tmp_path, capsys) -> None:
     report_path = tmp_path / "report.json"
     status = _compare(
-        "--resolutions", "224,448", "--photos", "4", "--probe-train", "20", "--probe-test", "20",
-        "--json", str(report_path),
+        "--resolutions",
+        "224,448",
+        "--photos",
+        "4",
+        "--probe-train",
+        "20",
+        "--probe-test",
+        "20",
+        "--json",
+        str(report_path),
     )
     assert status == 0
     rows = json.loads(report_path.read_text())["rows"]

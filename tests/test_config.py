@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hf_fna import FNAConfig, MaskingConfig
-from hf_fna.config import parse_layers, resolve_layers
+from hf_fna.config import LayerGroup, parse_layers, resolve_groups, resolve_layers, schedule_string
 
 
 def test_defaults_are_the_documented_auto_schedule():
@@ -54,6 +54,37 @@ def test_resolve_layers_out_of_range():
         resolve_layers([4], 4)
     with pytest.raises(ValueError, match="out of range for a tower with 4 layers"):
         resolve_layers("6:", 4)
+
+
+def test_schedule_groups_keep_their_own_counts_and_selection():
+    config = FNAConfig(layers="1:3@16;3:", num_landmarks=8)
+    assert config.groups(4) == [LayerGroup((1, 2), 16), LayerGroup((3,), 8)]
+    assert resolve_layers(config.layers, 4) == [1, 2, 3]
+    # The older forms are shorthands: one group, or one group per layer with resample_every_layer.
+    assert FNAConfig(layers="2:", num_landmarks=8).groups(4) == [LayerGroup((2, 3), 8)]
+    assert FNAConfig(layers="1:3@16;3:", num_landmarks=8, resample_every_layer=True).groups(4) == [
+        LayerGroup((1,), 16), LayerGroup((2,), 16), LayerGroup((3,), 8),
+    ]  # fmt: skip
+    assert FNAConfig(layers="none").groups(4) == []
+    groups = resolve_groups("0,2@4;3@32", 64, False, 4)
+    assert groups == [LayerGroup((0, 2), 4), LayerGroup((3,), 32)]
+    assert schedule_string(groups) == "0,2@4;3:4@32"
+    assert FNAConfig(layers=schedule_string(groups)).groups(4) == groups
+    assert parse_layers("1,2@16;3:") == "1,2@16;3:"
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ("1:3@16;2:@8", r"puts layer\(s\) \[2\] in two groups"),
+        ("1:3@0", r"a group has 0 landmarks; expected >= 1"),
+        ("1:3@16;middle@8", r"group 'middle@8' is not 'LAYERS' or 'LAYERS@M'"),
+        ("1:3@16;6:@8", r"'6:' is out of range for a tower with 4 layers"),
+    ],
+)
+def test_bad_schedules_name_the_group(layers, message):
+    with pytest.raises(ValueError, match=message):
+        FNAConfig(layers=layers).groups(4)
 
 
 def test_json_round_trip(tmp_path):

@@ -280,3 +280,11 @@ def test_packed_images_all_shorter_than_min_tokens_warn_as_short():
     assert len(lines) == 1 and "2 packed images of at most 36 tokens each, fewer than 40" in lines[0]
     assert hf_fna.explain(model).layers[0].reason == "packed images of <= 36 tokens < min_tokens=40"
     torch.testing.assert_close(approx, exact)
+
+
+def test_explain_reports_each_schedule_group_with_its_own_landmark_count():
+    model = _tiny("vit")
+    FNAConfig(layers="0@4;1@8", min_tokens=0).apply(model)
+    with torch.no_grad():
+        model(**_images())
+    assert [r.reason for r in hf_fna.explain(model).layers] == ["FNA, m=4", "FNA, m=8"]

@@ -42,6 +42,30 @@ def test_fna_on_real_photos_at_518px_is_faithful(dinov2_path):
     assert cls_cosine >= 0.97, cls_cosine
 
 
+def test_default_schedule_is_faithful_on_every_bundled_photo_at_518px(dinov2_path):
+    # The fidelity a user gets from the default settings, photo by photo: a landmark sampler that is not a true
+    # farthest point sampling left single photos far below the rest.
+    torch.set_num_threads(2)
+    processor = AutoImageProcessor.from_pretrained(dinov2_path)
+    data = assets.photos()
+    pixels = processor(
+        list(data["image"]), size={"height": 518, "width": 518}, do_center_crop=False, return_tensors="pt"
+    )["pixel_values"]
+    exact = AutoModel.from_pretrained(dinov2_path, attn_implementation="sdpa").eval()
+    fna = AutoModel.from_pretrained(dinov2_path, attn_implementation="fna").eval()
+    FNAConfig(layers="6:", num_landmarks=64, min_tokens=0).apply(fna)
+    with torch.inference_mode():
+        cosine = torch.cat(
+            [
+                F.cosine_similarity(fna(pixel_values=b).last_hidden_state, exact(pixel_values=b).last_hidden_state, -1)
+                for b in pixels.split(6)
+            ]
+        )
+    per_photo = dict(zip(data["name"], cosine[:, 1:].mean(dim=1).tolist(), strict=True))
+    assert sum(per_photo.values()) / len(per_photo) >= 0.98, per_photo
+    assert min(per_photo.values()) >= 0.95, per_photo
+
+
 def test_no_massive_tokens_flagged_at_224px(dinov2_path):
     pixels = photo_batch(dinov2_path, 224)
     model = AutoModel.from_pretrained(dinov2_path, attn_implementation="sdpa").eval()

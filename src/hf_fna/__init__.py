@@ -12,6 +12,7 @@ Settings come from the `fna_config` dict of the tower's config (as a Hub `config
 
 from . import metrics
 from .backend import ATTENTION_NAME, fna_attention_forward, last_flagged_tokens, last_landmarks, register
+from .calibration import CalibrationReport, calibrate
 from .config import FNAConfig, MaskingConfig
 from .explain import Explanation, LayerReport, explain
 from .landmarks import farthest_point_sampling, random_sampling, select_landmarks
@@ -24,10 +25,12 @@ register()
 
 __all__ = [
     "ATTENTION_NAME",
+    "CalibrationReport",
     "Explanation",
     "FNAConfig",
     "LayerReport",
     "MaskingConfig",
+    "calibrate",
     "detect_attention_sinks",
     "detect_massive_tokens",
     "exact_attention",

@@ -73,6 +73,15 @@ PHOTO_NAMES = (
     "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
     "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket", "text",
 )  # fmt: skip
+# Fidelity discipline: settings are tuned on one half and reported on the other. Each half holds three natural
+# photos, two textures, one or two document-like images and two or three microscopy/astronomy images.
+PHOTO_SPLITS = {
+    "tune": ("astronaut", "coffee", "camera", "brick", "grass", "coins", "page", "cell", "retina"),
+    "report": (
+        "chelsea", "rocket", "clock", "gravel", "moon", "text", "hubble_deep_field", "immunohistochemistry",
+        "microaneurysms",
+    ),
+}  # fmt: skip
 
 
 class AssetError(RuntimeError):
@@ -444,10 +453,12 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def photos() -> datasets.Dataset:
+def photos(split: str | None = None) -> datasets.Dataset:
     """Real photos bundled with scikit-image (astronaut, chelsea, coffee, rocket, camera, ...): ``name``, ``image``.
 
-    All images are RGB (grayscale ones are replicated to three channels), at their original sizes.
+    All images are RGB (grayscale ones are replicated to three channels), at their original sizes. `split`:
+    None (all 18), ``"tune"`` (the 9 photos that schedules and defaults are chosen on) or ``"report"`` (the other
+    9, on which fidelity is reported).
     """
     import datasets
     import numpy as np
@@ -455,8 +466,9 @@ def photos() -> datasets.Dataset:
 
     skimage_data = _require("skimage.data")
 
+    _check_split(split, tuple(PHOTO_SPLITS))
     names, images = [], []
-    for name in PHOTO_NAMES:
+    for name in PHOTO_NAMES if split is None else PHOTO_SPLITS[split]:
         array = getattr(skimage_data, name)()
         array = np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array[..., :3]
         buffer = io.BytesIO()

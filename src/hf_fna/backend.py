@@ -10,8 +10,9 @@ layer index (its position in the tower's layer list). `FNAConfig.apply` plans ex
 found on the call stack. Plans live in a weak mapping keyed by module, so two models never share state, and a
 deep-copied model is planned anew.
 
-Landmarks are chosen at the first FNA layer of a forward pass and reused by the later FNA layers of the same pass
-(unless `resample_every_layer`). That per-pass state is thread-local, with the tower's last selection as a
+Landmarks are chosen at the first layer of each selection group (by default one group: the first FNA layer of a
+forward pass) and reused by the later layers of that group in the same pass. That per-pass state is thread-local,
+with the tower's last selection of each group as a
 fallback for the autograd thread that recomputes checkpointed layers. Packed sequences (block-diagonal masks) get
 landmarks per block.
 
@@ -33,7 +34,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .blocks import diagonal_blocks
-from .config import FNAConfig, resolve_layers
+from .config import FNAConfig, LayerGroup, resolve_layers
 from .families import SpecialTokens, is_known_family, special_tokens
 from .landmarks import select_landmarks
 from .nystrom import additive_mask, exact_attention, key_bias_from_mask, nystrom_attention, valid_keys
@@ -71,14 +72,13 @@ class TowerPlan:
     settings: FNAConfig
     source: Any  # the `fna_config` value the plan was built from, to notice later changes
     num_layers: int
-    fna_layers: frozenset[int]
-    first_fna_layer: int
+    groups: dict[int, LayerGroup]  # FNA layer -> its selection group
     special: SpecialTokens
     detect_layer: int  # masking: where tokens are flagged (resolved, non-negative)
     from_layer: int  # masking: first layer of the intervention; num_layers when masking is off
     local: threading.local = field(default_factory=threading.local, repr=False)
     last_landmarks: tuple | None = field(default=None, repr=False)
-    last_landmarks_by_layout: dict = field(default_factory=dict, repr=False)
+    last_group_landmarks: dict = field(default_factory=dict, repr=False)  # (group, block) -> (key, landmarks)
     last_flagged: tuple | None = field(default=None, repr=False)
     hooks: list = field(default_factory=list, repr=False)
     name: str = "model"  # the sub-config holding the tower ("vision_config"...), "model" for the model config
@@ -120,8 +120,13 @@ class LayerPlan:
     last: tuple[str, str, int] | None = None
 
     @property
+    def group(self) -> LayerGroup | None:
+        """The selection group of this layer; None where it runs exact attention."""
+        return self.tower.groups.get(self.index)
+
+    @property
     def runs_fna(self) -> bool:
-        return self.index in self.tower.fna_layers
+        return self.group is not None
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, LayerPlan] = weakref.WeakKeyDictionary()
@@ -150,7 +155,7 @@ def _layer_index(name: str) -> int | None:
 def _tower_plan(tower_config: Any, name: str = "model") -> TowerPlan:
     settings = FNAConfig.from_model_config(tower_config)
     num_layers = int(tower_config.num_hidden_layers)
-    fna_layers = frozenset(resolve_layers(settings.layers, num_layers))
+    groups = {layer: group for group in settings.groups(num_layers) for layer in group.layers}
     detect_layer, from_layer = _masking_layers(settings, num_layers)
     special = special_tokens(tower_config, settings.num_special_tokens)
     if settings.num_special_tokens is None and not is_known_family(tower_config):
@@ -163,8 +168,7 @@ def _tower_plan(tower_config: Any, name: str = "model") -> TowerPlan:
         settings=settings,
         source=getattr(tower_config, "fna_config", None),
         num_layers=num_layers,
-        fna_layers=fna_layers,
-        first_fna_layer=min(fna_layers, default=num_layers),
+        groups=groups,
         special=special,
         detect_layer=detect_layer,
         from_layer=from_layer,
@@ -316,27 +320,29 @@ def _selection_features(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
 def _landmarks_for(
     plan: LayerPlan,
+    group: LayerGroup,
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     valid: torch.Tensor | None,
     flagged: torch.Tensor | None,
-    layout: tuple | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
-    """Landmarks `[B, m]` of this layer: chosen at the first FNA layer of a pass, reused by the later ones.
+    """Landmarks `[B, m]` of this layer: chosen at the first layer of its group in a pass, reused by the later ones.
 
-    `layout` tells apart the blocks of a packed sequence (one cache entry per block). Landmarks are reused within a
-    pass while the shape, the layout and the flagged tokens stay the same.
+    `block` tells apart the images of a packed sequence (one cache entry per group and block). Landmarks are reused
+    within a group and pass while the shape, the block and the flagged tokens stay the same.
     """
     tower, settings = plan.tower, plan.tower.settings
-    shape = (query.shape[0], query.shape[2], query.device, None if flagged is None else id(flagged), layout)
-    local = tower.local.__dict__
-    if plan.index == tower.first_fna_layer and layout in (None, 0):
-        local["landmarks"] = {}  # a new pass: forget the previous pass's selections
-    if not settings.resample_every_layer and plan.index != tower.first_fna_layer:
-        # The autograd thread recomputing a checkpointed layer has no per-pass state: it uses the tower's last.
-        cached = local.get("landmarks", {}).get(layout) or tower.last_landmarks_by_layout.get(layout)
+    shape = (query.shape[0], query.shape[2], query.device, None if flagged is None else id(flagged))
+    if not hasattr(tower.local, "landmarks"):
+        tower.local.landmarks = {}
+    slot = (group, block)
+    if plan.index != group.first_layer:
+        cached = tower.local.landmarks.get(slot)
+        if cached is None:
+            cached = tower.last_group_landmarks.get(slot)  # e.g. the autograd thread recomputing a checkpointed layer
         if cached is not None and cached[0] == shape:
             return cached[1]
     guaranteed = tower.special.mask(query.shape[0], query.shape[2], query.device)
@@ -346,14 +352,14 @@ def _landmarks_for(
         features = _selection_features(module, query, key, value, settings.sampling_features)
         landmarks = select_landmarks(
             features,
-            min(settings.num_landmarks, query.shape[2]),
+            min(group.num_landmarks, query.shape[2]),
             method=settings.sampling,
             guaranteed=guaranteed,
             valid=valid,
             seed=settings.seed,
         )
-    local.setdefault("landmarks", {})[layout] = tower.last_landmarks_by_layout[layout] = (shape, landmarks)
-    if layout is None:
+    tower.local.landmarks[slot] = tower.last_group_landmarks[slot] = (shape, landmarks)
+    if block is None:
         tower.last_landmarks = (shape, landmarks)
     return landmarks
 
@@ -424,32 +430,32 @@ def fna_attention_forward(
 
 def _decide(plan: LayerPlan, tokens: int, per_key: bool, valid: torch.Tensor | None) -> tuple[bool, str]:
     """Whether this layer runs FNA on a sequence of `tokens`, and why (warning once when FNA was configured)."""
-    settings = plan.tower.settings
-    if not plan.runs_fna:
+    settings, group = plan.tower.settings, plan.group
+    if group is None:
         return False, f"layer not in FNAConfig.layers={settings.layers!r}"
-    threshold = max(settings.min_tokens, settings.num_landmarks)
+    threshold = max(settings.min_tokens, group.num_landmarks)
     if not per_key:
         plan.tower.warn_once(REASON_MASK, f"{tokens} tokens with a mask that varies across queries")
         return False, "mask varies across queries"
     if tokens < threshold:
         plan.tower.warn_once(
             REASON_SHORT,
-            f"{tokens} tokens < {threshold} (min_tokens={settings.min_tokens}, num_landmarks={settings.num_landmarks})",
+            f"{tokens} tokens < {threshold} (min_tokens={settings.min_tokens}, num_landmarks={group.num_landmarks})",
         )
         return False, f"{tokens} tokens < min_tokens={settings.min_tokens}" + (
-            f" / num_landmarks={settings.num_landmarks}" if settings.num_landmarks > settings.min_tokens else ""
+            f" / num_landmarks={group.num_landmarks}" if group.num_landmarks > settings.min_tokens else ""
         )
-    if valid is not None and int(valid.sum(dim=-1).min()) < settings.num_landmarks:
+    if valid is not None and int(valid.sum(dim=-1).min()) < group.num_landmarks:
         # A padded sample with fewer real tokens than landmarks would need duplicate landmarks.
-        plan.tower.warn_once(REASON_PADDING, f"fewer unpadded tokens than num_landmarks={settings.num_landmarks}")
-        return False, f"fewer unpadded tokens than num_landmarks={settings.num_landmarks}"
-    return True, f"FNA, m={settings.num_landmarks}"
+        plan.tower.warn_once(REASON_PADDING, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}")
+        return False, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}"
+    return True, f"FNA, m={group.num_landmarks}"
 
 
 def _short_packed_images(plan: LayerPlan, blocks: tuple) -> str:
     """The reason (warned once) why no image of a packed sequence ran FNA: each is shorter than the threshold."""
     settings = plan.tower.settings
-    threshold = max(settings.min_tokens, settings.num_landmarks)
+    threshold = max(settings.min_tokens, plan.group.num_landmarks)
     longest = max(stop - start for _, start, stop in blocks)
     detail = f"{len(blocks)} packed images of at most {longest} tokens each, fewer than {threshold}"
     plan.tower.warn_once(REASON_SHORT, f"{detail} (min_tokens={settings.min_tokens})")
@@ -468,14 +474,14 @@ def _attend(
     flagged: torch.Tensor | None,
     output_attentions: bool = False,
     full_mask: torch.Tensor | None = None,
-    layout: tuple | None = None,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FNA (Nyström) or exact attention `[B, H, N, d]` on one sequence (or one block of a packed one)."""
     query, key, value = states
     settings = plan.tower.settings
     intervention = settings.masking.mode if flagged is not None else "none"
     if use_fna:
-        landmarks = _landmarks_for(plan, module, query, key, value, valid, flagged, layout)
+        landmarks = _landmarks_for(plan, plan.group, module, query, key, value, valid, flagged, block)
         return nystrom_attention(
             query,
             key,
@@ -529,8 +535,8 @@ def _packed_attention(
     Each block is attended as an image on its own: its key bias is its row of the mask, its landmarks are its own
     (special tokens counted per block), and blocks shorter than `min_tokens` run exact attention.
     """
-    settings = plan.tower.settings
-    threshold = max(settings.min_tokens, settings.num_landmarks)
+    settings, landmarks = plan.tower.settings, plan.group.num_landmarks
+    threshold = max(settings.min_tokens, landmarks)
     if not any(stop - start >= threshold for _, start, stop in blocks):
         return None  # one exact SDPA call on the whole mask beats a loop of small ones
     mask = _batch_mask(attention_mask, query)
@@ -541,13 +547,13 @@ def _packed_attention(
         key_bias = mask[sample : sample + 1, :, start : start + 1, start:stop]
         valid = valid_keys(key_bias)
         tokens = stop - start
-        use_fna = tokens >= threshold and int(valid.sum()) >= settings.num_landmarks
+        use_fna = tokens >= threshold and int(valid.sum()) >= landmarks
         ran += use_fna
         block_flags = None if flagged is None else flagged[sample : sample + 1, start:stop]
         states = (query[part], key[part], value[part])
-        output, _ = _attend(plan, module, states, key_bias, valid, use_fna, dropout, scaling, block_flags, layout=block)
+        output, _ = _attend(plan, module, states, key_bias, valid, use_fna, dropout, scaling, block_flags, block=block)
         outputs[sample].append(output)
-    reason = f"FNA per image in {ran} of {len(blocks)} packed blocks, m={settings.num_landmarks}"
+    reason = f"FNA per image in {ran} of {len(blocks)} packed blocks, m={landmarks}"
     plan.last = ("fna", reason, mask.shape[-1])
     return torch.cat([torch.cat(parts, dim=2) for parts in outputs], dim=0)
 
@@ -640,7 +646,7 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
             "`ALL_ATTENTION_FUNCTIONS.get_interface`; supported are models that dispatch through Transformers' "
             "AttentionInterface (ViT, DeiT, DINOv2, CLIP, SigLIP, SigLIP2, LLaVA-style vision towers...)."
         )
-    resolve_layers(settings.layers, int(tower_config.num_hidden_layers))  # raises on out-of-range indices
+    settings.groups(int(tower_config.num_hidden_layers))  # raises on out-of-range indices and overlapping groups
     tower_config.fna_config = settings.to_dict()
     if tower is None:
         model.set_attn_implementation(ATTENTION_NAME)

@@ -1,4 +1,4 @@
-"""The `hf-fna` command line: `compare` (the main job), `inspect`, `eval` and `push-config`.
+"""The `hf-fna` command line: `compare` (the main job), `inspect`, `eval`, `push-config` and `calibrate`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
 imported only when their subcommand runs. Expected failures (`CLIError`, a model that cannot be loaded, bad
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "inspect": ("hf_fna.inspection", "massive/artifact tokens per layer, with norm maps and the chosen landmarks"),
     "eval": ("hf_fna.evaluation.cli", "task metrics (classification, retrieval, segmentation, VQA), exact vs FNA"),
     "push-config": ("hf_fna.publish", "write fna_config.json and a model card, and upload them to a Hub repo"),
+    "calibrate": ("hf_fna.calibration", "find the fastest per-layer FNA schedule that meets a fidelity target"),
 }
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from .cli import CLIError
-from .config import FNAConfig, parse_layers, resolve_layers
+from .config import SAMPLING_METHODS, FNAConfig, parse_layers, resolve_layers
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
 # The defaults keep a no-argument run short on 2 CPU cores (an exact 896 px pass costs about 3 s per image there).
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--landmarks", type=int, help="landmarks per image (num_landmarks)")
     parser.add_argument("--min-tokens", type=int, help="sequences shorter than this run exact attention")
     parser.add_argument("--pinv", choices=("newton", "exact"), help="pseudo-inverse of the landmark kernel")
-    parser.add_argument("--sampling", choices=("fps", "random"), help="landmark sampling")
+    parser.add_argument("--sampling", choices=SAMPLING_METHODS, help="landmark sampling")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")
@@ -122,6 +123,32 @@ def flop_bound(
     exact = dense + 4 * tokens**2 * width
     fna = dense + 8 * tokens * min(landmarks, tokens) * width
     return num_layers * exact / ((num_layers - fna_layers) * exact + fna_layers * fna)
+
+
+def schedule_flop_bound(
+    tokens: int,
+    width: int,
+    heads: int,
+    landmarks_per_layer: Sequence[int | None],
+    mlp_ratio: float = 4.0,
+    pinv_iterations: int = 6,
+) -> float:
+    """End-to-end speed-up bound of a schedule: `landmarks_per_layer[i]` is the m of layer i, None for exact attention.
+
+    As `flop_bound`, plus what grows with m: the landmark kernel (2 m^2 D) and the Newton-Schulz pseudo-inverse
+    (4 products of m x m matrices per iteration and head: 8 m^3 each), which outweighs the Nyström products at m=256
+    on a 384-wide model.
+    """
+    dense = (8 + 4 * mlp_ratio) * tokens * width**2
+    exact = dense + 4 * tokens**2 * width
+
+    def layer(landmarks: int | None) -> float:
+        if landmarks is None:
+            return exact
+        m = min(landmarks, tokens)
+        return dense + 8 * tokens * m * width + 2 * m * m * width + 8 * pinv_iterations * heads * m**3
+
+    return len(landmarks_per_layer) * exact / sum(layer(m) for m in landmarks_per_layer)
 
 
 # --- machine ----------------------------------------------------------------------------------------------------

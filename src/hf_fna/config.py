@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 FNA_CONFIG_NAME = "fna_config.json"
 
-SAMPLING_METHODS = ("fps", "random")
+SAMPLING_METHODS = ("fps", "random", "quickfps")
 SAMPLING_FEATURES = ("q", "k", "hidden")
 PINV_METHODS = ("newton", "exact")
 MASKING_MODES = ("none", "mask", "sink", "sink_keep_self")
@@ -29,6 +29,46 @@ LAYER_KEYWORDS = ("auto", "all", "none")
 AUTO_FIRST_LAYER_FRACTION = 0.5
 
 _SLICE_PATTERN = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
+_INDEX_LIST_PATTERN = re.compile(r"^\s*-?\d+\s*(,\s*-?\d+\s*)*$")
+# A group of a schedule: layers (keyword, slice or index list), optionally "@" and its landmark count.
+_GROUP_PATTERN = re.compile(r"^(?P<layers>[^@]+?)\s*(@\s*(?P<landmarks>\d+))?\s*$")
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Consecutive use of one landmark selection: FNA layers that share `num_landmarks` and one set of landmarks,
+    chosen at the group's first layer."""
+
+    layers: tuple[int, ...]
+    num_landmarks: int
+
+    @property
+    def first_layer(self) -> int:
+        return self.layers[0]
+
+
+def is_schedule(value: Any) -> bool:
+    """Whether an `FNAConfig.layers` value is a schedule of groups (`"4:6@256;6:@64"`) rather than one layer set."""
+    return isinstance(value, str) and ("@" in value or ";" in value)
+
+
+def _schedule_parts(text: str, name: str) -> list[tuple[str | list[int], int | None]]:
+    """`"4:6@256;6:@64"` -> `[("4:6", 256), ("6:", 64)]`; a group without `@m` gets None."""
+    parts = []
+    for piece in text.split(";"):
+        match = _GROUP_PATTERN.match(piece.strip())
+        spec = match.group("layers").strip() if match else ""
+        if not (spec in LAYER_KEYWORDS or _SLICE_PATTERN.match(spec) or _INDEX_LIST_PATTERN.match(spec)):
+            raise ValueError(
+                f"FNAConfig.{name}={text!r} is invalid: group {piece.strip()!r} is not 'LAYERS' or 'LAYERS@M' with "
+                "LAYERS a slice ('4:6'), an index list ('4,5') or a keyword, e.g. '4:6@256;6:@64'."
+            )
+        landmarks = int(match.group("landmarks")) if match.group("landmarks") else None
+        if landmarks is not None and landmarks < 1:
+            raise ValueError(f"FNAConfig.{name}={text!r} is invalid: a group has {landmarks} landmarks; expected >= 1.")
+        layers = [int(i) for i in spec.split(",")] if _INDEX_LIST_PATTERN.match(spec) else spec
+        parts.append((layers, landmarks))
+    return parts
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
@@ -42,6 +82,9 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_layers(name: str, value: Any) -> None:
+    if is_schedule(value):
+        _schedule_parts(value, name)
+        return
     if isinstance(value, str):
         if value in LAYER_KEYWORDS or _SLICE_PATTERN.match(value):
             return
@@ -61,12 +104,16 @@ def parse_layers(text: str | list[str] | tuple[str, ...] | None) -> str | list[i
     """Command-line text -> an `FNAConfig.layers` value.
 
     Layer indices (`"6,7,8"`, or the tokens `["6", "7", "-1"]`) become a list of integers; one keyword or slice
-    string (`"auto"`, `"all"`, `"none"`, `"6:"`, `"-4:"`) is returned as is; `None` or nothing means `"auto"`.
+    string (`"auto"`, `"all"`, `"none"`, `"6:"`, `"-4:"`) or schedule (`"4:6@256;6:@64"`) is returned as is; `None`
+    or nothing means `"auto"`.
 
     Raises:
         ValueError: naming the text and the accepted forms.
     """
     values = [text] if isinstance(text, str) else list(text or [])
+    if len(values) == 1 and is_schedule(values[0]):
+        _check_layers("layers", values[0].strip())
+        return values[0].strip()
     tokens = [token.strip() for value in values for token in value.split(",") if token.strip()]
     if not tokens:
         return "auto"
@@ -85,9 +132,13 @@ def parse_layers(text: str | list[str] | tuple[str, ...] | None) -> str | list[i
 def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, name: str = "layers") -> list[int]:
     """Turn a layer specification into sorted, non-negative layer indices of a tower with `num_layers` layers.
 
+    A schedule (`"4:6@256;6:@64"`) gives the union of its groups' layers.
+
     Raises:
         ValueError: an index outside `[-num_layers, num_layers)`.
     """
+    if is_schedule(spec):
+        return sorted(i for group in resolve_groups(spec, 1, False, num_layers, name) for i in group.layers)
     if spec == "all":
         return list(range(num_layers))
     if spec == "none":
@@ -115,6 +166,53 @@ def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, nam
             )
         out.add(index % num_layers)
     return sorted(out)
+
+
+def resolve_groups(
+    spec: str | list[int] | tuple[int, ...],
+    num_landmarks: int,
+    resample_every_layer: bool,
+    num_layers: int,
+    name: str = "layers",
+) -> list[LayerGroup]:
+    """The selection groups of a layer specification, in layer order.
+
+    A plain layer set is one group of `num_landmarks` (or one group per layer with `resample_every_layer`); each
+    group of a schedule keeps its own count (`num_landmarks` where it gives none) and its own selection.
+
+    Raises:
+        ValueError: an index out of range, or a layer in two groups.
+    """
+    if not is_schedule(spec):
+        layers = resolve_layers(spec, num_layers, name)
+        parts = [([i], num_landmarks) for i in layers] if resample_every_layer else [(layers, num_landmarks)]
+    else:
+        parts = [
+            (resolve_layers(layers, num_layers, name), landmarks or num_landmarks)
+            for layers, landmarks in _schedule_parts(spec, name)
+        ]
+        if resample_every_layer:
+            parts = [([i], landmarks) for layers, landmarks in parts for i in layers]
+    seen: set[int] = set()
+    for layers, _ in parts:
+        if seen & set(layers):
+            raise ValueError(
+                f"FNAConfig.{name}={spec!r} puts layer(s) {sorted(seen & set(layers))} in two groups; each layer may "
+                "belong to one group."
+            )
+        seen |= set(layers)
+    return sorted((LayerGroup(tuple(layers), m) for layers, m in parts if layers), key=lambda g: g.first_layer)
+
+
+def schedule_string(groups: list[LayerGroup]) -> str:
+    """Groups -> the `FNAConfig.layers` schedule string, e.g. `"4:6@256;6:12@64"` (`"none"` without groups)."""
+    parts = []
+    for group in groups:
+        first, last = group.layers[0], group.layers[-1]
+        contiguous = list(group.layers) == list(range(first, last + 1))
+        layers = f"{first}:{last + 1}" if contiguous else ",".join(map(str, group.layers))
+        parts.append(f"{layers}@{group.num_landmarks}")
+    return ";".join(parts) or "none"
 
 
 @dataclass
@@ -176,15 +274,19 @@ class FNAConfig:
 
     Args:
         layers: where FNA runs: a list of layer indices (negative counts from the end), a slice string such as
-            "6:" or "-4:", "all", "none" (exact attention everywhere, e.g. masking only) or "auto" (the default
-            schedule: FNA in the second half of the layers).
-        num_landmarks: landmark tokens per image (m). Cost is O(N m d) instead of O(N^2 d).
-        sampling: "fps" (farthest point sampling, picks outlier tokens first) or "random" (seeded; the ablation).
+            "6:" or "-4:", "all", "none" (exact attention everywhere, e.g. masking only), "auto" (the default
+            schedule: FNA in the second half of the layers), or a schedule of groups separated by ";", each
+            `LAYERS@M` with its own landmark count and its own selection at its first layer: "4:6@256;6:@64" runs
+            layers 4-5 with 256 landmarks, then selects 64 anew at layer 6 for layers 6 to the end.
+        num_landmarks: landmark tokens per image (m), for every group that names none. Cost is O(N m d) instead of
+            O(N^2 d).
+        sampling: "fps" (farthest point sampling, picks outlier tokens first), "random" (seeded; the ablation) or
+            "quickfps" (the paper's sampler: FPS by the `torch-quickfps` package over the non-special tokens).
         sampling_features: what FPS measures distances on: "q" (mean over heads of the queries, the reference
             default), "k" (mean of the keys) or "hidden" (the layer's normalised input hidden state, recovered
             exactly from the value projection).
-        resample_every_layer: select landmarks anew in every FNA layer instead of once, at the first FNA layer of a
-            forward pass.
+        resample_every_layer: select landmarks anew in every FNA layer instead of once per group (at the first FNA
+            layer of a forward pass without a schedule).
         pinv: "newton" (the Newton-Schulz iteration of Nyströmformer; it regularises the ill-conditioned landmark
             kernel and is the recommended default) or "exact" (`torch.linalg.pinv` in float64; with every token a
             landmark it reproduces exact attention).
@@ -199,7 +301,7 @@ class FNAConfig:
 
     layers: str | list[int] = "auto"
     num_landmarks: int = 64
-    sampling: Literal["fps", "random"] = "fps"
+    sampling: Literal["fps", "random", "quickfps"] = "fps"
     sampling_features: Literal["q", "k", "hidden"] = "q"
     resample_every_layer: bool = False
     pinv: Literal["newton", "exact"] = "newton"
@@ -345,6 +447,20 @@ class FNAConfig:
         from .backend import apply_fna_config
 
         return apply_fna_config(model, self, tower)
+
+    def groups(self, num_layers: int) -> list[LayerGroup]:
+        """The selection groups of a tower with `num_layers` layers (see `layers`); raises on out-of-range layers."""
+        return resolve_groups(self.layers, self.num_landmarks, self.resample_every_layer, num_layers)
+
+    def landmarks_per_layer(self, num_layers: int, tokens: int | None = None) -> list[int | None]:
+        """The landmark count of every layer, None where it runs exact attention (for `tokens` tokens, a group
+        falls back to exact attention below `max(min_tokens, its m)`)."""
+        out: list[int | None] = [None] * num_layers
+        for group in self.groups(num_layers):
+            if tokens is None or tokens >= max(self.min_tokens, group.num_landmarks):
+                for layer in group.layers:
+                    out[layer] = group.num_landmarks
+        return out
 
     @classmethod
     def from_model_config(cls, config: Any) -> FNAConfig:

@@ -73,10 +73,10 @@ def explain(model: nn.Module) -> Explanation:
         settings = plan.tower.settings
         if plan.last is not None:
             ran, reason, tokens = plan.last
-        elif plan.runs_fna:
+        elif plan.group is not None:
             ran, tokens = None, None
-            threshold = max(settings.min_tokens, settings.num_landmarks)
-            reason = f"FNA (m={settings.num_landmarks}) on sequences of {threshold} tokens or more, exact below"
+            threshold = max(settings.min_tokens, plan.group.num_landmarks)
+            reason = f"FNA (m={plan.group.num_landmarks}) on sequences of {threshold} tokens or more, exact below"
         else:
             ran, tokens = None, None
             reason = f"layer not in FNAConfig.layers={settings.layers!r}"

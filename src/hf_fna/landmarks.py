@@ -19,6 +19,10 @@ from threadpoolctl import ThreadpoolController
 # Distances that order the picks: picked tokens below any real distance, invalid tokens below everything.
 _PICKED = torch.finfo(torch.float32).min
 _INVALID = float("-inf")
+_UNSEEN = float("inf")  # no landmark has set the token's distance yet
+
+FPS_STARTS = ("first", "centroid")
+FPS_IMPLEMENTATIONS = ("auto", "numpy", "torch", "quickfps")
 
 
 @torch.no_grad()
@@ -27,25 +31,52 @@ def farthest_point_sampling(
     num_landmarks: int,
     guaranteed: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    *,
+    seed_with_guaranteed: bool = True,
+    start: str = "first",
+    implementation: str = "auto",
 ) -> torch.Tensor:
-    """Pick `num_landmarks` tokens per sample by farthest point sampling.
+    """Pick `num_landmarks` tokens per sample by farthest point sampling (greedy k-centre).
 
-    The first pick is the guaranteed token of lowest index or, without one, the token farthest from the centroid;
-    each further pick is the token farthest (squared L2) from all tokens picked so far. Outliers, such as massive
-    and artifact tokens, are therefore among the first picks.
+    Guaranteed tokens come first, in index order. Every later pick is the valid, unpicked token whose squared L2
+    distance to its *nearest* landmark is largest; nothing else enters that minimum. Outliers, such as massive and
+    artifact tokens, are therefore among the first picks.
 
     Args:
         features: `[B, N, C]` per-token features (any float dtype; distances are computed in float32).
         num_landmarks: `m`, at most `N`.
         guaranteed: optional `[B, N]` bool, tokens picked before any other (in index order).
         valid: optional `[B, N]` bool, tokens that may be picked (False for padding).
+        seed_with_guaranteed: whether the guaranteed tokens count as landmarks in the distances (the default): the
+            first free pick is then the token farthest from CLS and registers. False runs FPS over the other tokens
+            alone and prepends the guaranteed ones, as the paper's code does. Seeding is the default because it kept
+            the worst tuning photo more faithful at the same mean (README, "Landmark sampler").
+        start: the first pick when nothing seeds the distances (no guaranteed token, or `seed_with_guaranteed=False`):
+            `"first"`, the lowest-index eligible token (the paper's sampler; deterministic and cheap), or
+            `"centroid"`, the token farthest from the centroid (it did no better on the tuning photos).
+        implementation: `"numpy"` (a per-sample loop, fastest on CPU), `"torch"` (a batched loop of tensor ops on
+            the features' device, no host synchronisation), `"quickfps"` (the `torch-quickfps` package, if
+            installed), or `"auto"`: NumPy on CPU, torch elsewhere and under `torch.compile`. All give the same
+            indices, ties aside.
 
     Returns:
         `[B, m]` int64 token indices; guaranteed tokens come first.
     """
     batch, num_tokens, channels = features.shape
     _check_count(num_landmarks, num_tokens)
+    _check_choice("start", start, FPS_STARTS)
+    _check_choice("implementation", implementation, FPS_IMPLEMENTATIONS)
+    if implementation == "auto":
+        on_cpu = features.device.type == "cpu" and not torch.compiler.is_compiling()
+        implementation = "numpy" if on_cpu else "torch"
+    forced, forced_count = _forced_order(guaranteed, valid, num_landmarks)
     x = features.float()
+    eligible = valid
+    if forced is not None:
+        eligible = ~guaranteed if valid is None else valid & ~guaranteed
+    if implementation == "quickfps":
+        return _fps_quickfps(x, num_landmarks, forced, forced_count, eligible, seed_with_guaranteed, start)
+
     if valid is None:
         centroid = x.mean(dim=1, keepdim=True)
     else:
@@ -53,28 +84,62 @@ def farthest_point_sampling(
         centroid = (x * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
     # Distances are translation invariant: centring keeps the norms (and the rounding of the expansion below) small.
     x = x - centroid
-    norms = x.square().sum(-1)  # squared distance to the centroid: the first pick's criterion
-    distance = norms.clone() if valid is None else norms.masked_fill(~valid, _INVALID)
+    norms = x.square().sum(-1)
+    start_index = _start_index(norms, eligible, start)
+    # The pick at which the start token is taken: right after the guaranteed tokens when they do not seed the
+    # distances; first (only without guaranteed tokens) when they do. -1: never.
+    if forced is None:
+        start_step = torch.zeros(batch, dtype=torch.long, device=x.device)
+    elif seed_with_guaranteed:
+        start_step = torch.where(forced_count == 0, 0, -1)
+    else:
+        start_step = forced_count
+    distance = torch.full_like(norms, _UNSEEN)
+    if valid is not None:
+        distance.masked_fill_(~valid, _INVALID)
     # |x_i - x_j|^2 = <[-2 x_j, |x_j|^2, 1], [x_i, 1, |x_i|^2]>: one [1, C+2] x [C+2, N] product per pick instead of a
     # [B, N, C] difference, square and sum (the transposed layout streams over N; [N, C+2] x [C+2, 1] is far slower).
     ones = torch.ones_like(norms).unsqueeze(-1)
     points = torch.cat([x, ones, norms.unsqueeze(-1)], dim=-1).transpose(1, 2).contiguous()  # [B, C + 2, N]
     centres = torch.cat([-2.0 * x, norms.unsqueeze(-1), ones], dim=-1)  # [B, N, C + 2]
 
-    forced, forced_count = _forced_order(guaranteed, valid, num_landmarks)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _fps_loop_cpu(distance, points, centres, forced, forced_count, num_landmarks)
+    if implementation == "numpy":
+        return _fps_loop_numpy(
+            distance,
+            points,
+            centres,
+            forced,
+            forced_count,
+            start_index,
+            start_step,
+            num_landmarks,
+            seed_with_guaranteed,
+        )
     picks = torch.empty(num_landmarks, batch, dtype=torch.long, device=features.device)
     for i in range(num_landmarks):
         pick = picks[i]
         torch.argmax(distance, dim=-1, out=pick)
         if forced is not None:
-            # Guaranteed tokens go first, lowest index first.
             torch.where(forced_count > i, forced[:, i], pick, out=pick)
+        torch.where(start_step == i, start_index, pick, out=pick)
         centre = centres.gather(1, pick.view(batch, 1, 1).expand(batch, 1, channels + 2))
-        torch.minimum(distance, torch.bmm(centre, points).view(batch, num_tokens), out=distance)
+        new_distance = torch.bmm(centre, points).view(batch, num_tokens)
+        if forced is not None and not seed_with_guaranteed:
+            new_distance.masked_fill_((forced_count > i).unsqueeze(-1), _UNSEEN)
+        torch.minimum(distance, new_distance, out=distance)
         distance.scatter_(1, pick.view(batch, 1), _PICKED)
     return picks.t().contiguous()
+
+
+def _start_index(norms: torch.Tensor, eligible: torch.Tensor | None, start: str) -> torch.Tensor:
+    """`[B]` the first FPS pick among the eligible tokens (valid, not guaranteed)."""
+    if start == "centroid":
+        score = norms
+    else:  # "first": the lowest index scores highest
+        score = -torch.arange(norms.shape[-1], device=norms.device, dtype=norms.dtype).expand_as(norms)
+    if eligible is not None:
+        score = score.masked_fill(~eligible, _INVALID)
+    return score.argmax(dim=-1)
 
 
 _BLAS_LIMIT_LOCK = threading.Lock()
@@ -85,26 +150,27 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _fps_loop_cpu(
+def _fps_loop_numpy(
     distance: torch.Tensor,
     points: torch.Tensor,
     centres: torch.Tensor,
     forced: torch.Tensor | None,
     forced_count: torch.Tensor | None,
+    start_index: torch.Tensor,
+    start_step: torch.Tensor,
     num_landmarks: int,
+    seed_with_guaranteed: bool,
 ) -> torch.Tensor:
-    """The FPS loop of `farthest_point_sampling` on CPU, in NumPy on the same buffers (no copies).
+    """The FPS loop of `farthest_point_sampling` in NumPy on the same CPU buffers (no copies), one sample at a time.
 
-    The same steps as the tensor loop, one sample at a time: NumPy's per-call overhead is a fraction of a PyTorch
-    op's, which dominates FPS at these sizes (64 steps of a few microseconds of arithmetic each).
+    The same steps as the tensor loop: NumPy's per-call overhead is a fraction of a PyTorch op's, which dominates FPS
+    at these sizes (64 steps of a few microseconds of arithmetic each).
     """
     batch, num_tokens = distance.shape
     picks = np.empty((batch, num_landmarks), dtype=np.int64)
-    forced_lists = (
-        [[]] * batch
-        if forced is None
-        else [forced[b, : int(count)].tolist() for b, count in enumerate(forced_count.tolist())]
-    )
+    counts = [0] * batch if forced_count is None else forced_count.tolist()
+    forced_lists = [[] if forced is None else forced[b, :count].tolist() for b, count in enumerate(counts)]
+    starts, start_steps = start_index.tolist(), start_step.tolist()
     new_distance = np.empty(num_tokens, dtype=np.float32)
     # One BLAS thread: NumPy's OpenBLAS threads spin after each product and then steal the cores from PyTorch's
     # OpenMP threads (measured: H=6, N=8193, 2 threads, FNA 36 ms -> 22 ms), and these products are small anyway.
@@ -113,12 +179,60 @@ def _fps_loop_cpu(
         for b in range(batch):
             dist, rows, cols, first = distance[b].numpy(), centres[b].numpy(), points[b].numpy(), forced_lists[b]
             for i in range(num_landmarks):
-                pick = first[i] if i < len(first) else int(dist.argmax())
+                forced_pick = i < len(first)
+                if forced_pick:
+                    pick = first[i]
+                elif i == start_steps[b]:
+                    pick = starts[b]
+                else:
+                    pick = int(dist.argmax())
                 picks[b, i] = pick
-                np.dot(rows[pick], cols, out=new_distance)
-                np.minimum(dist, new_distance, out=dist)
+                if seed_with_guaranteed or not forced_pick:
+                    np.dot(rows[pick], cols, out=new_distance)
+                    np.minimum(dist, new_distance, out=dist)
                 dist[pick] = _PICKED
     return torch.from_numpy(picks)
+
+
+def _fps_quickfps(
+    x: torch.Tensor,
+    num_landmarks: int,
+    forced: torch.Tensor | None,
+    forced_count: torch.Tensor | None,
+    eligible: torch.Tensor | None,
+    seed_with_guaranteed: bool,
+    start: str,
+) -> torch.Tensor:
+    """FPS by `torch_quickfps.sample` (bucket FPS, CPU and CUDA kernels), the sampler of the paper's code.
+
+    It runs over the eligible tokens only and starts at the first of them: `seed_with_guaranteed=False, start="first"`.
+    """
+    try:
+        import torch_quickfps
+    except ImportError as error:
+        raise ImportError(
+            "implementation='quickfps' needs the torch-quickfps package: pip install torch-quickfps "
+            "(or torch-quickfps-cu128 / -cu130 for CUDA builds of torch)."
+        ) from error
+    if (seed_with_guaranteed and forced is not None) or start != "first":
+        raise ValueError(
+            "implementation='quickfps' supports only seed_with_guaranteed=False and start='first' (what "
+            f"torch_quickfps does); got seed_with_guaranteed={seed_with_guaranteed}, start={start!r}."
+        )
+    batch, num_tokens, _ = x.shape
+    if eligible is None:
+        eligible = torch.ones(batch, num_tokens, dtype=torch.bool, device=x.device)
+    counts = torch.zeros(batch, dtype=torch.long, device=x.device) if forced_count is None else forced_count
+    free = num_landmarks - int(counts.min())
+    if free == 0:
+        return forced
+    sampled = torch_quickfps.sample(x, free, mask=eligible, h=8, low_d=8, return_points=False)
+    if forced is None:
+        return sampled
+    # Guaranteed tokens first, then the FPS picks; a sample with more guaranteed tokens keeps fewer picks.
+    position = torch.arange(num_landmarks, device=x.device)
+    fill = sampled.gather(1, (position - counts.unsqueeze(-1)).clamp(0, free - 1))
+    return torch.where(position < counts.unsqueeze(-1), forced, fill)
 
 
 def _forced_order(
@@ -182,7 +296,8 @@ def select_landmarks(
     """Choose landmark indices `[B, m]` from per-token `features` `[B, N, C]`.
 
     Args:
-        method: "fps" or "random".
+        method: "fps", "random" or "quickfps" (FPS by the `torch-quickfps` package as the paper's code calls it: the
+            special and guaranteed tokens do not seed the distances, FPS starts at the first other token).
         num_special_tokens: the first tokens of every sample are always landmarks (CLS, registers).
         guaranteed: optional `[B, N]` bool of further tokens that must be landmarks (e.g. flagged massive tokens).
         valid: optional `[B, N]` bool, False for tokens that must never be landmarks (padding).
@@ -195,11 +310,21 @@ def select_landmarks(
         guaranteed = special if guaranteed is None else guaranteed | special
     if method == "fps":
         return farthest_point_sampling(features, num_landmarks, guaranteed=guaranteed, valid=valid)
+    if method == "quickfps":
+        return farthest_point_sampling(
+            features, num_landmarks, guaranteed=guaranteed, valid=valid, seed_with_guaranteed=False,
+            implementation="quickfps",
+        )  # fmt: skip
     if method == "random":
         return random_sampling(
             num_tokens, num_landmarks, batch, guaranteed=guaranteed, valid=valid, seed=seed, device=features.device
         )
-    raise ValueError(f"Landmark sampling method {method!r} is not supported; accepted values: fps, random.")
+    raise ValueError(f"Landmark sampling method {method!r} is not supported; accepted values: fps, random, quickfps.")
+
+
+def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"FPS {name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
 
 
 def _check_count(num_landmarks: int, num_tokens: int) -> None:

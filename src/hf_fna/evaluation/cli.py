@@ -18,6 +18,7 @@ import argparse
 from typing import Any
 
 from ..cli import CLIError
+from ..config import SAMPLING_METHODS
 from .data import BUILTIN_DATASETS, BUILTIN_PREFIX, FASHION_MNIST_GARMENT_THRESHOLD
 from .runner import run_evaluation
 from .settings import MIXED_PRECISION, TASKS, EvalSettings
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fna.add_argument("--layers", help="layers running FNA: '6:', '-4:', 'all', 'auto' or indices '6,7,8'")
     fna.add_argument("--num-landmarks", type=int)
     fna.add_argument("--min-tokens", type=int, help="shorter sequences run exact attention")
-    fna.add_argument("--sampling", choices=("fps", "random"))
+    fna.add_argument("--sampling", choices=SAMPLING_METHODS)
     run = parser.add_argument_group("run")
     run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     run.add_argument("--output", help="write the JSON report here (atomically, at the end of a successful run)")

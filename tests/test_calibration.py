@@ -1,0 +1,130 @@
+"""`hf_fna.calibrate` and `hf-fna calibrate`: layer sensitivities, a schedule that meets the target, honest reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, Dinov2Config, Dinov2Model
+
+import hf_fna
+from hf_fna.calibration import _cheapest_schedule, _schedule_of
+from hf_fna.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2() -> Dinov2Model:
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64, patch_size=4
+    )
+    return Dinov2Model(config).eval()
+
+
+def pixels(count: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_knapsack_picks_the_cheapest_schedule_within_the_loss_budget():
+    # Layer 0 is hard, layers 1-3 easy at m=64 and lossless at m=128; each larger m costs more FLOPs.
+    sensitivity = {
+        0: {64: 0.90, 128: 0.95},
+        1: {64: 0.995, 128: 1.0},
+        2: {64: 0.995, 128: 1.0},
+        3: {64: 0.999, 128: 1.0},
+    }
+    args = (4097, 384, 6, 4.0)
+    assert _cheapest_schedule(sensitivity, (64, 128), 0.02, *args) == [None, 64, 64, 64]
+    # A tighter budget: the lossless m=128 in layers 1-2 still beats exact attention on cost.
+    assert _cheapest_schedule(sensitivity, (64, 128), 0.005, *args) == [None, 128, 128, 64]
+    assert _cheapest_schedule(sensitivity, (64, 128), 0.2, *args) == [64, 64, 64, 64]
+    assert _cheapest_schedule(sensitivity, (64, 128), 0.0001, *args) == [None, 128, 128, 128]
+    lossy = {layer: {64: 0.9} for layer in range(3)}
+    assert _cheapest_schedule(lossy, (64,), 0.05, *args) == [None] * 3
+    assert _schedule_of([None, 64, 64, 128, 64]) == "1:3@64;3:4@128;4:5@64"
+    assert _schedule_of([None, None]) == "none"
+
+
+def test_calibrate_reaches_a_loose_target_with_every_layer_and_reports_held_out_fidelity(tiny_dinov2):
+    report = hf_fna.calibrate(tiny_dinov2, pixels(), target=0.5, candidates=(8, 32), batch_size=2, progress=False)
+    assert report.met_target and report.config.layers == "0:4@8"  # the cheapest schedule of all
+    assert report.chosen["fidelity"] >= 0.5 and report.heldout["images"] == 2
+    assert set(report.sensitivity) == {0, 1, 2, 3} and set(report.sensitivity[0]) == {8, 32}
+    # 1 reference + sensitivity passes (skipped where a smaller m is already lossless) + schedules + held-out pair.
+    sensitivity_passes = report.forward_passes - 1 - len(report.frontier) - 2
+    assert 4 <= sensitivity_passes <= 8
+    assert hf_fna.FNAConfig.from_model_config(tiny_dinov2.config).layers == "0:4@8"  # left applied
+    again = hf_fna.calibrate(tiny_dinov2, pixels(), target=0.5, candidates=(8, 32), batch_size=2, progress=False)
+    assert again.frontier == report.frontier and again.heldout == report.heldout  # deterministic
+
+
+def test_an_unreachable_target_chooses_exact_attention_and_says_why(tiny_dinov2):
+    report = hf_fna.calibrate(tiny_dinov2, pixels(), target=1.0, candidates=(4,), batch_size=2, progress=False)
+    assert not report.met_target and report.config.layers == "none"
+    assert report.chosen["schedule"] == "none" and "No measured schedule reached patch_cosine >= 1.0" in report.notes[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metric": "l2"}, r"metric='l2'\) is not supported; accepted values: patch_cosine, token_cosine, cls_cosine"),
+        ({"target": 1.5}, r"target=1.5\) is invalid; expected a number in \(0, 1\]"),
+        ({"candidates": (0,)}, r"candidates=\(0,\)\) is invalid; expected positive integers"),
+        ({"candidates": (4096,)}, r"holds no count below the 257 tokens"),
+        ({"images": torch.zeros(2, 64, 64)}, r"shape \(2, 64, 64\); expected \[B, 3, H, W\]"),
+        ({"images": torch.zeros(1, 3, 64, 64)}, r"at least 2 images to hold some out"),
+    ],
+)
+def test_bad_arguments_name_the_value(tiny_dinov2, kwargs, message):
+    arguments = {"images": pixels(), "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        hf_fna.calibrate(tiny_dinov2, **arguments)
+
+
+def test_cli_writes_config_card_report_and_plot(tiny_dinov2, tmp_path, capsys):
+    from PIL import Image
+
+    model_dir, image_dir, out = tmp_path / "model", tmp_path / "images", tmp_path / "out"
+    tiny_dinov2.save_pretrained(model_dir)
+    image_dir.mkdir()
+    for i in range(4):
+        array = (torch.rand(80, 96, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
+        Image.fromarray(array).save(image_dir / f"{i}.png")
+    argv = ["calibrate", "--model", str(model_dir), "--images", str(image_dir), "--resolution", "64"]
+    code = main([*argv, "--target", "0.5", "--candidates", "8", "--base-model", "someone/tiny", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "chosen: layers='0:4@8'" in printed and "held-out images" in printed
+    assert hf_fna.FNAConfig.from_pretrained(str(out)).layers == "0:4@8"
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["heldout"]["images"] == 2 and report["calibration_images"] == 2 and report["command"]
+    card = (out / "README.md").read_text()
+    assert "base_model: someone/tiny" in card and "![frontier](frontier.png)" in card and "not measured" not in card
+    assert (out / "frontier.png").stat().st_size > 1000
+    loaded = AutoModel.from_pretrained(model_dir, attn_implementation="fna")
+    hf_fna.FNAConfig.from_pretrained(str(out)).apply(loaded)  # ready to use
+
+
+def test_cli_refuses_an_unwritable_output_before_computing(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["calibrate", "--out", str(blocker / "sub")]) == 2
+    assert "cannot write to --out" in capsys.readouterr().err
+
+
+@pytest.mark.real_weights
+def test_calibration_on_the_bundled_dinov2_meets_its_target_on_held_out_photos():
+    from hf_fna import assets
+
+    torch.set_num_threads(2)
+    model = AutoModel.from_pretrained(assets.dinov2_small(), attn_implementation="fna").eval()
+    tune, report_photos = assets.photos("tune")["image"][:4], assets.photos("report")["image"][:4]
+    report = hf_fna.calibrate(
+        model, tune, target=0.98, resolution=224, heldout=report_photos, candidates=(32, 64, 128), progress=False
+    )
+    assert report.tokens == 257 and report.met_target
+    assert report.chosen["fidelity"] >= 0.98 and report.chosen["predicted_speedup"] > 1.0
+    assert report.heldout["fidelity"] >= 0.95, report.heldout
+    # Far fewer passes than a grid search over 4 choices per layer (4^12 schedules).
+    assert report.forward_passes <= 1 + 12 * 3 + len(report.frontier) + 2
