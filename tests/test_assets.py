@@ -263,3 +263,19 @@ def test_easy_vqa_has_questions_answers_and_images() -> None:
         assert answers[row["label"]] == row["answer"]
     assert data["train"].num_rows + data["test"].num_rows > 40000
     assert assets.easy_vqa("test").num_rows == data["test"].num_rows
+
+
+def test_digits_are_scikit_learns_bundled_digits_split_train_test() -> None:
+    from sklearn.datasets import load_digits
+
+    data = assets.digits()
+    bunch = load_digits()
+    assert (len(data["train"]), len(data["test"])) == (assets.DIGITS_TRAIN_ROWS, len(bunch.target) - 1500)
+    image = data["test"][0]["image"]
+    assert image.mode == "L" and image.size == (8, 8)
+    expected = np.rint(bunch.images[1500] * 255 / 16).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(image), expected)
+    assert data["test"][0]["label"] == bunch.target[1500]
+    assert data["train"].features["label"].names == [str(d) for d in range(10)]
+    with pytest.raises(ValueError, match="split='validation'"):
+        assets.digits("validation")

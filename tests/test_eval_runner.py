@@ -179,3 +179,37 @@ def test_two_processes_give_the_single_process_result(tiny_clip, tmp_path):
     for variant in ("exact", "fna"):
         assert two["metrics"][variant] == pytest.approx(one["metrics"][variant])
     assert two["agreement"] == pytest.approx(one["agreement"], abs=1e-5)
+
+
+def test_fna_only_run_against_a_saved_exact_reference(tiny_clip, tmp_path, monkeypatch, capsys):
+    from hf_fna.evaluation.runner import Runner
+
+    base = (
+        f"eval --task probe --model {tiny_clip} --dataset hf_fna:digits --limit 12 --train-limit 24 "
+        "--image-size 64 --batch-size 8 --min-tokens 0 --no-progress"
+    ).split()
+    saved, full, replayed = tmp_path / "exact.pt", tmp_path / "full.json", tmp_path / "replayed.json"
+    assert main([*base, "--layers", "all", "--num-landmarks", "16", "--save-exact", str(saved)]) == 0
+    assert saved.is_file()
+
+    # A full run with other FNA settings, then the same settings against the saved exact reference.
+    other = ["--layers", "1", "--num-landmarks", "8"]
+    assert main([*base, *other, "--output", str(full)]) == 0
+    variants = []
+    forward = Runner._forward
+    monkeypatch.setattr(Runner, "_forward", lambda self, v, *args: variants.append(v) or forward(self, v, *args))
+    assert main([*base, *other, "--reference", str(saved), "--output", str(replayed)]) == 0
+    assert variants and set(variants) == {"fna"}  # exact attention never ran (the probe's train features neither)
+    full_report, replayed_report = (json.loads(path.read_text()) for path in (full, replayed))
+    assert replayed_report["metrics"] == full_report["metrics"]
+    assert replayed_report["agreement"] == pytest.approx(full_report["agreement"])
+    assert replayed_report["throughput"]["exact"]["samples"] == full_report["throughput"]["exact"]["samples"]
+    assert any("replayed from" in note for note in replayed_report["notes"])
+
+    # Other data than the reference's: exit 2 with one line naming the difference.
+    capsys.readouterr()
+    changed = [*base, *other, "--reference", str(saved)]
+    changed[changed.index("--limit") + 1] = "10"
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "limit=12 there, 10 here" in err

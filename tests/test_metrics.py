@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import evaluate
 import numpy as np
@@ -20,6 +22,14 @@ def test_every_metric_loads_with_evaluate_load_from_its_folder():
     for name in metrics.METRIC_NAMES:
         module = evaluate.load(metrics.metric_path(name))
         assert isinstance(module, evaluate.Metric)
+
+
+def test_metrics_load_after_a_bare_import_hf_fna():
+    # As the README writes it, in a fresh interpreter (here, other tests have imported hf_fna.metrics already).
+    code = "import hf_fna; print(hf_fna.metrics.load('accuracy').compute(predictions=[1, 0], references=[1, 1]))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "{'accuracy': 0.5}" in result.stdout
 
 
 def test_unknown_metric_names_the_available_ones():

@@ -169,3 +169,11 @@ def test_bundled_model_cards_match_their_settings(folder):
     measured = json.loads(measured_path.read_text(encoding="utf-8")) if measured_path.exists() else None
     assert card == model_card(settings, _metadata(card)["base_model"], measured)
     assert ("Recommended settings, not measured" in card) == (measured is None)
+
+
+def test_card_states_the_token_count_from_which_the_settings_act():
+    default = model_card(FNAConfig(), BASE)
+    assert "**512 tokens or more**" in default and "257 tokens, too few for these settings" in default
+    assert "The break-even on CUDA has not been measured." in default
+    low = model_card(FNAConfig(min_tokens=100, num_landmarks=128), BASE)
+    assert "**128 tokens or more**" in low and "257 tokens, enough for these settings" in low

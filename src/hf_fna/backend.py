@@ -15,7 +15,11 @@ deep-copied or reloaded model is planned anew.
 Landmarks are chosen at the first layer of each selection group (by default one group: the first FNA layer of a
 forward pass) and reused by the later layers of that group in the same pass. That per-pass state is thread-local,
 with the tower's last selection of each group as a
-fallback for the autograd thread that recomputes checkpointed layers.
+fallback for the autograd thread that recomputes checkpointed layers. Packed sequences (block-diagonal masks) get
+landmarks per block.
+
+Every layer records what its last call ran (FNA or exact, and why) for `hf_fna.explain`; a layer configured for FNA
+that falls back to exact attention logs the reason once per model through Transformers' logging.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
+from .blocks import diagonal_blocks
 from .config import FNAConfig, LayerGroup, resolve_layers
+from .families import SpecialTokens, is_known_family, special_tokens
 from .landmarks import select_landmarks
 from .nystrom import (
     ReferenceModeError,
@@ -44,21 +51,27 @@ from .sinks import attention_probabilities, detect_attention_sinks, detect_massi
 
 ATTENTION_NAME = "fna"
 
-# Leading tokens that are always landmarks, by `model_type` of the tower config (default: one CLS token).
-_SPECIAL_TOKENS_BY_MODEL_TYPE = {
-    "siglip_vision_model": 0,
-    "siglip2_vision_model": 0,
-    "siglip_text_model": 0,
-    "deit": 2,  # CLS and distillation token
-}
+# Through Transformers' logger hierarchy, so that `transformers.logging.set_verbosity_*` governs these warnings too.
+logger = hf_logging.get_logger("transformers.hf_fna")
 
 
 def num_special_tokens(tower_config: Any) -> int:
-    """Leading tokens (CLS, distillation, registers) of a tower, read from its config."""
-    model_type = getattr(tower_config, "model_type", "")
-    if model_type in _SPECIAL_TOKENS_BY_MODEL_TYPE:
-        return _SPECIAL_TOKENS_BY_MODEL_TYPE[model_type]
-    return 1 + int(getattr(tower_config, "num_register_tokens", 0) or 0)
+    """Leading always-landmark tokens (CLS, distillation, registers) of a tower, per family (`hf_fna.families`)."""
+    return special_tokens(tower_config).leading
+
+
+# Why a layer configured for FNA ran exact attention; each is warned once per tower (model) and reason.
+REASON_SHORT = "short sequence"
+REASON_MASK = "per-query mask"
+REASON_PADDING = "too few unpadded tokens"
+FALLBACK_HINTS = {
+    REASON_SHORT: "FNA only pays off on long sequences; lower FNAConfig.min_tokens (or num_landmarks) or raise the "
+    "input resolution to run it (the break-even was measured on CPU only; on CUDA it is unmeasured).",
+    REASON_MASK: "the attention mask differs between queries (e.g. BEiT's relative position bias, or a causal or "
+    "structured mask); FNA supports masks that are the same for every query (padding) and block-diagonal masks "
+    "(several images packed in one sequence).",
+    REASON_PADDING: "a padded sample has fewer real tokens than num_landmarks.",
+}
 
 
 @dataclass
@@ -69,14 +82,30 @@ class TowerPlan:
     source: Any  # a copy of the `fna_config` value the plan was built from, to notice later changes, in place too
     num_layers: int
     groups: dict[int, LayerGroup]  # FNA layer -> its selection group
-    num_special_tokens: int
+    special: SpecialTokens
     detect_layer: int  # masking: where tokens are flagged (resolved, non-negative)
     from_layer: int  # masking: first layer of the intervention; num_layers when masking is off
     local: threading.local = field(default_factory=threading.local, repr=False)
     last_landmarks: tuple | None = field(default=None, repr=False)
-    last_group_landmarks: dict = field(default_factory=dict, repr=False)
+    last_group_landmarks: dict = field(default_factory=dict, repr=False)  # (group, block) -> (key, landmarks)
     last_flagged: tuple | None = field(default=None, repr=False)
     hooks: list = field(default_factory=list, repr=False)
+    name: str = "model"  # the sub-config holding the tower ("vision_config"...), "model" for the model config
+    warned: set = field(default_factory=set, repr=False)
+
+    @property
+    def num_special_tokens(self) -> int:
+        return self.special.leading
+
+    def warn_once(self, reason: str, detail: str) -> None:
+        """Log why FNA fell back to exact attention, once per tower and reason."""
+        if reason in self.warned:
+            return
+        self.warned.add(reason)
+        logger.warning(
+            f"hf_fna: FNA is configured for {self.name} (layers {self.settings.layers!r}) but ran exact attention: "
+            f"{detail}; {FALLBACK_HINTS[reason]} `hf_fna.explain(model)` lists what ran in each layer."
+        )
 
     def store_flags(self, flagged: torch.Tensor) -> None:
         self.local.flagged = self.last_flagged = (_shape_key(flagged), flagged)
@@ -96,11 +125,17 @@ def _shape_key(tokens: torch.Tensor) -> tuple:
 class LayerPlan:
     tower: TowerPlan
     index: int
+    # What the last forward pass ran here: ("fna" | "exact", why, tokens); None before the first pass.
+    last: tuple[str, str, int] | None = None
 
     @property
     def group(self) -> LayerGroup | None:
         """The selection group of this layer; None where it runs exact attention."""
         return self.tower.groups.get(self.index)
+
+    @property
+    def runs_fna(self) -> bool:
+        return self.group is not None
 
 
 _PLAN_ATTRIBUTE = "_hf_fna_plan"
@@ -178,7 +213,7 @@ def _layer_index(name: str) -> int | None:
     return numbers[-1] if numbers else None
 
 
-def _tower_plan(tower_config: Any) -> TowerPlan:
+def _tower_plan(tower_config: Any, name: str = "model") -> TowerPlan:
     """Resolve a tower config's `fna_config` against its depth; raises `ValueError` naming the config."""
     try:
         settings = FNAConfig.from_model_config(tower_config)
@@ -187,16 +222,33 @@ def _tower_plan(tower_config: Any) -> TowerPlan:
         detect_layer, from_layer = _masking_layers(settings, num_layers)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
-    special = settings.num_special_tokens
+    special = special_tokens(tower_config, settings.num_special_tokens)
+    if settings.num_special_tokens is None and not is_known_family(tower_config):
+        logger.warning_once(
+            f"hf_fna: the always-landmark tokens of model_type {getattr(tower_config, 'model_type', '?')!r} are not "
+            f"known; assuming {special.leading} leading token(s) (a CLS token and its registers). Set "
+            "FNAConfig.num_special_tokens if that is wrong."
+        )
     return TowerPlan(
         settings=settings,
         source=copy.deepcopy(getattr(tower_config, "fna_config", None)),
         num_layers=num_layers,
         groups=groups,
-        num_special_tokens=num_special_tokens(tower_config) if special is None else special,
+        special=special,
         detect_layer=detect_layer,
         from_layer=from_layer,
+        name=name,
     )
+
+
+def _config_name(model_config: Any, tower_config: Any) -> str:
+    """The attribute of `model_config` holding `tower_config` ("vision_config"...), or "model" for itself."""
+    if tower_config is model_config:
+        return "model"
+    for name in (*TOWER_CONFIG_NAMES, *getattr(model_config, "sub_configs", {})):
+        if getattr(model_config, name, None) is tower_config:
+            return name
+    return getattr(tower_config, "model_type", None) or type(tower_config).__name__
 
 
 def _masking_layers(settings: FNAConfig, num_layers: int) -> tuple[int, int]:
@@ -274,7 +326,7 @@ def plan_model(root: nn.Module) -> int:
         if index is None:
             continue
         if id(config) not in towers:
-            towers[id(config)] = _tower_plan(config)
+            towers[id(config)] = _tower_plan(config, _config_name(getattr(root, "config", None), config))
         layers.append((name, module, towers[id(config)], index))
     with _PLAN_LOCK:
         for module in root.modules():
@@ -374,31 +426,41 @@ def _landmarks_for(
     key: torch.Tensor,
     value: torch.Tensor,
     valid: torch.Tensor | None,
-    guaranteed: torch.Tensor | None,
+    flagged: torch.Tensor | None,
+    block: int | None = None,
 ) -> torch.Tensor:
+    """Landmarks `[B, m]` of this layer: chosen at the first layer of its group in a pass, reused by the later ones.
+
+    `block` tells apart the images of a packed sequence (one cache entry per group and block). Landmarks are reused
+    within a group and pass while the shape, the block and the flagged tokens stay the same.
+    """
     tower, settings = plan.tower, plan.tower.settings
-    # Landmarks are reused within a group and pass while the shape and the guaranteed (flagged) tokens stay the same.
-    shape = (query.shape[0], query.shape[2], query.device, None if guaranteed is None else id(guaranteed))
+    shape = (query.shape[0], query.shape[2], query.device, None if flagged is None else id(flagged))
     if not hasattr(tower.local, "landmarks"):
         tower.local.landmarks = {}
+    slot = (group, block)
     if plan.index != group.first_layer:
-        cached = tower.local.landmarks.get(group)
+        cached = tower.local.landmarks.get(slot)
         if cached is None:
-            cached = tower.last_group_landmarks.get(group)  # e.g. the autograd thread recomputing a checkpointed layer
+            cached = tower.last_group_landmarks.get(slot)  # e.g. the autograd thread recomputing a checkpointed layer
         if cached is not None and cached[0] == shape:
             return cached[1]
+    guaranteed = tower.special.mask(query.shape[0], query.shape[2], query.device)
+    if flagged is not None:
+        guaranteed = flagged if guaranteed is None else guaranteed | flagged
     with torch.no_grad():
         features = _selection_features(module, query, key, value, settings.sampling_features)
         landmarks = select_landmarks(
             features,
             min(group.num_landmarks, query.shape[2]),
             method=settings.sampling,
-            num_special_tokens=tower.num_special_tokens,
             guaranteed=guaranteed,
             valid=valid,
             seed=settings.seed,
         )
-    tower.local.landmarks[group] = tower.last_group_landmarks[group] = tower.last_landmarks = (shape, landmarks)
+    tower.local.landmarks[slot] = tower.last_group_landmarks[slot] = (shape, landmarks)
+    if block is None:
+        tower.last_landmarks = (shape, landmarks)
     return landmarks
 
 
@@ -419,8 +481,11 @@ def fna_attention_forward(
     """`AttentionInterface` entry point: FNA in the configured layers, exact attention elsewhere.
 
     Exact attention runs for causal attention (text towers), layers outside `FNAConfig.layers`, sequences shorter
-    than `min_tokens` or `num_landmarks`, and masks that differ between queries. Returns `([B, N, H, d], weights)`;
-    weights are returned only with `output_attentions=True` and are then the (quadratic) approximate matrix.
+    than `min_tokens` or `num_landmarks`, and masks that differ between queries; each such fallback in an FNA layer
+    is logged once per model and reason, and `hf_fna.explain(model)` reports it per layer. A block-diagonal mask
+    (several images packed in one sequence) runs FNA per block. Returns `([B, N, H, d], weights)`; weights are
+    returned only with `output_attentions=True` and are then the (quadratic) approximate matrix (None for packed
+    sequences).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -430,32 +495,103 @@ def fna_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     plan = _plan_for(module)
-    settings = plan.tower.settings
     output_attentions = bool(kwargs.get("output_attentions", False))
-    if settings.pinv == "exact" and module.training:
+    if plan.tower.settings.pinv == "exact" and module.training:
         raise ReferenceModeError(
             "pinv='exact' is the reference mode and cannot be trained through (its gradients explode); call "
             "model.eval(), or use pinv='newton' for training."
         )
-    shape = (*query.shape[:3], key.shape[2])
-    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, shape)
-    group = plan.group
-    use_fna = group is not None and per_key and query.shape[2] >= max(settings.min_tokens, group.num_landmarks)
+    # The shape expands a mask shared by the batch (e.g. BEiT's position bias) to one row per sample for landmarks.
+    key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, (*query.shape[:3], key.shape[2]))
     valid = valid_keys(key_bias)
-    if use_fna and valid is not None:
-        # A padded sample with fewer real tokens than landmarks would need duplicate landmarks: run exact attention.
-        use_fna = int(valid.sum(dim=-1).min()) >= group.num_landmarks
-    if group is not None and not use_fna and plan.index == group.first_layer:
-        # This group selects no landmarks in this pass: `last_landmarks` must not report an earlier pass's.
-        getattr(plan.tower.local, "landmarks", {}).pop(group, None)
-        plan.tower.last_group_landmarks.pop(group, None)
-        plan.tower.last_landmarks = None
-
     flagged = _flags_for(plan, query, key, scaling, key_bias, valid)
+    blocks = None
+    if plan.runs_fna and not per_key and not output_attentions:
+        blocks = diagonal_blocks(_batch_mask(attention_mask, query))
+    if blocks is not None:
+        packed = _packed_attention(plan, module, query, key, value, attention_mask, blocks, dropout, scaling, flagged)
+        if packed is not None:
+            return packed.transpose(1, 2).contiguous(), None
+        use_fna, reason = False, _short_packed_images(plan, blocks)
+    else:
+        use_fna, reason = _decide(plan, query.shape[2], per_key, valid)
+    if not use_fna and plan.group is not None and plan.index == plan.group.first_layer:
+        # This group selects no landmarks in this pass: `last_landmarks` must not report an earlier pass's.
+        getattr(plan.tower.local, "landmarks", {}).pop((plan.group, None), None)
+        plan.tower.last_group_landmarks.pop((plan.group, None), None)
+        plan.tower.last_landmarks = None
+    plan.last = ("fna" if use_fna else "exact", reason, query.shape[2])
+    output, weights = _attend(
+        plan,
+        module,
+        (query, key, value),
+        key_bias if per_key else None,
+        valid,
+        use_fna,
+        dropout,
+        scaling,
+        flagged,
+        output_attentions,
+        full_mask=None if per_key else attention_mask,
+    )
+    return output.transpose(1, 2).contiguous(), weights
+
+
+def _decide(plan: LayerPlan, tokens: int, per_key: bool, valid: torch.Tensor | None) -> tuple[bool, str]:
+    """Whether this layer runs FNA on a sequence of `tokens`, and why (warning once when FNA was configured)."""
+    settings, group = plan.tower.settings, plan.group
+    if group is None:
+        return False, f"layer not in FNAConfig.layers={settings.layers!r}"
+    threshold = max(settings.min_tokens, group.num_landmarks)
+    if not per_key:
+        plan.tower.warn_once(REASON_MASK, f"{tokens} tokens with a mask that varies across queries")
+        return False, "mask varies across queries"
+    if tokens < threshold:
+        plan.tower.warn_once(
+            REASON_SHORT,
+            f"{tokens} tokens < {threshold} (min_tokens={settings.min_tokens}, num_landmarks={group.num_landmarks})",
+        )
+        return False, f"{tokens} tokens < min_tokens={settings.min_tokens}" + (
+            f" / num_landmarks={group.num_landmarks}" if group.num_landmarks > settings.min_tokens else ""
+        )
+    if valid is not None and int(valid.sum(dim=-1).min()) < group.num_landmarks:
+        # A padded sample with fewer real tokens than landmarks would need duplicate landmarks.
+        plan.tower.warn_once(REASON_PADDING, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}")
+        return False, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}"
+    return True, f"FNA, m={group.num_landmarks}"
+
+
+def _short_packed_images(plan: LayerPlan, blocks: tuple) -> str:
+    """The reason (warned once) why no image of a packed sequence ran FNA: each is shorter than the threshold."""
+    settings = plan.tower.settings
+    threshold = max(settings.min_tokens, plan.group.num_landmarks)
+    longest = max(stop - start for _, start, stop in blocks)
+    detail = f"{len(blocks)} packed images of at most {longest} tokens each, fewer than {threshold}"
+    plan.tower.warn_once(REASON_SHORT, f"{detail} (min_tokens={settings.min_tokens})")
+    return f"packed images of <= {longest} tokens < min_tokens={settings.min_tokens}"
+
+
+def _attend(
+    plan: LayerPlan,
+    module: nn.Module,
+    states: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    key_bias: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    use_fna: bool,
+    dropout: float,
+    scaling: float | None,
+    flagged: torch.Tensor | None,
+    output_attentions: bool = False,
+    full_mask: torch.Tensor | None = None,
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FNA (Nyström) or exact attention `[B, H, N, d]` on one sequence (or one block of a packed one)."""
+    query, key, value = states
+    settings = plan.tower.settings
     intervention = settings.masking.mode if flagged is not None else "none"
     if use_fna:
-        landmarks = _landmarks_for(plan, group, module, query, key, value, valid, guaranteed=flagged)
-        output, weights = nystrom_attention(
+        landmarks = _landmarks_for(plan, plan.group, module, query, key, value, valid, flagged, block)
+        return nystrom_attention(
             query,
             key,
             value,
@@ -470,20 +606,66 @@ def fna_attention_forward(
             return_weights=output_attentions,
             valid=valid,
         )
-    else:
-        bias = key_bias if per_key else additive_mask(attention_mask, query.dtype, shape)
-        output, weights = exact_attention(
-            query,
-            key,
-            value,
-            bias,
-            scaling,
-            dropout,
-            flagged=flagged,
-            intervention=intervention,
-            return_weights=output_attentions,
-        )
-    return output.transpose(1, 2).contiguous(), weights
+    bias = key_bias if full_mask is None else additive_mask(full_mask, query.dtype)
+    return exact_attention(
+        query,
+        key,
+        value,
+        bias,
+        scaling,
+        dropout,
+        flagged=flagged,
+        intervention=intervention,
+        return_weights=output_attentions,
+    )
+
+
+def _batch_mask(attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask broadcast to the batch of `query` (`[B, 1|H, N, N]`), or None when it is not 4-D."""
+    mask = additive_mask(attention_mask, query.dtype)
+    if mask is None or mask.dim() != 4:
+        return None
+    return mask.expand(query.shape[0], *mask.shape[1:])
+
+
+def _packed_attention(
+    plan: LayerPlan,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    blocks: tuple,
+    dropout: float,
+    scaling: float | None,
+    flagged: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """FNA per block of a block-diagonal mask, `[B, H, N, d]`; None when no block is long enough for FNA.
+
+    Each block is attended as an image on its own: its key bias is its row of the mask, its landmarks are its own
+    (special tokens counted per block), and blocks shorter than `min_tokens` run exact attention.
+    """
+    settings, landmarks = plan.tower.settings, plan.group.num_landmarks
+    threshold = max(settings.min_tokens, landmarks)
+    if not any(stop - start >= threshold for _, start, stop in blocks):
+        return None  # one exact SDPA call on the whole mask beats a loop of small ones
+    mask = _batch_mask(attention_mask, query)
+    outputs: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    ran = 0
+    for block, (sample, start, stop) in enumerate(blocks):
+        part = (slice(sample, sample + 1), slice(None), slice(start, stop))
+        key_bias = mask[sample : sample + 1, :, start : start + 1, start:stop]
+        valid = valid_keys(key_bias)
+        tokens = stop - start
+        use_fna = tokens >= threshold and int(valid.sum()) >= landmarks
+        ran += use_fna
+        block_flags = None if flagged is None else flagged[sample : sample + 1, start:stop]
+        states = (query[part], key[part], value[part])
+        output, _ = _attend(plan, module, states, key_bias, valid, use_fna, dropout, scaling, block_flags, block=block)
+        outputs[sample].append(output)
+    reason = f"FNA per image in {ran} of {len(blocks)} packed blocks, m={landmarks}"
+    plan.last = ("fna", reason, mask.shape[-1])
+    return torch.cat([torch.cat(parts, dim=2) for parts in outputs], dim=0)
 
 
 def _flags_for(
@@ -527,7 +709,10 @@ def _tower_plans(model: nn.Module) -> list[TowerPlan]:
 
 
 def last_landmarks(model: nn.Module) -> torch.Tensor | None:
-    """Landmark indices `[B, m]` chosen in the most recent forward pass of `model` (None if FNA never ran)."""
+    """Landmark indices `[B, m]` chosen in the most recent forward pass of `model` (None if FNA never ran).
+
+    Sequences packed with a block-diagonal mask are not covered: their landmarks are chosen per block.
+    """
     entries = [tower.last_landmarks for tower in _tower_plans(model) if tower.last_landmarks is not None]
     return entries[-1][1] if entries else None
 
@@ -564,13 +749,12 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
         raise ValueError(
             f"{type(model).__name__} has no sub-config {tower!r}; accepted: {', '.join(config.sub_configs) or 'none'}."
         )
-    attention_modules = [m for m in model.modules() if getattr(m, "config", None) is tower_config]
-    attention_modules = [m for m in attention_modules if _is_attention_module(m)]
-    if not attention_modules or not all(dispatches_through_interface(m) for m in attention_modules):
+    if not supports_fna(model, tower_config):
         raise ValueError(
-            f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface, so the "
-            "`fna` backend cannot run in it; supported: ViT, DeiT, DINOv2 (with registers), CLIP, SigLIP, LLaVA-style "
-            "vision towers and other models whose attention calls `ALL_ATTENTION_FUNCTIONS.get_interface`."
+            f"{type(model).__name__} ({tower or 'model'}: {getattr(tower_config, 'model_type', '?')}) cannot run the "
+            "`fna` backend: it does not declare `_supports_attention_backend` and its attention does not call "
+            "`ALL_ATTENTION_FUNCTIONS.get_interface`; supported are models that dispatch through Transformers' "
+            "AttentionInterface (ViT, DeiT, DINOv2, CLIP, SigLIP, SigLIP2, LLaVA-style vision towers...)."
         )
     # Everything is checked before the model changes: a failed apply leaves no half-applied model behind.
     num_layers = int(tower_config.num_hidden_layers)
@@ -585,12 +769,23 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
     return model
 
 
-def _is_attention_module(module: nn.Module) -> bool:
-    return (
-        "Attention" in type(module).__name__
-        and hasattr(module, "config")
-        and not isinstance(module, nn.MultiheadAttention)
-    )
+def supports_fna(model: nn.Module, tower_config: Any) -> bool:
+    """Whether the tower of `model` configured by `tower_config` dispatches its attention through AttentionInterface.
+
+    Transformers' declared capability decides first: `_supports_attention_backend` on the `PreTrainedModel` that
+    owns the tower (the tower itself for LLaVA-style models, else `model`). Models that dispatch without declaring
+    it (AIMv2) are recognised from their attention modules' code.
+    """
+    owners = [m for m in model.modules() if getattr(m, "config", None) is tower_config and _is_pretrained_model(m)]
+    if any(getattr(type(owner), "_supports_attention_backend", False) for owner in owners or [model]):
+        return True
+    return any(dispatches_through_interface(m) for m in model.modules() if getattr(m, "config", None) is tower_config)
+
+
+def _is_pretrained_model(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
 
 
 def register() -> None:

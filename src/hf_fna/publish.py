@@ -22,16 +22,16 @@ _MEASURED_REQUIRED = ("command", "machine")
 
 # One line per FNAConfig field (and masking sub-field) for the settings table of the card.
 FIELD_DOCS = {
-    "layers": "layers running FNA (others run exact attention)",
-    "num_landmarks": "landmark tokens per image (m); cost O(N m d) instead of O(N^2 d)",
-    "sampling": "landmark selection: farthest point sampling (fps) or seeded random",
+    "layers": "layers running FNA (others run exact attention); `A@m;B@m` groups select their own m landmarks",
+    "num_landmarks": "landmark tokens per image (m) of groups that name none; cost O(N m d) instead of O(N^2 d)",
+    "sampling": "landmark selection: farthest point sampling (fps), the paper's sampler (quickfps) or seeded random",
     "sampling_features": "features FPS measures distances on (q, k or hidden)",
-    "resample_every_layer": "select landmarks in every FNA layer instead of once per forward pass",
+    "resample_every_layer": "select landmarks in every FNA layer instead of once per group",
     "pinv": "pseudo-inverse of the landmark kernel: Newton-Schulz iteration or exact",
     "pinv_iterations": "Newton-Schulz iterations",
     "min_tokens": "shorter sequences run exact attention",
     "seed": "seed of random sampling",
-    "num_special_tokens": "leading tokens always kept as landmarks (null: read from the model config)",
+    "num_special_tokens": "leading tokens always kept as landmarks (null: derived from the model family)",
     "masking.mode": "intervention on flagged massive/artifact tokens (none, mask, sink, sink_keep_self)",
     "masking.detect": "how tokens are flagged (norm_gap or attention)",
     "masking.detect_layer": "layer where tokens are flagged",
@@ -117,8 +117,26 @@ def model_card(
         f"| `{name}` | `{json.dumps(value)}` | {_cell(FIELD_DOCS.get(name, ''))} |"
         for name, value in _settings_rows(fna_config)
     ]
-    lines += ["", *_measured_section(base_model, measured), ""]
+    lines += ["", *_acting_section(fna_config), "", *_measured_section(base_model, measured), ""]
     return "\n".join(lines)
+
+
+def _acting_section(fna_config: FNAConfig) -> list[str]:
+    """From which sequence length the settings act: below it every layer runs exact attention."""
+    threshold = max(fna_config.min_tokens, fna_config.num_landmarks)
+    return [
+        "## When these settings act",
+        "",
+        f"FNA runs only on sequences of **{threshold} tokens or more** (`min_tokens={fna_config.min_tokens}`, "
+        f"`num_landmarks={fna_config.num_landmarks}`); shorter sequences run exact attention in every layer, and "
+        "`hf_fna` logs one warning per model saying so. A ViT with patch size p and k special tokens has "
+        f"(S / p)^2 + k tokens at S x S px: at 224 px, patch 14 and one CLS token give 257 tokens, "
+        f"{'too few for these settings' if threshold > 257 else 'enough for these settings'}. "
+        "`hf_fna.explain(model)` lists, per layer, whether the last forward pass ran FNA or exact attention, and why.",
+        "",
+        "The default `min_tokens=512` comes from CPU measurements (DINOv2-small shapes, 2 cores: FNA breaks even at "
+        "about 400 tokens). The break-even on CUDA has not been measured.",
+    ]
 
 
 def _measured_section(base_model: str, measured: dict[str, Any] | None) -> list[str]:

@@ -79,6 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     run.add_argument("--output", help="write the JSON report here (atomically, at the end of a successful run)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument(
+        "--save-exact",
+        metavar="PATH",
+        help="also write the exact variant's outputs and timing to PATH, for later FNA-only runs with --reference",
+    )
+    run.add_argument(
+        "--reference",
+        metavar="PATH",
+        help="FNA only: replay the exact outputs and timing saved by --save-exact on the same task, model, data and "
+        "batch size instead of running exact attention again (for sweeps over FNA settings)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
@@ -134,6 +145,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         max_new_tokens=args.max_new_tokens,
         output=args.output,
         show_progress=not args.no_progress,
+        save_exact=args.save_exact,
+        reference=args.reference,
     )
 
 

@@ -12,6 +12,7 @@ A single `Dataset` without splits counts as the split "test".
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,16 +47,78 @@ def fashion_mnist_segmentation(threshold: int = FASHION_MNIST_GARMENT_THRESHOLD)
     return splits
 
 
+_SHAPES = ("circle", "rectangle", "triangle")
+_COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+
+
+def _caption_facts(question: str, answer: str) -> dict[str, str]:
+    """What one easy-vqa question and its answer say about the image's shape and colour ({"shape": ..., ...})."""
+    words = re.findall(r"[a-z]+", question.lower())
+    facts: dict[str, str] = {}
+    if answer in ("yes", "no"):
+        negated = "not" in words or "no" in words
+        if (answer == "yes") != negated:  # the named shape or colour is present
+            for word in words:
+                if word in _SHAPES:
+                    facts["shape"] = word
+                elif word in _COLOURS:
+                    facts["colour"] = word
+        return facts
+    # "what is the color of the triangle?" -> colour; "what is the red shape?" -> shape
+    facts["shape" if answer in _SHAPES else "colour"] = answer
+    for word in words:
+        if word in _SHAPES:
+            facts["shape"] = word
+        elif word in _COLOURS:
+            facts["colour"] = word
+    return facts
+
+
+def easy_vqa_captions() -> Any:
+    """easy-vqa as an image-text retrieval set: one row per image, `image`, `caption` ("a red triangle") and
+    `image_id`, with `train` and `test` splits.
+
+    The caption is derived from the image's own questions and answers ("what is the color of the triangle?" ->
+    "red"; "is there a blue shape?" -> "no"...); images whose questions do not name both the shape and its colour
+    are left out. Eight colours and three shapes make 24 distinct captions, so many images share one: recall then
+    measures how far FNA keeps the ranking of exact attention, not a retrieval benchmark.
+    """
+    import datasets
+
+    out = {}
+    for name, split in assets.easy_vqa().items():
+        facts: dict[int, dict[str, str]] = {}
+        first_row: dict[int, int] = {}
+        columns = zip(split["question"], split["answer"], split["image_id"], strict=True)
+        for row, (question, answer, image_id) in enumerate(columns):
+            first_row.setdefault(image_id, row)
+            facts.setdefault(image_id, {}).update(_caption_facts(question, answer))
+        image_ids = sorted(i for i, known in facts.items() if len(known) == 2)
+        rows = split.select([first_row[i] for i in image_ids]).select_columns(["image", "image_id"])
+        captions = [f"a {facts[i]['colour']} {facts[i]['shape']}" for i in image_ids]
+        out[name] = rows.add_column("caption", captions)
+    return datasets.DatasetDict(out)
+
+
 def _builtin_datasets() -> dict[str, Callable[[], Any]]:
     return {
         "fashion_mnist": assets.fashion_mnist,
+        "digits": assets.digits,
         "fashion_mnist_segmentation": fashion_mnist_segmentation,
         "easy_vqa": assets.easy_vqa,
+        "easy_vqa_captions": easy_vqa_captions,
         "photos": assets.photos,
     }
 
 
-BUILTIN_DATASETS = ("fashion_mnist", "fashion_mnist_segmentation", "easy_vqa", "photos")
+BUILTIN_DATASETS = (
+    "fashion_mnist",
+    "fashion_mnist_segmentation",
+    "digits",
+    "easy_vqa",
+    "easy_vqa_captions",
+    "photos",
+)
 
 
 @dataclass

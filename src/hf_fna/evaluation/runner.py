@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -83,15 +84,38 @@ def make_accelerator(mixed_precision: str) -> Any:
 
 
 class Runner:
-    """Holds the accelerator, the model and its `AttentionSwitch`; runs batches through both variants."""
+    """Holds the accelerator, the model and its `AttentionSwitch`; runs batches through both variants.
 
-    def __init__(self, settings: EvalSettings, model: Any, processor: Any, fna: FNAConfig) -> None:
+    With `reference` (an `ExactReference` of an earlier run on the same data) the exact variant is not run: its
+    outputs and timings are replayed in the order they were recorded. Every run records its own in `exact_log`.
+    """
+
+    def __init__(
+        self,
+        settings: EvalSettings,
+        model: Any,
+        processor: Any,
+        fna: FNAConfig,
+        reference: ExactReference | None = None,
+    ) -> None:
         self.settings = settings
         self.accelerator = make_accelerator(settings.mixed_precision)
         self.model = model.to(self.accelerator.device)
         self.processor = processor
         self.fna = fna
         self.switch = AttentionSwitch(model, fna)
+        self.reference = reference
+        self.exact_log: list[tuple[str, Any]] = []  # ("batch" | "timing" | "extract", value), in call order
+        self._replay = iter(reference.log) if reference is not None else None
+
+    def _replayed(self, kind: str) -> Any:
+        entry = next(self._replay, None)
+        if entry is None or entry[0] != kind:
+            raise CLIError(
+                f"--reference {self.reference.path!r} does not match this run (expected a recorded {kind!r} step, "
+                f"found {'nothing' if entry is None else repr(entry[0])}); record it again with --save-exact"
+            )
+        return entry[1]
 
     @property
     def device(self) -> torch.device:
@@ -148,20 +172,32 @@ class Runner:
                 tokens = self._tokens_per_image(inputs["pixel_values"])
             outputs = {}
             for variant in VARIANTS if index % 2 == 0 else VARIANTS[::-1]:
+                if variant == EXACT and self._replay is not None:
+                    outputs[EXACT] = _to_device(self._replayed("batch"), self.device)
+                    continue
                 outputs[variant], seconds = self._forward(variant, step, inputs)
                 if index > 0 or len(loader) == 1:
                     timing[variant].seconds += seconds
                     timing[variant].samples += _batch_length(inputs)
+            if self._replay is None:
+                self.exact_log.append(("batch", _to_device(outputs[EXACT], torch.device("cpu"))))
             gathered.append(self._gather(summarize(outputs[EXACT], outputs[FNA], targets)))
         self.switch.use(EXACT)
         merged = _concatenate(gathered)
         num_samples = len(next(iter(merged.values()))) if merged else 0
-        return Comparison(merged, self._reduce_timing(timing), num_samples, tokens)
+        reduced = self._reduce_timing(timing)
+        if self._replay is not None:
+            reduced[EXACT] = Timing(*self._replayed("timing"))
+        else:
+            self.exact_log.append(("timing", (reduced[EXACT].seconds, reduced[EXACT].samples)))
+        return Comparison(merged, reduced, num_samples, tokens)
 
     def extract(
         self, dataset: Any, collate: Callable[[list[dict]], Batch], step: Callable, description: str = "exact"
     ) -> dict[str, Any]:
         """One pass with exact attention only (e.g. features of a probe's train split); outputs and targets."""
+        if self._replay is not None:
+            return self._replayed("extract")
         self.switch.use(EXACT)
         gathered = []
         for inputs, targets in self._progress(self.loader(dataset, collate), description):
@@ -169,7 +205,9 @@ class Runner:
             with torch.inference_mode(), self.accelerator.autocast():
                 outputs = step(self.model, inputs)
             gathered.append(self._gather({**outputs, **targets}))
-        return _concatenate(gathered)
+        merged = _concatenate(gathered)
+        self.exact_log.append(("extract", merged))
+        return merged
 
     def _gather(self, values: dict[str, Any]) -> dict[str, Any]:
         """`gather_for_metrics` of tensors (moved to CPU, as float32 when floating) and of per-sample lists."""
@@ -187,20 +225,32 @@ class Runner:
         return {v: Timing(float(stats[:, i, 0].max()), int(stats[:, i, 1].sum())) for i, v in enumerate(VARIANTS)}
 
     def _tokens_per_image(self, pixel_values: torch.Tensor) -> int | None:
-        from ..backend import num_special_tokens
+        from ..families import special_tokens
 
         config = vision_config(self.model.config)
         patch = getattr(config, "patch_size", None)
         if not patch or pixel_values.dim() != 4:
             return None
         height, width = pixel_values.shape[-2:]
-        return (height // patch) * (width // patch) + num_special_tokens(config)
+        special = special_tokens(config)
+        return (height // patch) * (width // patch) + special.leading + special.trailing
 
 
 def _synchronize(device: torch.device) -> None:
     backend = getattr(torch, device.type, None)
     if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
         backend.synchronize()
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """`value` (tensors, or dicts and lists of them) moved to `device`; other values as they are."""
+    if torch.is_tensor(value):
+        return value.detach().to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _batch_length(inputs: dict[str, Any]) -> int:
@@ -235,6 +285,76 @@ def mean_cosine(exact: torch.Tensor, fna: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(exact.double(), fna.double(), dim=-1).mean())
 
 
+# --- a saved exact reference ------------------------------------------------------------------------------------
+
+# Settings that must agree between the run that recorded exact outputs and the FNA-only run replaying them.
+_REFERENCE_KEYS = (
+    "task", "model", "dataset", "split", "train_split", "limit", "train_limit", "seed", "batch_size", "image_size",
+    "mixed_precision", "image_column", "label_column", "caption_column", "question_column", "answer_column",
+    "mask_column", "class_names", "prompt", "ignore_index", "max_new_tokens",
+)  # fmt: skip
+
+
+@dataclass
+class ExactReference:
+    """Exact-attention outputs and timings recorded by `hf-fna eval --save-exact`, replayed by `--reference`."""
+
+    path: str
+    fingerprint: dict[str, Any]
+    log: list[tuple[str, Any]]
+    recorded: dict[str, Any] = field(default_factory=dict)  # when, where and with what the reference was recorded
+
+
+def reference_fingerprint(settings: EvalSettings, num_processes: int) -> dict[str, Any]:
+    record = settings.to_dict()
+    return {**{key: record.get(key) for key in _REFERENCE_KEYS}, "num_processes": num_processes}
+
+
+def save_reference(path: str, settings: EvalSettings, runner: Runner, recorded: dict[str, Any]) -> None:
+    """Write the exact outputs of `runner`'s run to `path` (torch.save, through a temporary file)."""
+    import os
+    import tempfile
+
+    payload = {
+        "format": "hf_fna.exact_reference/1",
+        "fingerprint": reference_fingerprint(settings, runner.accelerator.num_processes),
+        "log": runner.exact_log,
+        "recorded": json.loads(json.dumps(recorded, default=str)),  # plain values: torch.load(weights_only=True)
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def load_reference(path: str, settings: EvalSettings, num_processes: int) -> ExactReference:
+    """Read an `--save-exact` file and check that it was recorded on the same task, model, data and batches.
+
+    Raises:
+        CLIError: an unreadable file, or settings that differ (each named with both values).
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        fingerprint, log = payload["fingerprint"], payload["log"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as error:
+        raise CLIError(f"could not read --reference {path!r} (written by --save-exact?): {error}") from error
+    expected = reference_fingerprint(settings, num_processes)
+    differences = [
+        f"{key}={fingerprint.get(key)!r} there, {value!r} here" for key, value in expected.items()
+        if fingerprint.get(key) != value
+    ]  # fmt: skip
+    if differences:
+        raise CLIError(f"--reference {path!r} was recorded with other settings: {'; '.join(differences)}")
+    return ExactReference(path, fingerprint, log, payload.get("recorded", {}))
+
+
 # --- the whole run -------------------------------------------------------------------------------------------------
 
 
@@ -261,18 +381,30 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
         resolve_layers(fna.layers, int(vision_config(config).num_hidden_layers))
     except ValueError as error:
         raise CLIError(str(error)) from error
+    if (settings.reference or settings.save_exact) and make_accelerator(settings.mixed_precision).num_processes > 1:
+        raise CLIError("--reference and --save-exact need a single process (the outputs are recorded per batch)")
+    reference = load_reference(settings.reference, settings, 1) if settings.reference else None
     with _quiet_progress_bars(not settings.show_progress):
         data = task.load_data(settings)
         model, processor = load_model(settings.model, task.MODEL_KIND, settings.task)
-    runner = Runner(settings, model, processor, fna)
+    runner = Runner(settings, model, processor, fna, reference)
     try:
         outcome: TaskOutcome = task.run_task(runner, data)
     except ReferenceModeError as error:  # pinv="exact" from --fna-config with fewer landmarks than tokens
         raise CLIError(str(error)) from None
     result = build_result(settings, runner, outcome)
+    if reference is not None:
+        recorded = ", ".join(f"{k} {v}" for k, v in reference.recorded.items())
+        result.notes.append(
+            f"exact attention was not run: its outputs and timing are replayed from {settings.reference} ({recorded}); "
+            "the speed-up compares two runs, so it holds only if both ran on the same, equally loaded machine"
+        )
     error = None
     if runner.accelerator.is_main_process:
         print(result.to_markdown())  # first: a report that cannot be written must not take the table with it
+        if settings.save_exact and reference is None:
+            keys = ("finished", "machine", "device", "versions")
+            save_reference(settings.save_exact, settings, runner, {k: result.settings[k] for k in keys})
         if settings.output:
             try:
                 write_json_atomically(settings.output, result.to_dict())

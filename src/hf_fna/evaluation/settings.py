@@ -37,6 +37,9 @@ class EvalSettings:
             high resolution (many tokens), so this is the main knob.
         fna: FNA settings; None takes the model's own `fna_config` (or the defaults) updated with `fna_overrides`.
         output: path of the JSON report (written by the main process at the end of a successful run).
+        save_exact: write the exact variant's outputs and timing here (for later FNA-only runs).
+        reference: a `save_exact` file of an earlier run on the same task, model and data: exact attention is not
+            run again, its outputs are replayed (a sweep over FNA settings pays for exact attention once).
     """
 
     task: str
@@ -65,6 +68,8 @@ class EvalSettings:
     max_new_tokens: int = 10
     output: str | None = None
     show_progress: bool = True
+    save_exact: str | None = None
+    reference: str | None = None
 
     def check(self) -> None:
         if self.task not in TASKS:
@@ -83,6 +88,8 @@ class EvalSettings:
             raise CLIError(f"num_workers must be >= 0 (0 loads data in the main process), got {self.num_workers}")
         if not 0 <= self.seed <= MAX_SEED:
             raise CLIError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+        if self.save_exact and self.reference:
+            raise CLIError("--save-exact records exact outputs and --reference replays them: give one of them")
         if "{}" not in self.prompt:
             raise CLIError(f"the zero-shot prompt must contain '{{}}' where the class name goes, got {self.prompt!r}")
 

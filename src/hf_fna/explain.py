@@ -1,0 +1,89 @@
+"""`hf_fna.explain(model)`: per tower and layer, whether FNA or exact attention runs, and why.
+
+Before any forward pass it reports the plan (which layers are configured for FNA, from which sequence length);
+after one it reports what the last pass actually ran, e.g. exact attention because 257 tokens are fewer than
+`min_tokens=512`, or FNA per image in a packed (block-diagonal) sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .backend import _PLANS, LayerPlan, plan_model
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What one attention layer does under the `fna` backend.
+
+    Attributes:
+        tower: the sub-config holding the tower ("vision_config"...), or "model" when it is the model config.
+        layer: layer index within the tower.
+        configured: whether the layer is in `FNAConfig.layers`.
+        ran: "fna" or "exact" in the last forward pass; None before the first pass.
+        reason: why (the plan before the first pass).
+        tokens: sequence length of the last forward pass (None before the first pass).
+    """
+
+    tower: str
+    layer: int
+    configured: bool
+    ran: str | None
+    reason: str
+    tokens: int | None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The `LayerReport` of every attention layer that runs the `fna` backend, in tower and layer order."""
+
+    layers: tuple[LayerReport, ...]
+
+    def ran_fna(self, tower: str | None = None) -> list[int]:
+        """Layers (of `tower`, or of every tower) that ran FNA in the last forward pass."""
+        return [r.layer for r in self.layers if r.ran == "fna" and tower in (None, r.tower)]
+
+    def __str__(self) -> str:
+        if not self.layers:
+            return "hf_fna: no attention layer of this model runs the `fna` backend."
+        lines = ["| tower | layer | configured | last pass | tokens | why |", "|---|---:|---|---|---:|---|"]
+        for r in self.layers:
+            ran = "not run yet" if r.ran is None else r.ran
+            tokens = "" if r.tokens is None else str(r.tokens)
+            configured = "FNA" if r.configured else "exact"
+            lines.append(f"| {r.tower} | {r.layer} | {configured} | {ran} | {tokens} | {r.reason} |")
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module) -> Explanation:
+    """Per tower and layer: FNA or exact attention, and why (see the module docstring).
+
+    A model loaded with `attn_implementation="fna"` that has not run yet is planned here, as its first forward
+    pass would plan it. Towers that run another attention implementation (a CLIP text tower, a language model) are
+    not listed.
+    """
+    plans = _layer_plans(model)
+    if not plans:
+        plan_model(model)
+        plans = _layer_plans(model)
+    reports = []
+    for plan in sorted(plans, key=lambda p: (p.tower.name, p.index)):
+        settings = plan.tower.settings
+        if plan.last is not None:
+            ran, reason, tokens = plan.last
+        elif plan.group is not None:
+            ran, tokens = None, None
+            threshold = max(settings.min_tokens, plan.group.num_landmarks)
+            reason = f"FNA (m={plan.group.num_landmarks}) on sequences of {threshold} tokens or more, exact below"
+        else:
+            ran, tokens = None, None
+            reason = f"layer not in FNAConfig.layers={settings.layers!r}"
+        reports.append(LayerReport(plan.tower.name, plan.index, plan.runs_fna, ran, reason, tokens))
+    return Explanation(tuple(reports))
+
+
+def _layer_plans(model: nn.Module) -> list[LayerPlan]:
+    plans = (_PLANS.get(module) for module in model.modules())
+    return [plan for plan in plans if plan is not None]
