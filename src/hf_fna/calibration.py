@@ -548,15 +548,15 @@ def run(args: Any) -> int:
 
     from .cli import CLIError
     from .compare import machine_info, machine_line
+    from .outputs import check_output_folder, write_atomically
 
     if args.limit < 1 or args.batch_size < 1 or args.resolution < 1:
         raise CLIError("--limit, --batch-size and --resolution must be positive integers")
     if args.out:
         try:  # before any compute: a folder that cannot be written fails now, not after minutes of passes
-            os.makedirs(args.out, exist_ok=True)
-            _check_writable(args.out)
+            check_output_folder(args.out)
         except OSError as error:
-            raise CLIError(f"cannot write to --out {args.out}: {error.strerror or error}") from error
+            raise CLIError(f"cannot write to --out {args.out}: {error}") from error
     if args.threads:
         torch.set_num_threads(args.threads)
     model, model_name = _load_model(args.model)
@@ -630,34 +630,13 @@ def run(args: Any) -> int:
     }
     try:
         for name, text in files.items():
-            _write_atomically(os.path.join(args.out, name), text)
-        report.plot(os.path.join(args.out, "frontier.png"))
+            write_atomically(os.path.join(args.out, name), lambda f, text=text: f.write(text))
+        write_atomically(os.path.join(args.out, "frontier.png"), lambda f: report.plot(f.name), binary=True)
     except OSError as error:
-        raise CLIError(f"cannot write to --out {args.out}: {error.strerror or error}") from error
+        raise CLIError(f"cannot write to --out {args.out}: {error}") from error
     for name in [*files, "frontier.png"]:
         print(f"wrote {os.path.join(args.out, name)}")
     return 0
-
-
-def _check_writable(folder: str) -> None:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(dir=folder):
-        pass
-
-
-def _write_atomically(path: str, text: str) -> None:
-    import os
-    import tempfile
-
-    handle, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-calibrate-")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
 
 
 def _load_model(name: str | None) -> tuple[nn.Module, str]:

@@ -58,20 +58,17 @@ def _caption_facts(question: str, answer: str) -> dict[str, str]:
     if answer in ("yes", "no"):
         negated = "not" in words or "no" in words
         if (answer == "yes") != negated:  # the named shape or colour is present
-            for word in words:
-                if word in _SHAPES:
-                    facts["shape"] = word
-                elif word in _COLOURS:
-                    facts["colour"] = word
+            facts.update(_named_shape_and_colour(words))
         return facts
     # "what is the color of the triangle?" -> colour; "what is the red shape?" -> shape
     facts["shape" if answer in _SHAPES else "colour"] = answer
-    for word in words:
-        if word in _SHAPES:
-            facts["shape"] = word
-        elif word in _COLOURS:
-            facts["colour"] = word
+    facts.update(_named_shape_and_colour(words))
     return facts
+
+
+def _named_shape_and_colour(words: list[str]) -> dict[str, str]:
+    """The shape and colour words a question names (the last of each kind)."""
+    return {("shape" if word in _SHAPES else "colour"): word for word in words if word in _SHAPES or word in _COLOURS}
 
 
 def easy_vqa_captions() -> Any:
