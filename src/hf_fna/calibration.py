@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -106,8 +106,9 @@ class CalibrationReport:
             lines.append(line)
         return "\n".join(lines)
 
-    def plot(self, path: str) -> None:
-        """Write a PNG: fidelity against predicted speed-up for every measured schedule, the chosen one marked."""
+    def plot(self, path: str | IO[bytes]) -> None:
+        """Write a PNG (to a path or a binary file): fidelity against predicted speed-up for every measured
+        schedule, the chosen one marked."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -138,7 +139,7 @@ class CalibrationReport:
         )
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, format="png")
         plt.close(fig)
 
 
@@ -542,6 +543,7 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(args: Any) -> int:
+    import io
     import json
     import os
     import sys
@@ -631,7 +633,9 @@ def run(args: Any) -> int:
     try:
         for name, text in files.items():
             write_atomically(os.path.join(args.out, name), lambda f, text=text: f.write(text))
-        write_atomically(os.path.join(args.out, "frontier.png"), lambda f: report.plot(f.name), binary=True)
+        png = io.BytesIO()  # rendered in memory: PIL cannot save to a file opened from a descriptor
+        report.plot(png)
+        write_atomically(os.path.join(args.out, "frontier.png"), lambda f: f.write(png.getvalue()), binary=True)
     except OSError as error:
         raise CLIError(f"cannot write to --out {args.out}: {error}") from error
     for name in [*files, "frontier.png"]:
