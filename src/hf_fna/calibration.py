@@ -194,7 +194,7 @@ def calibrate(
 
     from .backend import find_tower_config_name
     from .backend import num_special_tokens as special_tokens_of
-    from .compare import schedule_flop_bound
+    from .compare import mlp_ratio_of, schedule_flop_bound
 
     if metric not in METRICS:
         raise ValueError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
@@ -220,7 +220,7 @@ def calibrate(
     num_layers = int(tower_config.num_hidden_layers)
     width = int(tower_config.hidden_size)
     heads = int(tower_config.num_attention_heads)
-    mlp_ratio = float(getattr(tower_config, "mlp_ratio", None) or getattr(tower_config, "intermediate_size", 0) / width)
+    mlp_ratio = mlp_ratio_of(tower_config)
     special = special_tokens_of(tower_config) if num_special_tokens is None else num_special_tokens
     model.eval()
 
@@ -465,19 +465,14 @@ def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) ->
 
 
 def _seconds_per_pass(model: nn.Module, settings: FNAConfig, batch: torch.Tensor) -> float:
+    """The faster of two timed passes after a warm-up, with `settings` applied."""
+    from .compare import _timed_forward
+
     settings.apply(model)
-    device = next(model.parameters()).device
-    batch = batch.to(device)
+    batch = batch.to(next(model.parameters()).device)
     with torch.inference_mode():
-        model(pixel_values=batch)  # warm-up
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            model(pixel_values=batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return min(times)
+        _timed_forward(model, batch, {})  # warm-up
+        return min(_timed_forward(model, batch, {})[1] for _ in range(2))
 
 
 def _as_pixels(

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .cli import CLIError
-from .config import SAMPLING_METHODS, FNAConfig, parse_layers, resolve_layers
+from .config import SAMPLING_METHODS, FNAConfig, parse_layers
 from .outputs import OutputPathError, check_output_file, write_atomically, write_json_atomically
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
@@ -115,13 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def flop_bound(
     tokens: int, width: int, num_layers: int, fna_layers: int, landmarks: int, mlp_ratio: float = 4.0
 ) -> float:
-    """End-to-end speed-up bound of FNA in `fna_layers` of `num_layers` layers (DESIGN.md section 3).
+    """End-to-end speed-up bound of FNA in `fna_layers` of `num_layers` layers.
 
     A layer costs 8 N D^2 (projections) + 4 r N D^2 (MLP of ratio r: 16 N D^2 at r = 4) + 4 N^2 D (exact attention)
     or 8 N m D (FNA); the bound is the FLOP ratio, i.e. the speed-up if every FLOP ran equally fast.
     """
-    dense = (8 + 4 * mlp_ratio) * tokens * width**2
-    exact = dense + 4 * tokens**2 * width
+    dense, exact = _dense_and_exact_flops(tokens, width, mlp_ratio)
     fna = dense + 8 * tokens * min(landmarks, tokens) * width
     return num_layers * exact / ((num_layers - fna_layers) * exact + fna_layers * fna)
 
@@ -140,8 +139,7 @@ def schedule_flop_bound(
     (4 products of m x m matrices per iteration and head: 8 m^3 each), which outweighs the Nyström products at m=256
     on a 384-wide model.
     """
-    dense = (8 + 4 * mlp_ratio) * tokens * width**2
-    exact = dense + 4 * tokens**2 * width
+    dense, exact = _dense_and_exact_flops(tokens, width, mlp_ratio)
 
     def layer(landmarks: int | None) -> float:
         if landmarks is None:
@@ -150,6 +148,17 @@ def schedule_flop_bound(
         return dense + 8 * tokens * m * width + 2 * m * m * width + 8 * pinv_iterations * heads * m**3
 
     return len(landmarks_per_layer) * exact / sum(layer(m) for m in landmarks_per_layer)
+
+
+def _dense_and_exact_flops(tokens: int, width: int, mlp_ratio: float) -> tuple[float, float]:
+    """FLOPs of one layer's projections and MLP, and of the whole layer with exact attention."""
+    dense = (8 + 4 * mlp_ratio) * tokens * width**2
+    return dense, dense + 4 * tokens**2 * width
+
+
+def mlp_ratio_of(tower_config: Any) -> float:
+    """The MLP width over the model width: `mlp_ratio` (DINOv2) or `intermediate_size / hidden_size` (ViT, CLIP)."""
+    return float(getattr(tower_config, "mlp_ratio", None) or tower_config.intermediate_size / tower_config.hidden_size)
 
 
 # --- machine ----------------------------------------------------------------------------------------------------
@@ -467,10 +476,10 @@ def measure_resolution(
     count = len(items)
     settings = pair.settings
     num_layers = int(pair.tower_config.num_hidden_layers)
-    runs_fna = tokens >= max(settings.min_tokens, settings.num_landmarks)
-    fna_layers = resolve_layers(settings.layers, num_layers) if runs_fna else []
-    width = int(pair.tower_config.hidden_size)
-    mlp_ratio = getattr(pair.tower_config, "mlp_ratio", None) or pair.tower_config.intermediate_size / width
+    # Each selection group runs FNA only from its own landmark count on (and from min_tokens).
+    landmarks = settings.landmarks_per_layer(num_layers, tokens)
+    fna_layers = [layer for layer, m in enumerate(landmarks) if m is not None]
+    width, heads = int(pair.tower_config.hidden_size), int(pair.tower_config.num_attention_heads)
     row: dict[str, Any] = {
         "resolution": size,
         "tokens": tokens,
@@ -480,7 +489,7 @@ def measure_resolution(
         "fna_images_per_s": count / seconds["fna"],
         "exact_seconds": seconds["exact"],
         "fna_seconds": seconds["fna"],
-        "flop_bound": flop_bound(tokens, width, num_layers, len(fna_layers), settings.num_landmarks, float(mlp_ratio)),
+        "flop_bound": schedule_flop_bound(tokens, width, heads, landmarks, mlp_ratio_of(pair.tower_config)),
         "cls_cosine": float(torch.cat(cls_cos).mean()) if cls_cos else None,
         "patch_cosine": float(torch.cat(patch_cos).mean()) if patch_cos else None,
         "min_image_patch_cosine": float(torch.cat(patch_cos).min()) if patch_cos else None,
