@@ -51,8 +51,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     import hf_fna
     from hf_fna.assets import dinov2_small, photos
-    from hf_fna.compare import _photo_tensor
     from hf_fna.config import parse_layers
+    from hf_fna.tools.compare import _photo_tensor
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="PATH", help="PNG of speed-up against patch cosine")
     args = parser.parse_args(argv)
 
-    from hf_fna.compare import schedule_flop_bound
     from hf_fna.config import FNAConfig, parse_layers
+    from hf_fna.tools.compare import schedule_flop_bound
 
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from common import add_report_arguments, machine_info, pick_device, report, time_call
 
 import hf_fna
-from hf_fna.landmarks import select_landmarks
+from hf_fna.ops.landmarks import select_landmarks
 
 SIZES = (197, 257, 577, 1025, 2049, 4097, 8193, 16385)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

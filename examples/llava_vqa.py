@@ -22,8 +22,8 @@ import hf_fna
 from hf_fna import assets
 from hf_fna.evaluation import EvalSettings, run_evaluation
 from hf_fna.evaluation.data import load_split, to_rgb
+from hf_fna.evaluation.tasks.vqa import ANSWER_COLUMNS, QUESTION_COLUMNS, answer_list
 from hf_fna.evaluation.tiny_models import build_tiny_llava, vocabulary
-from hf_fna.evaluation.vqa import ANSWER_COLUMNS, QUESTION_COLUMNS, answer_list
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

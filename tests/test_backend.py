@@ -10,7 +10,7 @@ from transformers import AutoModel, CLIPModel, Dinov2Config, Dinov2Model
 
 import hf_fna
 from hf_fna import FNAConfig
-from hf_fna import backend as fna_backend
+from hf_fna.integration import backend as fna_backend
 from tiny_models import LAYERS, Family, families, family
 
 FAMILIES = [f.name for f in families()]

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 import hf_fna
-from hf_fna.calibration import _cheapest_schedule, _schedule_of
 from hf_fna.cli import main
+from hf_fna.tools.calibration import _cheapest_schedule, _schedule_of
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-import hf_fna.backend
+import hf_fna.integration.backend
 from hf_fna import assets
 from hf_fna.cli import main
 from hf_fna.evaluation import EvalSettings, run_evaluation
-from hf_fna.evaluation.retrieval import retrieval_recalls
+from hf_fna.evaluation.tasks.retrieval import retrieval_recalls
 from hf_fna.evaluation.tiny_models import build_tiny_clip, vocabulary
 
 FNA_OPTIONS = ["--layers", "all", "--num-landmarks", "16", "--min-tokens", "0"]
@@ -39,13 +39,13 @@ def tiny_clip(tmp_path_factory, photos_with_captions):
 def fna_calls(monkeypatch):
     """Counts the Nyström attention calls (FNA really ran, not an exact fallback) and their sequence lengths."""
     lengths: list[int] = []
-    original = hf_fna.backend.nystrom_attention
+    original = hf_fna.integration.backend.nystrom_attention
 
     def counting(query, *args, **kwargs):
         lengths.append(query.shape[2])
         return original(query, *args, **kwargs)
 
-    monkeypatch.setattr(hf_fna.backend, "nystrom_attention", counting)
+    monkeypatch.setattr(hf_fna.integration.backend, "nystrom_attention", counting)
     return lengths
 
 

@@ -124,7 +124,7 @@ def test_bf16_mixed_precision_run(tiny_clip, tmp_path):
 
 
 def test_a_failed_run_writes_no_report(tiny_clip, tmp_path, monkeypatch):
-    import hf_fna.evaluation.linear_probe as probe
+    import hf_fna.evaluation.tasks.linear_probe as probe
 
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted halfway")

@@ -8,10 +8,10 @@ import datasets
 import easy_vqa
 import pytest
 
-import hf_fna.backend
+import hf_fna.integration.backend
 from hf_fna.cli import main
 from hf_fna.evaluation import EvalSettings, run_evaluation
-from hf_fna.evaluation import vqa as vqa_task
+from hf_fna.evaluation.tasks import vqa as vqa_task
 from hf_fna.evaluation.tiny_models import build_tiny_llava, vocabulary
 
 IMAGE_TOKENS = (32 // 4) ** 2 + 1  # the tiny vision tower: 32 px, patch 4, plus CLS
@@ -33,13 +33,13 @@ def test_answer_layouts():
 
 def test_vqa_end_to_end_on_easy_vqa_with_fna_in_the_vision_tower(tiny_llava, tmp_path, monkeypatch):
     lengths: list[int] = []
-    original = hf_fna.backend.nystrom_attention
+    original = hf_fna.integration.backend.nystrom_attention
 
     def counting(query, *args, **kwargs):
         lengths.append(query.shape[2])
         return original(query, *args, **kwargs)
 
-    monkeypatch.setattr(hf_fna.backend, "nystrom_attention", counting)
+    monkeypatch.setattr(hf_fna.integration.backend, "nystrom_attention", counting)
     output = tmp_path / "vqa.json"
     argv = (
         f"eval --task vqa --model {tiny_llava} --dataset hf_fna:easy_vqa --limit 12 --batch-size 6 "

@@ -33,16 +33,16 @@ def test_trainer_with_fna_decreases_loss_and_trains_attention():
 @pytest.fixture
 def nystrom_lengths(monkeypatch):
     """Sequence lengths of the Nyström attention calls (FNA really ran, not an exact fallback)."""
-    import hf_fna.backend
+    import hf_fna.integration.backend
 
     lengths: list[int] = []
-    original = hf_fna.backend.nystrom_attention
+    original = hf_fna.integration.backend.nystrom_attention
 
     def counting(query, *args, **kwargs):
         lengths.append(query.shape[2])
         return original(query, *args, **kwargs)
 
-    monkeypatch.setattr(hf_fna.backend, "nystrom_attention", counting)
+    monkeypatch.setattr(hf_fna.integration.backend, "nystrom_attention", counting)
     return lengths
 
 

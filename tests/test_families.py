@@ -12,8 +12,9 @@ from transformers.testing_utils import CaptureLogger
 
 import hf_fna
 from hf_fna import FNAConfig
-from hf_fna import backend as fna_backend
-from hf_fna.blocks import diagonal_blocks
+from hf_fna.integration import backend as fna_backend
+from hf_fna.integration.families import SpecialTokens
+from hf_fna.ops.blocks import diagonal_blocks
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 PATCHES = 16  # 32 px images, patch 8
@@ -124,7 +125,7 @@ def test_special_tokens_per_family_are_the_guaranteed_landmarks(name, monkeypatc
 def test_explicit_num_special_tokens_overrides_the_leading_count_only():
     model = _tiny("yolos")
     FNAConfig(num_special_tokens=0, min_tokens=0).apply(model)
-    assert fna_backend._tower_plans(model)[0].special == hf_fna.families.SpecialTokens(leading=0, trailing=3)
+    assert fna_backend._tower_plans(model)[0].special == SpecialTokens(leading=0, trailing=3)
 
 
 # --- what FNAConfig.apply accepts -----------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def test_an_unknown_family_is_assumed_to_have_one_cls_token_and_says_so():
     with CaptureLogger(fna_backend.logger) as captured:
         FNAConfig(min_tokens=0, num_landmarks=4).apply(model)
     assert "model_type 'my_vit' are not known; assuming 1 leading token" in captured.out
-    assert fna_backend._tower_plans(model)[0].special == hf_fna.families.SpecialTokens(leading=1, trailing=0)
+    assert fna_backend._tower_plans(model)[0].special == SpecialTokens(leading=1, trailing=0)
 
 
 def test_packed_images_all_shorter_than_min_tokens_warn_as_short():

@@ -18,8 +18,9 @@ import pytest
 import torch
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-from hf_fna import FNAConfig, assets, outputs
+from hf_fna import FNAConfig, assets
 from hf_fna.cli import main
+from hf_fna.tools import outputs
 
 PATCH = 4
 
@@ -182,16 +183,16 @@ def _unwritable(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("case", ["below a file", "a folder"])
 def test_output_paths_are_checked_before_computing(capsys, monkeypatch, tiny_dinov2, tmp_path, case):
-    import hf_fna.compare
     import hf_fna.evaluation.runner
-    import hf_fna.inspection
+    import hf_fna.tools.compare
+    import hf_fna.tools.inspection
 
     def no_compute(*args, **kwargs):
         raise AssertionError("computed before checking the output path")
 
     monkeypatch.setattr(hf_fna.evaluation.runner, "load_config", no_compute)
-    monkeypatch.setattr(hf_fna.compare, "load_pair", no_compute)
-    monkeypatch.setattr(hf_fna.inspection, "load_vision_model", no_compute)
+    monkeypatch.setattr(hf_fna.tools.compare, "load_pair", no_compute)
+    monkeypatch.setattr(hf_fna.tools.inspection, "load_vision_model", no_compute)
     path = _unwritable(tmp_path)[case]
     eval_argv = ["--task", "probe", "--model", tiny_dinov2, "--dataset", "hf_fna:fashion_mnist", "--output", path]
     assert "cannot write" in _one_line_error(capsys, "eval", *eval_argv)

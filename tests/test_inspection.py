@@ -26,8 +26,8 @@ from transformers import (
     ViTModel,
 )
 
-from hf_fna import inspection
 from hf_fna.cli import main
+from hf_fna.tools import inspection
 
 PATCH = 8
 LAYERS = 4

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_fna import FNAConfig, MaskingConfig, detect_attention_sinks, detect_massive_tokens, exact_attention
-from hf_fna import backend as fna_backend
-from hf_fna.nystrom import nystrom_attention
+from hf_fna.integration import backend as fna_backend
+from hf_fna.ops.nystrom import nystrom_attention
 from tiny_models import family
 
 MODES = ["mask", "sink", "sink_keep_self"]

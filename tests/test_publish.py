@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, ModelCard
 
 from hf_fna import FNAConfig, MaskingConfig
 from hf_fna.cli import main
-from hf_fna.publish import FIELD_DOCS, model_card, write_config_folder
+from hf_fna.tools.publish import FIELD_DOCS, model_card, write_config_folder
 
 BASE = "facebook/dinov2-small"
 REPO = "someone/dinov2-small-fna"

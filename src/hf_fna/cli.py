@@ -13,11 +13,17 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "compare": ("hf_fna.compare", "exact vs FNA attention on a real model: speed and fidelity at several resolutions"),
-    "inspect": ("hf_fna.inspection", "massive/artifact tokens per layer, with norm maps and the chosen landmarks"),
+    "compare": (
+        "hf_fna.tools.compare",
+        "exact vs FNA attention on a real model: speed and fidelity at several resolutions",
+    ),
+    "inspect": (
+        "hf_fna.tools.inspection",
+        "massive/artifact tokens per layer, with norm maps and the chosen landmarks",
+    ),
     "eval": ("hf_fna.evaluation.cli", "task metrics (classification, retrieval, segmentation, VQA), exact vs FNA"),
-    "push-config": ("hf_fna.publish", "write fna_config.json and a model card, and upload them to a Hub repo"),
-    "calibrate": ("hf_fna.calibration", "find the fastest per-layer FNA schedule that meets a fidelity target"),
+    "push-config": ("hf_fna.tools.publish", "write fna_config.json and a model card, and upload them to a Hub repo"),
+    "calibrate": ("hf_fna.tools.calibration", "find the fastest per-layer FNA schedule that meets a fidelity target"),
 }
 
 

@@ -483,7 +483,7 @@ class FNAConfig:
             ValueError: the model's attention does not dispatch through `AttentionInterface`, or a layer index is out
                 of range for the tower.
         """
-        from .backend import apply_fna_config
+        from .integration.backend import apply_fna_config
 
         return apply_fna_config(model, self, tower)
 

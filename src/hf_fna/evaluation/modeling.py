@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..backend import ATTENTION_NAME, find_tower_config_name, num_special_tokens
 from ..cli import CLIError
 from ..config import FNAConfig, check_local_path
+from ..integration.backend import ATTENTION_NAME, find_tower_config_name, num_special_tokens
 
 EXACT, FNA = "exact", "fna"
 VARIANTS = (EXACT, FNA)

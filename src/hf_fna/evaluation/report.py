@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import outputs
+from ..tools import outputs
 from .modeling import EXACT, FNA, VARIANTS
 
 if TYPE_CHECKING:

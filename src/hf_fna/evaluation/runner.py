@@ -21,8 +21,8 @@ import torch
 
 from ..cli import CLIError
 from ..config import FNAConfig, resolve_layers
-from ..nystrom import ReferenceModeError
-from ..outputs import OutputPathError, check_output_file
+from ..ops.nystrom import ReferenceModeError
+from ..tools.outputs import OutputPathError, check_output_file
 from .modeling import (
     EXACT,
     FNA,
@@ -225,7 +225,7 @@ class Runner:
         return {v: Timing(float(stats[:, i, 0].max()), int(stats[:, i, 1].sum())) for i, v in enumerate(VARIANTS)}
 
     def _tokens_per_image(self, pixel_values: torch.Tensor) -> int | None:
-        from ..families import special_tokens
+        from ..integration.families import special_tokens
 
         config = vision_config(self.model.config)
         patch = getattr(config, "patch_size", None)

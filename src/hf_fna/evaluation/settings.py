@@ -12,12 +12,12 @@ from ..config import MAX_SEED, FNAConfig
 # task -> module implementing it; each exposes MODEL_KIND, load_data(settings) -> TaskData and
 # run_task(runner, data) -> TaskOutcome
 TASKS = {
-    "classification": "hf_fna.evaluation.classification",
-    "probe": "hf_fna.evaluation.linear_probe",
-    "zero-shot": "hf_fna.evaluation.zero_shot",
-    "retrieval": "hf_fna.evaluation.retrieval",
-    "segmentation": "hf_fna.evaluation.segmentation",
-    "vqa": "hf_fna.evaluation.vqa",
+    "classification": "hf_fna.evaluation.tasks.classification",
+    "probe": "hf_fna.evaluation.tasks.linear_probe",
+    "zero-shot": "hf_fna.evaluation.tasks.zero_shot",
+    "retrieval": "hf_fna.evaluation.tasks.retrieval",
+    "segmentation": "hf_fna.evaluation.tasks.segmentation",
+    "vqa": "hf_fna.evaluation.tasks.vqa",
 }
 MIXED_PRECISION = ("no", "fp16", "bf16")
 _NOT_RECORDED = ("dataset", "fna", "show_progress")

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import CLIError
-from .config import SAMPLING_METHODS, FNAConfig, parse_layers
+from ..cli import CLIError
+from ..config import SAMPLING_METHODS, FNAConfig, parse_layers
 from .outputs import OutputPathError, check_output_file, write_atomically, write_json_atomically
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
@@ -217,7 +217,7 @@ class LoadedPair:
 
     @property
     def num_special_tokens(self) -> int:
-        from .backend import num_special_tokens
+        from ..integration.backend import num_special_tokens
 
         special = self.settings.num_special_tokens
         return num_special_tokens(self.tower_config) if special is None else special
@@ -278,7 +278,7 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
         if bars:
             hf_logging.enable_progress_bar()
 
-    from .backend import find_tower_config_name
+    from ..integration.backend import find_tower_config_name
 
     tower_name = find_tower_config_name(fna)
     tower_config = fna.config if tower_name is None else getattr(fna.config, tower_name)
@@ -378,7 +378,7 @@ def load_inputs(
     Raises:
         CLIError: an unknown probe dataset, or material that cannot be obtained (with the message saying how).
     """
-    from . import assets
+    from .. import assets
 
     if probe_dataset not in PROBE_DATASETS:
         raise CLIError(f"unknown probe dataset {probe_dataset!r}; accepted: {', '.join(PROBE_DATASETS)}")
@@ -435,7 +435,7 @@ def measure_resolution(
     """Run both models on every input at `size` px; return the row of the table."""
     from tqdm.auto import tqdm
 
-    from .evaluation.linear_probe import probe_accuracy
+    from ..evaluation.tasks.linear_probe import probe_accuracy
 
     mean, std = torch.tensor(pair.mean).view(3, 1, 1), torch.tensor(pair.std).view(3, 1, 1)
     items = (
@@ -649,7 +649,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = _device(args.device), DTYPES[args.dtype]
     model_id = args.model
     if model_id is None:
-        from .assets import AssetError, dinov2_small
+        from ..assets import AssetError, dinov2_small
 
         try:
             model_id = dinov2_small()

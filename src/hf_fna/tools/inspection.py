@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import CLIError
-from .config import parse_layers
+from ..cli import CLIError
+from ..config import parse_layers
 from .outputs import OutputPathError, check_output_file, check_output_folder, write_atomically, write_json_atomically
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _default_model() -> str:
-    from .assets import AssetError, dinov2_small
+    from ..assets import AssetError, dinov2_small
 
     try:
         return dinov2_small()
@@ -204,7 +204,7 @@ def load_image(spec: str) -> tuple[Image.Image, str]:
     """An RGB image from a file path, or a bundled photo by name; returns it with a short name for file names."""
     from PIL import Image, UnidentifiedImageError
 
-    from .assets import PHOTO_NAMES
+    from ..assets import PHOTO_NAMES
 
     path = Path(spec)
     if path.is_file():
@@ -214,7 +214,7 @@ def load_image(spec: str) -> tuple[Image.Image, str]:
         except (UnidentifiedImageError, OSError) as e:
             raise CLIError(f"cannot read image {spec}: {_first_line(e)}") from e
     if spec in PHOTO_NAMES:
-        from .assets import AssetError, photos
+        from ..assets import AssetError, photos
 
         try:
             dataset = photos()
@@ -236,7 +236,7 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    from .config import check_local_path
+    from ..config import check_local_path
 
     _register_inspect_attention()
     with _quiet_transformers():
@@ -299,7 +299,7 @@ def display_image(processor: Any, pixel_values: torch.Tensor) -> Any:
 
 def special_token_names(tower_config: Any) -> list[str]:
     """Names of the leading non-patch tokens of a tower (CLS, distillation token, registers)."""
-    from .backend import num_special_tokens
+    from ..integration.backend import num_special_tokens
 
     count = num_special_tokens(tower_config)
     if getattr(tower_config, "model_type", "") == "deit":
@@ -325,8 +325,8 @@ def _inspect_attention_forward(
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .nystrom import key_bias_from_mask
-    from .sinks import attention_probabilities
+    from ..ops.nystrom import key_bias_from_mask
+    from ..ops.sinks import attention_probabilities
 
     recorder = _RECORDERS.get(module)
     if recorder is not None:
@@ -348,7 +348,7 @@ def _register_inspect_attention() -> None:
 
 def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
     """Layer index -> attention module, for the attention modules of `model`'s own tower."""
-    from .backend import _layer_index, dispatches_through_interface
+    from ..integration.backend import _layer_index, dispatches_through_interface
 
     layers = {}
     for name, module in model.named_modules():
@@ -391,9 +391,9 @@ def inspect_image(
     """
     import torch
 
-    from . import last_landmarks
-    from .config import FNAConfig, resolve_layers
-    from .sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
+    from .. import last_landmarks
+    from ..config import FNAConfig, resolve_layers
+    from ..ops.sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
 
     config = model.config
     names = special_token_names(config)

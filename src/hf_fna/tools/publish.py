@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cli import CLIError
-from .config import FNA_CONFIG_NAME, FNAConfig, parse_layers
+from ..cli import CLIError
+from ..config import FNA_CONFIG_NAME, FNAConfig, parse_layers
 
 MODEL_CARD_NAME = "README.md"
 TAGS = ("fna", "vision", "nystrom-attention", "hf-fna")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import metrics
-from ..cli import CLIError
-from .data import TaskData, task_data
-from .inputs import ImageCollate
-from .modeling import EXACT, FNA, VARIANTS
-from .runner import Runner, TaskOutcome, mean_cosine, top1_agreement
-from .settings import EvalSettings
+from ... import metrics
+from ...cli import CLIError
+from ..data import TaskData, task_data
+from ..inputs import ImageCollate
+from ..modeling import EXACT, FNA, VARIANTS
+from ..runner import Runner, TaskOutcome, mean_cosine, top1_agreement
+from ..settings import EvalSettings
 from .zero_shot import image_embeddings, text_embeddings
 
 MODEL_KIND = "dual_encoder"

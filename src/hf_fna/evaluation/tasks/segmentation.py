@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import metrics
-from ..cli import CLIError
-from .data import TaskData, task_data
-from .inputs import pixel_values
+from ... import metrics
+from ...cli import CLIError
+from ..data import TaskData, task_data
+from ..inputs import pixel_values
+from ..modeling import EXACT, FNA, VARIANTS, image_processor, vision_config, vision_features
+from ..runner import Runner, TaskOutcome
+from ..settings import EvalSettings
 from .linear_probe import fit_probe
-from .modeling import EXACT, FNA, VARIANTS, image_processor, vision_config, vision_features
-from .runner import Runner, TaskOutcome
-from .settings import EvalSettings
 
 MODEL_KIND = "backbone"
 MASK_COLUMNS = ("annotation", "mask", "segmentation", "semantic_segmentation")

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from .. import metrics
-from ..cli import CLIError
-from .data import TaskData, class_names, task_data
-from .inputs import ImageLabelCollate
-from .modeling import EXACT, FNA, VARIANTS, interpolation_kwargs
-from .runner import Runner, TaskOutcome, mean_cosine, top1_agreement
-from .settings import EvalSettings
+from ... import metrics
+from ...cli import CLIError
+from ..data import TaskData, class_names, task_data
+from ..inputs import ImageLabelCollate
+from ..modeling import EXACT, FNA, VARIANTS, interpolation_kwargs
+from ..runner import Runner, TaskOutcome, mean_cosine, top1_agreement
+from ..settings import EvalSettings
 
 MODEL_KIND = "dual_encoder"
 LABEL_COLUMNS = ("label", "labels", "fine_label")

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from .. import metrics
-from ..cli import CLIError
-from .data import TaskData, task_data, to_rgb
-from .modeling import EXACT, FNA, VARIANTS
-from .runner import Runner, TaskOutcome
-from .settings import EvalSettings
+from ... import metrics
+from ...cli import CLIError
+from ..data import TaskData, task_data, to_rgb
+from ..modeling import EXACT, FNA, VARIANTS
+from ..runner import Runner, TaskOutcome
+from ..settings import EvalSettings
 
 MODEL_KIND = "generator"
 QUESTION_COLUMNS = ("question", "query")

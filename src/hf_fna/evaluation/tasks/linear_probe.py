@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from .. import metrics
-from ..cli import CLIError
-from .data import TaskData, task_data
-from .inputs import ImageLabelCollate
-from .modeling import EXACT, FNA, VARIANTS, vision_features
-from .runner import Runner, TaskOutcome, mean_cosine
-from .settings import EvalSettings
+from ... import metrics
+from ...cli import CLIError
+from ..data import TaskData, task_data
+from ..inputs import ImageLabelCollate
+from ..modeling import EXACT, FNA, VARIANTS, vision_features
+from ..runner import Runner, TaskOutcome, mean_cosine
+from ..settings import EvalSettings
 
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 MODEL_KIND = "backbone"

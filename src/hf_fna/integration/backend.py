@@ -35,11 +35,10 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .blocks import diagonal_blocks
-from .config import FNAConfig, LayerGroup, resolve_layers
-from .families import SpecialTokens, is_known_family, special_tokens
-from .landmarks import select_landmarks
-from .nystrom import (
+from ..config import FNAConfig, LayerGroup, resolve_layers
+from ..ops.blocks import diagonal_blocks
+from ..ops.landmarks import select_landmarks
+from ..ops.nystrom import (
     ReferenceModeError,
     additive_mask,
     exact_attention,
@@ -47,7 +46,8 @@ from .nystrom import (
     nystrom_attention,
     valid_keys,
 )
-from .sinks import attention_probabilities, detect_attention_sinks, detect_massive_tokens
+from ..ops.sinks import attention_probabilities, detect_attention_sinks, detect_massive_tokens
+from .families import SpecialTokens, is_known_family, special_tokens
 
 ATTENTION_NAME = "fna"
 
@@ -56,7 +56,7 @@ logger = hf_logging.get_logger("transformers.hf_fna")
 
 
 def num_special_tokens(tower_config: Any) -> int:
-    """Leading always-landmark tokens (CLS, distillation, registers) of a tower, per family (`hf_fna.families`)."""
+    """Leading always-landmark tokens (CLS, distillation, registers) of a tower, per family (`.families`)."""
     return special_tokens(tower_config).leading
 
 

