@@ -58,7 +58,7 @@ def test_a_column_option_fixes_only_what_it_names(capsys, tiny_dinov2, local_dat
 
 
 def test_empty_split(tiny_dinov2):
-    from hf_fna.cli import CLIError
+    from hf_fna.errors import InputError
     from hf_fna.evaluation import EvalSettings, run_evaluation
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
@@ -66,7 +66,7 @@ def test_empty_split(tiny_dinov2):
     settings = EvalSettings(
         task="probe", model=tiny_dinov2, dataset=datasets.DatasetDict({"train": empty, "test": empty})
     )
-    with pytest.raises(CLIError, match=r"^split 'test' of the dataset is empty$"):
+    with pytest.raises(InputError, match=r"^split 'test' of the dataset is empty$"):
         run_evaluation(settings)
 
 

@@ -244,10 +244,10 @@ def test_many_newton_iterations_converge_to_the_exact_pseudo_inverse():
 
 def test_reference_mode_refuses_fewer_landmarks_than_tokens_and_training():
     q, k, v = qkv()
-    with pytest.raises(hf_fna.ops.nystrom.ReferenceModeError, match="needs every unmasked token as a landmark"):
+    with pytest.raises(hf_fna.errors.ReferenceModeError, match="needs every unmasked token as a landmark"):
         hf_fna.fna_attention(q, k, v, num_landmarks=8, pinv="exact")
     q.requires_grad_(True)
-    with pytest.raises(hf_fna.ops.nystrom.ReferenceModeError, match="cannot be trained through"):
+    with pytest.raises(hf_fna.errors.ReferenceModeError, match="cannot be trained through"):
         hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
     with torch.no_grad():
         got = hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")

@@ -150,7 +150,7 @@ def test_unusable_cache_is_one_line_in_compare_and_inspect(capsys, monkeypatch, 
 
 
 def test_python_dash_m_entry_point_prints_one_line(tiny_dinov2):
-    # `python -m hf_fna.cli` (used with torchrun/accelerate launch) runs cli.py as __main__, a second CLIError class.
+    # `python -m hf_fna.cli` (used with torchrun/accelerate launch) runs cli.py as __main__.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(outputs.__file__).parents[1]), *sys.path])}
     argv = ["eval", "--task", "probe", "--model", tiny_dinov2, "--dataset", "x", "--num-workers", "-1"]
     proc = subprocess.run([sys.executable, "-m", "hf_fna.cli", *argv], capture_output=True, text=True, env=env)

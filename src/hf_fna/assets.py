@@ -32,6 +32,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import AssetError
+
 if TYPE_CHECKING:
     import datasets
     import numpy as np
@@ -85,10 +87,6 @@ PHOTO_SPLITS = {
         "microaneurysms",
     ),
 }  # fmt: skip
-
-
-class AssetError(RuntimeError):
-    """A real asset (weights or data) cannot be obtained; the message says how to get it."""
 
 
 def _require(module: str) -> Any:

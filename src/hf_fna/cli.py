@@ -1,8 +1,8 @@
 """The `hf-fna` command line: `compare` (the main job), `inspect`, `eval`, `push-config` and `calibrate`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
-imported only when their subcommand runs. Expected failures (`CLIError`, a model that cannot be loaded, bad
-options) print one line and exit with status 2, without a traceback.
+imported only when their subcommand runs. Expected failures (any `hf_fna.errors.FNAError`: a bad option, a model that
+cannot be loaded, a path that cannot be written) print one line and exit with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from hf_fna.errors import FNAError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -25,10 +27,6 @@ SUBCOMMANDS = {
     "push-config": ("hf_fna.tools.publish", "write fna_config.json and a model card, and upload them to a Hub repo"),
     "calibrate": ("hf_fna.tools.calibration", "find the fastest per-layer FNA schedule that meets a fidelity target"),
 }
-
-
-class CLIError(Exception):
-    """An error the user can fix: printed as one line, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except CLIError as error:
+    except FNAError as error:
         print(f"hf-fna {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -57,8 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Under `python -m hf_fna.cli` this file runs as `__main__`, whose `CLIError` is not the class the subcommands
-    # raise: run the package's own `main` so that their errors still print as one line.
-    from hf_fna.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

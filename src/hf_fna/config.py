@@ -17,12 +17,12 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .ops.landmarks import SAMPLING_METHODS
+from .ops.nystrom import INTERVENTIONS, MAX_PINV_ITERATIONS, PINV_METHODS
+
 FNA_CONFIG_NAME = "fna_config.json"
 
-SAMPLING_METHODS = ("fps", "random", "quickfps")
 SAMPLING_FEATURES = ("q", "k", "hidden")
-PINV_METHODS = ("newton", "exact")
-MASKING_MODES = ("none", "mask", "sink", "sink_keep_self")
 DETECTION_METHODS = ("norm_gap", "attention")
 LAYER_KEYWORDS = ("auto", "all", "none")
 
@@ -34,9 +34,8 @@ AUTO_FIRST_LAYER_FRACTION = 0.5
 # landmarks, 9 tune photos (benchmarks/sweep_schedules.py --resolution 448 --configs 6:@64/pinv_iterations=N): 0.74
 # at 1 iteration, 0.94 at 3, 0.986 at 6, 0.987 at 8, 0.979 at 10, 0.95 at 12, 0.71 at 16, 0.19 at 20; before this bound,
 # 0.04 at 30, 50 and 100 (4 photos). More iterations converge to the exact pseudo-inverse of the ill-conditioned
-# landmark kernel (the pinv="exact" failure mode with m < N): values above the maximum are refused, values outside the
-# recommended range warn.
-MAX_PINV_ITERATIONS = 20
+# landmark kernel (the pinv="exact" failure mode with m < N): values outside the recommended range warn, values above
+# `MAX_PINV_ITERATIONS` are refused.
 RECOMMENDED_PINV_ITERATIONS = (3, 10)
 
 # The largest seed `torch.Generator.manual_seed` accepts (a larger one passes construction but fails at forward).
@@ -265,7 +264,7 @@ class MaskingConfig:
     min_gap: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_choice("masking.mode", self.mode, MASKING_MODES)
+        _check_choice("masking.mode", self.mode, INTERVENTIONS)
         _check_choice("masking.detect", self.detect, DETECTION_METHODS)
         for name in ("detect_layer", "from_layer"):
             value = getattr(self, name)

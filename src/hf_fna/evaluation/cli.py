@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..cli import CLIError
 from ..config import SAMPLING_METHODS
+from ..errors import InputError
 from .data import BUILTIN_DATASETS, BUILTIN_PREFIX, FASHION_MNIST_GARMENT_THRESHOLD
 from .runner import run_evaluation
 from .settings import MIXED_PRECISION, TASKS, EvalSettings
@@ -101,11 +101,11 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         try:
             base = FNAConfig.from_pretrained(args.fna_config)
         except (OSError, ValueError) as error:
-            raise CLIError(f"could not read --fna-config {args.fna_config!r}: {error}") from error
+            raise InputError(f"could not read --fna-config {args.fna_config!r}: {error}") from error
     try:
         layers = None if args.layers is None else parse_layers(args.layers)
     except ValueError as error:
-        raise CLIError(str(error)) from None
+        raise InputError(str(error)) from None
     overrides: dict[str, Any] = {
         "layers": layers,
         "num_landmarks": args.num_landmarks,
@@ -116,7 +116,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         try:
             base = FNAConfig.from_dict({**base.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         except ValueError as error:
-            raise CLIError(str(error)) from error
+            raise InputError(str(error)) from error
     class_names = [name.strip() for name in args.class_names.split(",")] if args.class_names else None
     return EvalSettings(
         task=args.task,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import assets
-from ..cli import CLIError
+from ..errors import InputError, first_line
 
 BUILTIN_PREFIX = "hf_fna:"
 FASHION_MNIST_GARMENT_THRESHOLD = 16
@@ -132,7 +132,7 @@ def task_data(settings: Any, roles: dict[str, str | Sequence[str]], with_train: 
     """Load `settings.split` (and `settings.train_split`) of `settings.dataset` and find the columns of `roles`.
 
     Raises:
-        CLIError: unknown dataset, missing split, empty split, missing columns.
+        InputError: unknown dataset, missing split, empty split, missing columns.
     """
     splits = [settings.split, settings.train_split] if with_train else [settings.split]
     source = open_dataset(settings.dataset, splits)
@@ -153,7 +153,7 @@ def open_dataset(source: Any, splits: Sequence[str]) -> Any:
     """A `DatasetDict` from a source (see the module docstring); from the Hub, only `splits` are loaded.
 
     Raises:
-        CLIError: an unknown built-in, an unreadable folder, an unreachable Hub dataset or a split it lacks.
+        InputError: an unknown built-in, an unreadable folder, an unreachable Hub dataset or a split it lacks.
     """
     import datasets
 
@@ -161,24 +161,24 @@ def open_dataset(source: Any, splits: Sequence[str]) -> Any:
         name = source.removeprefix(BUILTIN_PREFIX)
         if name not in BUILTIN_DATASETS:
             available = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)
-            raise CLIError(f"unknown built-in dataset {source!r}; available: {available}")
+            raise InputError(f"unknown built-in dataset {source!r}; available: {available}")
         source = _builtin_datasets()[name]()
     elif isinstance(source, str):
         source = _load_source(source, splits)
     if isinstance(source, datasets.Dataset):
         source = datasets.DatasetDict({"test": source})
     if not isinstance(source, datasets.DatasetDict):
-        raise CLIError(f"expected a dataset name, a folder or a datasets.Dataset, got {type(source).__name__}")
+        raise InputError(f"expected a dataset name, a folder or a datasets.Dataset, got {type(source).__name__}")
     return source
 
 
 def take_split(source: Any, split: str, limit: int | None = None, seed: int = 0) -> Any:
     """`source[split]`, shuffled with `seed` and cut to `limit` rows when `limit` is smaller than the split."""
     if split not in source:
-        raise CLIError(f"the dataset has no split {split!r}; available splits: {', '.join(source)}")
+        raise InputError(f"the dataset has no split {split!r}; available splits: {', '.join(source)}")
     dataset = source[split]
     if len(dataset) == 0:
-        raise CLIError(f"split {split!r} of the dataset is empty")
+        raise InputError(f"split {split!r} of the dataset is empty")
     if limit is not None and limit < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(limit))
     return dataset
@@ -193,26 +193,21 @@ def _load_source(source: str, splits: Sequence[str]) -> Any:
         try:
             return datasets.load_from_disk(source) if saved else datasets.load_dataset(source)
         except Exception as error:
-            raise CLIError(
-                f"could not read the dataset folder {source!r}: {type(error).__name__}: {_first_line(error)}"
+            raise InputError(
+                f"could not read the dataset folder {source!r}: {first_line(error, with_type=True)}"
             ) from error
     loaded = {}
     for split in dict.fromkeys(splits):
         try:
             loaded[split] = datasets.load_dataset(source, split=split)
         except ValueError as error:  # an unknown split: the message lists the available ones
-            raise CLIError(f"could not load split {split!r} of {source!r}: {_first_line(error)}") from error
+            raise InputError(f"could not load split {split!r} of {source!r}: {first_line(error)}") from error
         except Exception as error:
-            raise CLIError(
+            raise InputError(
                 f"could not load the dataset {source!r} (not a folder, a {BUILTIN_PREFIX}name, or a reachable Hub "
-                f"dataset): {type(error).__name__}: {_first_line(error)}"
+                f"dataset): {first_line(error, with_type=True)}"
             ) from error
     return datasets.DatasetDict(loaded)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def resolve_columns(dataset: Any, requested: dict[str, str | Sequence[str]]) -> dict[str, str]:
@@ -221,7 +216,7 @@ def resolve_columns(dataset: Any, requested: dict[str, str | Sequence[str]]) -> 
     `requested` gives, per role, a column name or candidate names (the first present one wins).
 
     Raises:
-        CLIError: naming every role without a column, what was looked for, and the available columns.
+        InputError: naming every role without a column, what was looked for, and the available columns.
     """
     available = list(dataset.column_names)
     # A with_transform dataset (e.g. the derived segmentation masks) adds columns only visible on access.
@@ -236,7 +231,7 @@ def resolve_columns(dataset: Any, requested: dict[str, str | Sequence[str]]) -> 
         else:
             missing.append(f"{role} ({' or '.join(repr(n) for n in candidates)})")
     if missing:
-        raise CLIError(
+        raise InputError(
             f"the dataset lacks the expected column(s) {', '.join(missing)}; available columns: "
             f"{', '.join(available)} (choose others with the --*-column options)"
         )

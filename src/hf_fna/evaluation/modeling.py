@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..cli import CLIError
 from ..config import FNAConfig, check_local_path
+from ..errors import InputError, first_line
 from ..integration.backend import ATTENTION_NAME, find_tower_config_name, num_special_tokens
 
 EXACT, FNA = "exact", "fna"
@@ -34,31 +34,29 @@ def load_config(path: str) -> Any:
     try:
         check_local_path(path)
     except OSError as error:
-        raise CLIError(f"could not load the config of {path!r}: {error}") from None
+        raise InputError(f"could not load the config of {path!r}: {error}") from None
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as error:
-        raise CLIError(
-            f"could not load the config of {path!r}: {type(error).__name__}: {_first_line(error)}"
-        ) from error
+        raise InputError(f"could not load the config of {path!r}: {first_line(error, with_type=True)}") from error
 
 
 def check_model_kind(config: Any, kind: str, task: str) -> None:
-    """Raise `CLIError` when a model with this config cannot do `task` (which needs a model of `kind`)."""
+    """Raise `InputError` when a model with this config cannot do `task` (which needs a model of `kind`)."""
     model_type = getattr(config, "model_type", "?")
     has_towers = getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
     if kind == "classifier":
         architectures = list(getattr(config, "architectures", None) or [])
         if not any(name.endswith("ForImageClassification") for name in architectures):
-            raise CLIError(
+            raise InputError(
                 f"task {task!r} needs a checkpoint with an image-classification head; {model_type!r} has architectures "
                 f"{architectures or 'none'} (use --task probe to probe a backbone)"
             )
     elif kind in ("dual_encoder", "generator") and not has_towers:
         needs = "an image and a text tower (CLIP, SigLIP)" if kind == "dual_encoder" else "a LLaVA-style model"
-        raise CLIError(f"task {task!r} needs {needs}; {model_type!r} is a vision-only model")
+        raise InputError(f"task {task!r} needs {needs}; {model_type!r} is a vision-only model")
     elif kind == "backbone" and getattr(vision_config(config), "patch_size", None) is None:
-        raise CLIError(
+        raise InputError(
             f"task {task!r} needs a vision transformer (ViT, DINOv2, CLIP, SigLIP); {model_type!r} is not one"
         )
 
@@ -74,11 +72,13 @@ def load_model(path: str, kind: str, task: str) -> tuple[Any, Any]:
         model = auto_class.from_pretrained(path, attn_implementation="sdpa")
         processor = transformers.AutoProcessor.from_pretrained(path)
     except ValueError as error:  # e.g. "Unrecognized configuration class" for a model the Auto class cannot build
-        raise CLIError(f"{path!r} cannot run task {task!r}: {_first_line(error)}") from error
+        raise InputError(f"{path!r} cannot run task {task!r}: {first_line(error)}") from error
     if kind == "dual_encoder" and not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
-        raise CLIError(f"task {task!r} needs image and text embeddings (CLIP, SigLIP); {type(model).__name__} has none")
+        raise InputError(
+            f"task {task!r} needs image and text embeddings (CLIP, SigLIP); {type(model).__name__} has none"
+        )
     if kind in ("dual_encoder", "generator") and getattr(processor, "tokenizer", None) is None:
-        raise CLIError(f"task {task!r} needs a processor with a tokenizer; {path!r} has none")
+        raise InputError(f"task {task!r} needs a processor with a tokenizer; {path!r} has none")
     return model.eval(), processor
 
 
@@ -156,7 +156,7 @@ class AttentionSwitch:
         try:
             settings.apply(model, self.tower)
         except ValueError as error:
-            raise CLIError(f"FNA cannot run in {type(model).__name__}: {_first_line(error)}") from error
+            raise InputError(f"FNA cannot run in {type(model).__name__}: {first_line(error)}") from error
         self.current = FNA
         self.use(EXACT)
 
@@ -174,9 +174,4 @@ def fna_settings_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
     try:
         return FNAConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
     except ValueError as error:
-        raise CLIError(str(error)) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise InputError(str(error)) from error

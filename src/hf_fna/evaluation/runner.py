@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from ..cli import CLIError
 from ..config import FNAConfig, resolve_layers
-from ..ops.nystrom import ReferenceModeError
-from ..tools.outputs import OutputPathError, check_output_file
+from ..errors import InputError, OutputPathError, ReferenceModeError
+from ..tools.outputs import check_output_file
 from .modeling import (
     EXACT,
     FNA,
@@ -111,7 +110,7 @@ class Runner:
     def _replayed(self, kind: str) -> Any:
         entry = next(self._replay, None)
         if entry is None or entry[0] != kind:
-            raise CLIError(
+            raise InputError(
                 f"--reference {self.reference.path!r} does not match this run (expected a recorded {kind!r} step, "
                 f"found {'nothing' if entry is None else repr(entry[0])}); record it again with --save-exact"
             )
@@ -338,20 +337,20 @@ def load_reference(path: str, settings: EvalSettings, num_processes: int) -> Exa
     """Read an `--save-exact` file and check that it was recorded on the same task, model, data and batches.
 
     Raises:
-        CLIError: an unreadable file, or settings that differ (each named with both values).
+        InputError: an unreadable file, or settings that differ (each named with both values).
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         fingerprint, log = payload["fingerprint"], payload["log"]
     except (OSError, RuntimeError, KeyError, TypeError, EOFError) as error:
-        raise CLIError(f"could not read --reference {path!r} (written by --save-exact?): {error}") from error
+        raise InputError(f"could not read --reference {path!r} (written by --save-exact?): {error}") from error
     expected = reference_fingerprint(settings, num_processes)
     differences = [
         f"{key}={fingerprint.get(key)!r} there, {value!r} here" for key, value in expected.items()
         if fingerprint.get(key) != value
     ]  # fmt: skip
     if differences:
-        raise CLIError(f"--reference {path!r} was recorded with other settings: {'; '.join(differences)}")
+        raise InputError(f"--reference {path!r} was recorded with other settings: {'; '.join(differences)}")
     return ExactReference(path, fingerprint, log, payload.get("recorded", {}))
 
 
@@ -364,14 +363,14 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     Bad input is reported before any weights load: options, the model config, the FNA settings, then the data.
 
     Raises:
-        CLIError: bad input (unknown task, a model that cannot do the task, missing columns, empty split...).
+        InputError: bad input (unknown task, a model that cannot do the task, missing columns, empty split...).
     """
     settings.check()
     if settings.output:
         try:
             check_output_file(settings.output)
         except OutputPathError as error:
-            raise CLIError(f"--output: {error}") from None
+            raise InputError(f"--output: {error}") from None
     task = importlib.import_module(TASKS[settings.task])
     config = load_config(settings.model)
     check_model_kind(config, task.MODEL_KIND, settings.task)
@@ -380,9 +379,9 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     try:
         resolve_layers(fna.layers, int(vision_config(config).num_hidden_layers))
     except ValueError as error:
-        raise CLIError(str(error)) from error
+        raise InputError(str(error)) from error
     if (settings.reference or settings.save_exact) and make_accelerator(settings.mixed_precision).num_processes > 1:
-        raise CLIError("--reference and --save-exact need a single process (the outputs are recorded per batch)")
+        raise InputError("--reference and --save-exact need a single process (the outputs are recorded per batch)")
     reference = load_reference(settings.reference, settings, 1) if settings.reference else None
     with _quiet_progress_bars(not settings.show_progress):
         data = task.load_data(settings)
@@ -391,7 +390,7 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     try:
         outcome: TaskOutcome = task.run_task(runner, data)
     except ReferenceModeError as error:  # pinv="exact" from --fna-config with fewer landmarks than tokens
-        raise CLIError(str(error)) from None
+        raise InputError(str(error)) from None
     result = build_result(settings, runner, outcome)
     if reference is not None:
         recorded = ", ".join(f"{k} {v}" for k, v in reference.recorded.items())
@@ -412,12 +411,12 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
                 error = f"the table above is complete, but --output {settings.output} could not be written: {failure}"
     runner.accelerator.wait_for_everyone()
     if error is not None:
-        raise CLIError(error)
+        raise InputError(error)
     return result
 
 
 def check_image_size(image_size: int | None, tower_config: Any) -> None:
-    """Raise `CLIError` when `--image-size` is not a multiple of the patch size (as `hf-fna compare` does): the
+    """Raise `InputError` when `--image-size` is not a multiple of the patch size (as `hf-fna compare` does): the
     patch embedding would silently drop the border pixels."""
     patch = getattr(tower_config, "patch_size", None)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
@@ -425,7 +424,7 @@ def check_image_size(image_size: int | None, tower_config: Any) -> None:
         return
     low = image_size // patch * patch
     nearest = ", ".join(str(size) for size in (low, low + patch) if size > 0)
-    raise CLIError(
+    raise InputError(
         f"--image-size {image_size} is not a multiple of the patch size {patch}; nearest valid sizes: {nearest}"
     )
 

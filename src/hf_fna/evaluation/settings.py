@@ -6,8 +6,8 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..cli import CLIError
 from ..config import MAX_SEED, FNAConfig
+from ..errors import InputError
 
 # task -> module implementing it; each exposes MODEL_KIND, load_data(settings) -> TaskData and
 # run_task(runner, data) -> TaskOutcome
@@ -73,25 +73,25 @@ class EvalSettings:
 
     def check(self) -> None:
         if self.task not in TASKS:
-            raise CLIError(f"unknown task {self.task!r}; available: {', '.join(TASKS)}")
+            raise InputError(f"unknown task {self.task!r}; available: {', '.join(TASKS)}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise CLIError(
+            raise InputError(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}"
             )
         for name in ("limit", "train_limit", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise CLIError(f"{name} must be a positive integer, got {value}")
+                raise InputError(f"{name} must be a positive integer, got {value}")
         if self.batch_size < 1:
-            raise CLIError(f"batch_size must be a positive integer, got {self.batch_size}")
+            raise InputError(f"batch_size must be a positive integer, got {self.batch_size}")
         if self.num_workers < 0:
-            raise CLIError(f"num_workers must be >= 0 (0 loads data in the main process), got {self.num_workers}")
+            raise InputError(f"num_workers must be >= 0 (0 loads data in the main process), got {self.num_workers}")
         if not 0 <= self.seed <= MAX_SEED:
-            raise CLIError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+            raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
         if self.save_exact and self.reference:
-            raise CLIError("--save-exact records exact outputs and --reference replays them: give one of them")
+            raise InputError("--save-exact records exact outputs and --reference replays them: give one of them")
         if "{}" not in self.prompt:
-            raise CLIError(f"the zero-shot prompt must contain '{{}}' where the class name goes, got {self.prompt!r}")
+            raise InputError(f"the zero-shot prompt must contain '{{}}' where the class name goes, got {self.prompt!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON values (a dataset object is recorded by its type name)."""

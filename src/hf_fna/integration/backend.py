@@ -36,10 +36,10 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ..config import FNAConfig, LayerGroup, resolve_layers
+from ..errors import ReferenceModeError
 from ..ops.blocks import diagonal_blocks
 from ..ops.landmarks import select_landmarks
 from ..ops.nystrom import (
-    ReferenceModeError,
     additive_mask,
     exact_attention,
     key_bias_from_mask,

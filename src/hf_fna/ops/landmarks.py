@@ -21,6 +21,7 @@ _PICKED = torch.finfo(torch.float32).min
 _INVALID = float("-inf")
 _UNSEEN = float("inf")  # no landmark has set the token's distance yet
 
+SAMPLING_METHODS = ("fps", "random", "quickfps")
 FPS_STARTS = ("first", "centroid")
 FPS_IMPLEMENTATIONS = ("auto", "numpy", "torch", "quickfps")
 
@@ -319,7 +320,9 @@ def select_landmarks(
         return random_sampling(
             num_tokens, num_landmarks, batch, guaranteed=guaranteed, valid=valid, seed=seed, device=features.device
         )
-    raise ValueError(f"Landmark sampling method {method!r} is not supported; accepted values: fps, random, quickfps.")
+    raise ValueError(
+        f"Landmark sampling method {method!r} is not supported; accepted values: {', '.join(SAMPLING_METHODS)}."
+    )
 
 
 def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:

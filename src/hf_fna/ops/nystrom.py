@@ -26,10 +26,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import MAX_PINV_ITERATIONS
+from ..errors import ReferenceModeError
 from .landmarks import select_landmarks
 
+# What happens to the keys of flagged massive/artifact tokens (see `exact_attention`).
 INTERVENTIONS = ("none", "mask", "sink", "sink_keep_self")
+PINV_METHODS = ("newton", "exact")
+# More Newton-Schulz iterations converge to the exact pseudo-inverse of the ill-conditioned landmark kernel, which fails
+# with fewer landmarks than tokens (the measurements are at `hf_fna.config.RECOMMENDED_PINV_ITERATIONS`).
+MAX_PINV_ITERATIONS = 20
 
 
 # --- pseudo-inverse ------------------------------------------------------------------------------------------------
@@ -71,10 +76,6 @@ def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int 
 
 
 # --- masks ---------------------------------------------------------------------------------------------------------
-
-
-class ReferenceModeError(ValueError):
-    """`pinv="exact"` asked to do what the reference mode cannot: fewer landmarks than tokens, or training."""
 
 
 def _mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None) -> torch.Tensor:

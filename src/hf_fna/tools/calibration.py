@@ -543,17 +543,17 @@ def run(args: Any) -> int:
     import os
     import sys
 
-    from ..cli import CLIError
+    from ..errors import InputError
     from .compare import machine_info, machine_line
     from .outputs import check_output_folder, write_atomically
 
     if args.limit < 1 or args.batch_size < 1 or args.resolution < 1:
-        raise CLIError("--limit, --batch-size and --resolution must be positive integers")
+        raise InputError("--limit, --batch-size and --resolution must be positive integers")
     if args.out:
         try:  # before any compute: a folder that cannot be written fails now, not after minutes of passes
             check_output_folder(args.out)
         except OSError as error:
-            raise CLIError(f"cannot write to --out {args.out}: {error}") from error
+            raise InputError(f"cannot write to --out {args.out}: {error}") from error
     if args.threads:
         torch.set_num_threads(args.threads)
     model, model_name = _load_model(args.model)
@@ -573,7 +573,7 @@ def run(args: Any) -> int:
             batch_size=args.batch_size,
         )
     except ValueError as error:
-        raise CLIError(str(error)) from error
+        raise InputError(str(error)) from error
 
     machine = machine_info("cpu" if next(model.parameters()).device.type == "cpu" else "cuda")
     command = "hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
@@ -632,7 +632,7 @@ def run(args: Any) -> int:
         report.plot(png)
         write_atomically(os.path.join(args.out, "frontier.png"), lambda f: f.write(png.getvalue()), binary=True)
     except OSError as error:
-        raise CLIError(f"cannot write to --out {args.out}: {error}") from error
+        raise InputError(f"cannot write to --out {args.out}: {error}") from error
     for name in [*files, "frontier.png"]:
         print(f"wrote {os.path.join(args.out, name)}")
     return 0
@@ -641,7 +641,7 @@ def run(args: Any) -> int:
 def _load_model(name: str | None) -> tuple[nn.Module, str]:
     from transformers import AutoModel
 
-    from ..cli import CLIError
+    from ..errors import InputError
 
     if name is None:
         from ..assets import dinov2_small
@@ -653,7 +653,7 @@ def _load_model(name: str | None) -> tuple[nn.Module, str]:
     try:
         return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label
     except (OSError, ValueError) as error:
-        raise CLIError(f"cannot load --model {name}: {str(error).splitlines()[0]}") from error
+        raise InputError(f"cannot load --model {name}: {str(error).splitlines()[0]}") from error
 
 
 def _load_images(source: str, args: Any) -> list[Any]:
@@ -661,7 +661,7 @@ def _load_images(source: str, args: Any) -> list[Any]:
 
     from PIL import Image
 
-    from ..cli import CLIError
+    from ..errors import InputError
 
     if source in BUNDLED_PHOTOS:
         from ..assets import photos
@@ -671,14 +671,14 @@ def _load_images(source: str, args: Any) -> list[Any]:
     if os.path.isdir(source):
         names = sorted(n for n in os.listdir(source) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
         if not names:
-            raise CLIError(f"--images {source}: the folder holds no .png/.jpg/.jpeg/.webp/.bmp file")
+            raise InputError(f"--images {source}: the folder holds no .png/.jpg/.jpeg/.webp/.bmp file")
         return [Image.open(os.path.join(source, n)).convert("RGB") for n in names]
     import datasets
 
     try:
         data = datasets.load_dataset(source, split=args.split)
     except Exception as error:  # the Hub and datasets raise many types; all mean the same to the user
-        raise CLIError(f"--images {source}: not a folder, a bundled set or a loadable dataset: {error}") from error
+        raise InputError(f"--images {source}: not a folder, a bundled set or a loadable dataset: {error}") from error
     if args.image_column not in data.column_names:
-        raise CLIError(f"--images {source}: no column {args.image_column!r}; columns: {', '.join(data.column_names)}")
+        raise InputError(f"--images {source}: no column {args.image_column!r}; columns: {', '.join(data.column_names)}")
     return list(data[args.image_column])

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli import CLIError
 from ..config import SAMPLING_METHODS, FNAConfig, parse_layers
-from .outputs import OutputPathError, check_output_file, write_atomically, write_json_atomically
+from ..errors import AssetError, InputError, OutputPathError
+from .outputs import check_output_file, write_atomically, write_json_atomically
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
 # The defaults keep a no-argument run short on 2 CPU cores (an exact 896 px pass costs about 3 s per image there).
@@ -230,7 +230,7 @@ def _vision_encoder(model: nn.Module) -> nn.Module:
         if isinstance(tower, nn.Module):
             return tower
     if "pixel_values" not in inspect.signature(model.forward).parameters:
-        raise CLIError(
+        raise InputError(
             f"{type(model).__name__} takes no pixel_values: hf-fna compare supports vision transformers (ViT, DeiT, "
             "DINOv2, CLIP/SigLIP vision towers, LLaVA-style vision towers)"
         )
@@ -256,14 +256,14 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
     """Load the exact (`sdpa`) and FNA (`fna` + `FNAConfig.apply`) copies of `model_id`.
 
     Raises:
-        CLIError: the model cannot be loaded, is not a vision transformer, or the FNA settings are invalid.
+        InputError: the model cannot be loaded, is not a vision transformer, or the FNA settings are invalid.
     """
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     looks_local = os.path.isabs(model_id) or model_id.startswith(".") or model_id.count("/") > 1
     if looks_local and not os.path.isdir(model_id):
-        raise CLIError(f"cannot load model {model_id!r}: no such folder")
+        raise InputError(f"cannot load model {model_id!r}: no such folder")
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no weight-loading reports or bars around the table
     hf_logging.disable_progress_bar()
@@ -272,7 +272,7 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
         fna = AutoModel.from_pretrained(model_id, attn_implementation="fna", dtype=dtype)
     except Exception as error:  # OSError, ValueError, HTTP errors...: all mean "cannot load this"
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CLIError(f"cannot load model {model_id!r}: {message}") from error
+        raise InputError(f"cannot load model {model_id!r}: {message}") from error
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -286,12 +286,12 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
         settings = FNAConfig.from_dict({**FNAConfig.from_model_config(tower_config).to_dict(), **_overrides(args)})
         settings.apply(fna)
     except ValueError as error:
-        raise CLIError(str(error)) from error
+        raise InputError(str(error)) from error
     encoders = [_vision_encoder(m).to(device).eval() for m in (exact, fna)]
 
     patch = getattr(tower_config, "patch_size", None)
     if patch is None:
-        raise CLIError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
+        raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
     patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
     mean, std = _normalisation(model_id)
     forward = inspect.signature(encoders[0].forward).parameters
@@ -318,18 +318,18 @@ def parse_resolutions(text: str, patch_size: int) -> list[int]:
     """Parse `--resolutions`; each must be a positive multiple of the patch size.
 
     Raises:
-        CLIError: naming the nearest valid sizes.
+        InputError: naming the nearest valid sizes.
     """
     out = []
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or int(part) <= 0:
-            raise CLIError(f"--resolutions expects positive integers separated by commas; got {text!r}")
+            raise InputError(f"--resolutions expects positive integers separated by commas; got {text!r}")
         size = int(part)
         if size % patch_size:
             low = (size // patch_size) * patch_size
             nearest = ", ".join(str(v) for v in (low, low + patch_size) if v > 0)
-            raise CLIError(
+            raise InputError(
                 f"resolution {size} is not a multiple of the patch size {patch_size}; nearest valid sizes: {nearest}"
             )
         out.append(size)
@@ -376,12 +376,12 @@ def load_inputs(
     """The photos and the probe's stratified train/test images of `probe_dataset` (a key of `PROBE_DATASETS`).
 
     Raises:
-        CLIError: an unknown probe dataset, or material that cannot be obtained (with the message saying how).
+        InputError: an unknown probe dataset, or material that cannot be obtained (with the message saying how).
     """
     from .. import assets
 
     if probe_dataset not in PROBE_DATASETS:
-        raise CLIError(f"unknown probe dataset {probe_dataset!r}; accepted: {', '.join(PROBE_DATASETS)}")
+        raise InputError(f"unknown probe dataset {probe_dataset!r}; accepted: {', '.join(PROBE_DATASETS)}")
 
     try:
         photo_set = assets.photos()
@@ -395,8 +395,8 @@ def load_inputs(
                 index = _stratified(labels, count)
                 subsets.append(([data[split][int(i)]["image"] for i in index], labels[index]))
             (train, train_labels), (test, test_labels) = subsets
-    except (assets.AssetError, ImportError) as error:
-        raise CLIError(str(error).splitlines()[0]) from error
+    except (AssetError, ImportError) as error:
+        raise InputError(str(error).splitlines()[0]) from error
     return Inputs(photos, train, test, train_labels, test_labels)
 
 
@@ -577,9 +577,9 @@ def _device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise CLIError(f"--device {name!r} is not a torch device") from error
+        raise InputError(f"--device {name!r} is not a torch device") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name!r}: CUDA is not available on this machine")
+        raise InputError(f"--device {name!r}: CUDA is not available on this machine")
     return device
 
 
@@ -588,13 +588,13 @@ def _check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, option)
         minimum = 1 if option in ("batch_size", "threads", "landmarks") else 0
         if value is not None and value < minimum:
-            raise CLIError(f"--{option.replace('_', '-')} must be >= {minimum}; got {value}")
+            raise InputError(f"--{option.replace('_', '-')} must be >= {minimum}; got {value}")
     if args.photos is not None and args.photos > 18:
-        raise CLIError(f"--photos: only 18 photos are bundled; got {args.photos}")
+        raise InputError(f"--photos: only 18 photos are bundled; got {args.photos}")
     if bool(args.probe_train) != bool(args.probe_test):
-        raise CLIError("--probe-train and --probe-test must both be positive (or both 0 to skip the probe)")
+        raise InputError("--probe-train and --probe-test must both be positive (or both 0 to skip the probe)")
     if args.photos == 0 and not args.probe_train:
-        raise CLIError("nothing to run: --photos 0 and no probe")
+        raise InputError("nothing to run: --photos 0 and no probe")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -604,7 +604,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
             try:
                 check_output_file(path)
             except OutputPathError as error:
-                raise CLIError(f"{option}: {error}") from None
+                raise InputError(f"{option}: {error}") from None
 
 
 def _write_outputs(args: argparse.Namespace, report: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:
@@ -621,7 +621,7 @@ def _write_outputs(args: argparse.Namespace, report: dict[str, Any], rows: list[
         except (OSError, ValueError) as error:
             failures.append(f"--plot {args.plot}: {error}")
     if failures:
-        raise CLIError(f"the table above is complete, but could not write {'; '.join(failures)}")
+        raise InputError(f"the table above is complete, but could not write {'; '.join(failures)}")
 
 
 def _check_reference_mode(pair: LoadedPair, resolutions: list[int]) -> None:
@@ -634,7 +634,7 @@ def _check_reference_mode(pair: LoadedPair, resolutions: list[int]) -> None:
         tokens = (size // pair.patch_size) ** 2 + pair.num_special_tokens
         for landmarks in sorted(counts):
             if tokens > landmarks and tokens >= settings.min_tokens:
-                raise CLIError(
+                raise InputError(
                     f"--pinv exact is the reference mode and needs every token as a landmark: {tokens} tokens at "
                     f"{size} px, {landmarks} landmarks; pass --landmarks {tokens} or use --pinv newton"
                 )
@@ -649,12 +649,12 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = _device(args.device), DTYPES[args.dtype]
     model_id = args.model
     if model_id is None:
-        from ..assets import AssetError, dinov2_small
+        from ..assets import dinov2_small
 
         try:
             model_id = dinov2_small()
         except (AssetError, ImportError) as error:
-            raise CLIError(str(error).splitlines()[0]) from error
+            raise InputError(str(error).splitlines()[0]) from error
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)
     _check_reference_mode(pair, resolutions)

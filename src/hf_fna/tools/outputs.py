@@ -14,14 +14,7 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
-
-class OutputPathError(OSError):
-    """An output path that cannot be written; the message names the path and the reason."""
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+from ..errors import OutputPathError, first_line
 
 
 def _probe_folder(folder: str, path: str) -> None:
@@ -37,7 +30,7 @@ def _probe_folder(folder: str, path: str) -> None:
         os.close(handle)
         os.remove(probe)
     except OSError as error:
-        raise OutputPathError(f"cannot write {path}: {_first_line(error)}") from None
+        raise OutputPathError(f"cannot write {path}: {first_line(error)}") from None
 
 
 def check_output_file(path: str) -> None:

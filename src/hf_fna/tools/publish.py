@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..cli import CLIError
 from ..config import FNA_CONFIG_NAME, FNAConfig, parse_layers
+from ..errors import InputError, first_line
 
 MODEL_CARD_NAME = "README.md"
 TAGS = ("fna", "vision", "nystrom-attention", "hf-fna")
@@ -196,11 +196,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo as private")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def _check_repo_id(option: str, value: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -208,17 +203,17 @@ def _check_repo_id(option: str, value: str) -> None:
     try:
         validate_repo_id(value)
     except HFValidationError as e:
-        raise CLIError(f"{option} {value!r} is not a Hub repo id ({_first_line(e)})") from e
+        raise InputError(f"{option} {value!r} is not a Hub repo id ({first_line(e)})") from e
 
 
 def _load_settings(args: argparse.Namespace) -> FNAConfig:
     if args.config is not None:
         if args.layers is not None or args.landmarks is not None:
-            raise CLIError("give either --config or --layers/--landmarks, not both")
+            raise InputError("give either --config or --layers/--landmarks, not both")
         try:
             return FNAConfig.from_pretrained(args.config)
         except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-            raise CLIError(f"cannot read --config {args.config}: {_first_line(e)}") from e
+            raise InputError(f"cannot read --config {args.config}: {first_line(e)}") from e
     kwargs: dict[str, Any] = {}
     if args.landmarks is not None:
         kwargs["num_landmarks"] = args.landmarks
@@ -227,7 +222,7 @@ def _load_settings(args: argparse.Namespace) -> FNAConfig:
             kwargs["layers"] = parse_layers(args.layers)
         return FNAConfig(**kwargs)
     except ValueError as e:
-        raise CLIError(str(e)) from e
+        raise InputError(str(e)) from e
 
 
 def _load_measured(path: str | None) -> dict[str, Any] | None:
@@ -236,9 +231,9 @@ def _load_measured(path: str | None) -> dict[str, Any] | None:
     try:
         measured = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CLIError(f"cannot read --measured {path}: {_first_line(e)}") from e
+        raise InputError(f"cannot read --measured {path}: {first_line(e)}") from e
     if not isinstance(measured, dict):
-        raise CLIError(f"--measured {path} must hold a JSON object")
+        raise InputError(f"--measured {path} must hold a JSON object")
     return measured
 
 
@@ -246,20 +241,20 @@ def run(args: argparse.Namespace) -> int:
     _check_repo_id("--repo-id", args.repo_id)
     _check_repo_id("--base-model", args.base_model)
     if args.dry_run and not args.out:
-        raise CLIError("--dry-run needs --out DIR, the folder to write the files into")
+        raise InputError("--dry-run needs --out DIR, the folder to write the files into")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out} is a file; give a folder to write {FNA_CONFIG_NAME} and README.md into")
+        raise InputError(f"--out {args.out} is a file; give a folder to write {FNA_CONFIG_NAME} and README.md into")
     settings = _load_settings(args)
     measured = _load_measured(args.measured)
     try:
         card = model_card(settings, args.base_model, measured, repo_id=args.repo_id)
     except ValueError as e:
-        raise CLIError(f"--measured {args.measured}: {e}") from e
+        raise InputError(f"--measured {args.measured}: {e}") from e
     if args.out:
         try:
             paths = write_config_folder(settings, args.out, args.base_model, measured, repo_id=args.repo_id)
         except (OSError, ValueError) as e:
-            raise CLIError(f"cannot write to --out {args.out}: {_first_line(e)}") from e
+            raise InputError(f"cannot write to --out {args.out}: {first_line(e)}") from e
         for path in paths:
             print(f"wrote {path}")
     if args.dry_run:
@@ -274,6 +269,6 @@ def run(args: argparse.Namespace) -> int:
             private=True if args.private else None,
         )
     except Exception as e:  # network, authentication and Hub errors come in many types; all are reported the same
-        raise CLIError(f"upload to {args.repo_id} failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise InputError(f"upload to {args.repo_id} failed: {first_line(e, with_type=True)}") from e
     print(f"uploaded {FNA_CONFIG_NAME} and {MODEL_CARD_NAME} to {url}")
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ... import metrics
-from ...cli import CLIError
+from ...errors import InputError
 from ..data import TaskData, class_names, task_data
 from ..inputs import ImageLabelCollate
 from ..modeling import EXACT, FNA, VARIANTS, interpolation_kwargs
@@ -58,7 +58,7 @@ def run_task(runner: Runner, data: TaskData) -> TaskOutcome:
         labels = torch.tensor(mapping)[labels]
     num_classes = outputs[f"{EXACT}.logits"].shape[-1]
     if int(labels.max()) >= num_classes:
-        raise CLIError(
+        raise InputError(
             f"dataset labels go up to {int(labels.max())} but the model has {num_classes} classes; the "
             "dataset does not match the model's classification head"
         )

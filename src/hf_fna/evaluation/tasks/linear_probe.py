@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ... import metrics
-from ...cli import CLIError
+from ...errors import InputError
 from ..data import TaskData, task_data
 from ..inputs import ImageLabelCollate
 from ..modeling import EXACT, FNA, VARIANTS, vision_features
@@ -81,7 +81,7 @@ def run_task(runner: Runner, data: TaskData) -> TaskOutcome:
     try:
         probe = fit_probe(fit["features"].numpy(), fit["label"].numpy())
     except ValueError as error:
-        raise CLIError(f"cannot fit the probe on split {settings.train_split!r}: {error}") from error
+        raise InputError(f"cannot fit the probe on split {settings.train_split!r}: {error}") from error
     comparison = runner.compare(test, collate, pooled_features, description="probe: test features")
     outputs = comparison.outputs
     predictions = {v: probe.predict(outputs[f"{v}.features"].numpy().astype(np.float64)) for v in VARIANTS}

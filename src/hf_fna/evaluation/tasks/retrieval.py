@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ... import metrics
-from ...cli import CLIError
+from ...errors import InputError
 from ..data import TaskData, task_data
 from ..inputs import ImageCollate
 from ..modeling import EXACT, FNA, VARIANTS
@@ -52,7 +52,7 @@ def load_data(settings: EvalSettings) -> TaskData:
     for image_index, captions in enumerate(data.test[data.columns["caption"]]):
         captions = [captions] if isinstance(captions, str) else list(captions)
         if not captions or not all(isinstance(c, str) for c in captions):
-            raise CLIError(
+            raise InputError(
                 f"column {data.columns['caption']!r} must hold a caption or a list of captions per image; "
                 f"row {image_index} holds {captions!r}"
             )

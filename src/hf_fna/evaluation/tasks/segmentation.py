@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ... import metrics
-from ...cli import CLIError
+from ...errors import InputError
 from ..data import TaskData, task_data
 from ..inputs import pixel_values
 from ..modeling import EXACT, FNA, VARIANTS, image_processor, vision_config, vision_features
@@ -103,7 +103,7 @@ def load_data(settings: EvalSettings) -> TaskData:
     data = task_data(settings, roles, with_train=True)
     mask = np.asarray(data.test[0][data.columns["mask"]])
     if mask.ndim != 2:
-        raise CLIError(
+        raise InputError(
             f"column {data.columns['mask']!r} must hold single-channel masks (a class index per pixel); "
             f"its first entry has shape {mask.shape}"
         )
@@ -126,7 +126,7 @@ def run_task(runner: Runner, data: TaskData) -> TaskOutcome:
     try:
         probe = PatchProbe.from_sklearn(fit_probe(features[keep], labels[keep]))
     except ValueError as error:
-        raise CLIError(f"cannot fit the segmentation probe on split {settings.train_split!r}: {error}") from error
+        raise InputError(f"cannot fit the segmentation probe on split {settings.train_split!r}: {error}") from error
 
     comparison = runner.compare(test, collate, probe, probe.summarize, description="segmentation: test")
     outputs = comparison.outputs

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ... import metrics
-from ...cli import CLIError
+from ...errors import InputError
 from ..data import TaskData, task_data, to_rgb
 from ..modeling import EXACT, FNA, VARIANTS
 from ..runner import Runner, TaskOutcome
@@ -74,7 +74,7 @@ class GenerateAnswers:
 
 def load_data(settings: EvalSettings) -> TaskData:
     if settings.image_size is not None:
-        raise CLIError("--image-size is not supported by --task vqa: the model's processor sets the resolution")
+        raise InputError("--image-size is not supported by --task vqa: the model's processor sets the resolution")
     return task_data(
         settings,
         {
@@ -89,7 +89,7 @@ def run_task(runner: Runner, data: TaskData) -> TaskOutcome:
     """Generated answers of both variants, VQA accuracy and exact match, and their answer agreement."""
     settings, columns, test = runner.settings, data.columns, data.test
     if not getattr(runner.processor, "chat_template", None):
-        raise CLIError(f"{settings.model!r} has no chat template in its processor; vqa prompts need one")
+        raise InputError(f"{settings.model!r} has no chat template in its processor; vqa prompts need one")
     runner.processor.tokenizer.padding_side = "left"  # batched generation continues every prompt at the same place
     collate = VQACollate(runner.processor, columns["image"], columns["question"], columns["answer"])
     comparison = runner.compare(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ... import metrics
-from ...cli import CLIError
+from ...errors import InputError
 from ..data import TaskData, class_names, task_data
 from ..inputs import ImageLabelCollate
 from ..modeling import EXACT, FNA, VARIANTS, interpolation_kwargs
@@ -74,13 +74,13 @@ def load_data(settings: EvalSettings) -> TaskData:
     )
     names = settings.class_names or class_names(data.test, data.columns["label"])
     if not names:
-        raise CLIError(
+        raise InputError(
             f"zero-shot needs class names: column {data.columns['label']!r} is not a ClassLabel; pass "
             "--class-names name0,name1,..."
         )
     highest = max(data.test[data.columns["label"]])
     if highest >= len(names):
-        raise CLIError(f"labels go up to {highest} but only {len(names)} class names are known: {', '.join(names)}")
+        raise InputError(f"labels go up to {highest} but only {len(names)} class names are known: {', '.join(names)}")
     data.extra["class_names"] = names
     return data
 
