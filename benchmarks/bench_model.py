@@ -52,7 +52,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import hf_fna
     from hf_fna.assets import dinov2_small, photos
     from hf_fna.config import parse_layers
-    from hf_fna.tools.compare import _photo_tensor
+    from hf_fna.tools.measure import photo_tensor
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -73,7 +73,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model.to(device)
     data = photos(None if spec["split"] == "all" else spec["split"])
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    every_photo = torch.stack([_photo_tensor(image, spec["resolution"], mean, std) for image in data["image"]])
+    every_photo = torch.stack([photo_tensor(image, spec["resolution"], mean, std) for image in data["image"]])
     pixels = every_photo[: spec["batch"]].to(device)
 
     compile_seconds = None
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from hf_fna.config import FNAConfig, parse_layers
-    from hf_fna.tools.compare import schedule_flop_bound
+    from hf_fna.ops.cost import schedule_flop_bound
 
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hf_fna.tools.compare import machine_info, machine_line
+from hf_fna.tools.measure import machine_info, machine_line
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -2,7 +2,7 @@
 
 For each schedule (which layers run FNA), landmark count and options, the last hidden state of the bundled photos is
 compared with exact attention's: mean patch-token cosine (over the photos), the worst photo's mean patch cosine, and
-the CLS cosine. Speed is given by the FLOP bound of `hf_fna.tools.compare.flop_bound` (measured throughput tracks
+the CLS cosine. Speed is given by the FLOP bound of `hf_fna.ops.cost.flop_bound` (measured throughput tracks
 it closely at 896 px, see bench_model.py); this script measures no time, so it can run on a busy machine.
 
 Schedules are chosen on the "tune" photos (the default) and reported on the "report" photos (`--split report`).
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import hf_fna
 from hf_fna.config import parse_layers, resolve_layers
-from hf_fna.tools.compare import schedule_flop_bound
+from hf_fna.ops.cost import schedule_flop_bound
 
 SCHEDULES_64 = [f"{first}:" for first in range(12)] + ["0:2", "0:3", "0:4", "0,1,11", "0,1,10,11", "0,1,2,10,11"]
 SCHEDULES_OTHER = ["4:", "6:", "8:", "10:", "0,1,10,11"]
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hf_fna.assets import dinov2_small, photos
-    from hf_fna.tools.compare import IMAGENET_MEAN, IMAGENET_STD, _photo_tensor
+    from hf_fna.tools.measure import IMAGENET_MEAN, IMAGENET_STD, photo_tensor
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     path = dinov2_small()
     data = photos(None if args.split == "all" else args.split)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    pixels = torch.stack([_photo_tensor(image, args.resolution, mean, std) for image in data["image"]])
+    pixels = torch.stack([photo_tensor(image, args.resolution, mean, std) for image in data["image"]])
     batches = pixels.split(args.batch)
 
     def run(model: torch.nn.Module) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transformers import AutoModel, CLIPModel, Dinov2Config, Dinov2Model
 import hf_fna
 from hf_fna import FNAConfig
 from hf_fna.integration import backend as fna_backend
+from hf_fna.integration.plans import layer_plan, plan_model
 from tiny_models import LAYERS, Family, families, family
 
 FAMILIES = [f.name for f in families()]
@@ -53,8 +54,9 @@ class LayerRecorder:
         self.layers: list[int] = []
         current = {}
         for module in model.modules():
-            if module in fna_backend._PLANS:
-                index = fna_backend._PLANS[module].index
+            plan = layer_plan(module)
+            if plan is not None:
+                index = plan.index
                 module.register_forward_pre_hook(lambda _m, _a, i=index: current.__setitem__("layer", i))
         original = fna_backend.nystrom_attention
 
@@ -140,8 +142,9 @@ def test_siglip_text_padding_mask_is_honoured():
     config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     config.fna_config = FNAConfig(layers="all", num_landmarks=6, min_tokens=0, pinv="exact").to_dict()
     config._attn_implementation = "fna"
-    attention = Dinov2Model(config).encoder.layer[0].attention.eval()
-    fna_backend._PLANS[attention] = fna_backend.LayerPlan(fna_backend._tower_plan(config), 0)
+    model = Dinov2Model(config).eval()
+    plan_model(model)
+    attention = model.encoder.layer[0].attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
     keep = torch.ones(2, 9, dtype=torch.bool)

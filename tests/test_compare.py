@@ -10,7 +10,7 @@ import torch
 from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
 
 from hf_fna.cli import main
-from hf_fna.tools.compare import flop_bound, schedule_flop_bound
+from hf_fna.ops.cost import flop_bound, schedule_flop_bound
 
 PATCH = 4
 

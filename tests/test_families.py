@@ -13,7 +13,9 @@ from transformers.testing_utils import CaptureLogger
 import hf_fna
 from hf_fna import FNAConfig
 from hf_fna.integration import backend as fna_backend
-from hf_fna.integration.families import SpecialTokens
+from hf_fna.integration import plans
+from hf_fna.integration.plans import tower_plans
+from hf_fna.integration.towers import SpecialTokens
 from hf_fna.ops.blocks import diagonal_blocks
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -125,7 +127,7 @@ def test_special_tokens_per_family_are_the_guaranteed_landmarks(name, monkeypatc
 def test_explicit_num_special_tokens_overrides_the_leading_count_only():
     model = _tiny("yolos")
     FNAConfig(num_special_tokens=0, min_tokens=0).apply(model)
-    assert fna_backend._tower_plans(model)[0].special == SpecialTokens(leading=0, trailing=3)
+    assert tower_plans(model)[0].special == SpecialTokens(leading=0, trailing=3)
 
 
 # --- what FNAConfig.apply accepts -----------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ def test_apply_refuses_data2vec_vision_in_one_line():
 
 
 def _warnings(model, inputs, passes: int = 2) -> list[str]:
-    with CaptureLogger(fna_backend.logger) as captured:
+    with CaptureLogger(plans.logger) as captured:
         for _ in range(passes):
             with torch.no_grad():
                 model(**inputs)
@@ -269,14 +271,14 @@ def test_packed_blocks_shorter_than_min_tokens_run_exact():
 def test_an_unknown_family_is_assumed_to_have_one_cls_token_and_says_so():
     model = _tiny("vit")
     model.config.model_type = "my_vit"  # as a custom model on the Hub would be
-    with CaptureLogger(fna_backend.logger) as captured:
+    with CaptureLogger(plans.logger) as captured:
         FNAConfig(min_tokens=0, num_landmarks=4).apply(model)
     assert "model_type 'my_vit' are not known; assuming 1 leading token" in captured.out
-    assert fna_backend._tower_plans(model)[0].special == SpecialTokens(leading=1, trailing=0)
+    assert tower_plans(model)[0].special == SpecialTokens(leading=1, trailing=0)
 
 
 def test_packed_images_all_shorter_than_min_tokens_warn_as_short():
-    with CaptureLogger(fna_backend.logger) as captured:
+    with CaptureLogger(plans.logger) as captured:
         exact, approx, model = _pixtral_pair(FNAConfig(layers="all", num_landmarks=8, min_tokens=40), 48)
     lines = [line for line in captured.out.splitlines() if line.startswith("hf_fna:")]
     assert len(lines) == 1 and "2 packed images of at most 36 tokens each, fewer than 40" in lines[0]

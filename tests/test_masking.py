@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_fna import FNAConfig, MaskingConfig, detect_attention_sinks, detect_massive_tokens, exact_attention
-from hf_fna.integration import backend as fna_backend
+from hf_fna.integration.plans import layer_plan, tower_plans
 from hf_fna.ops.nystrom import nystrom_attention
 from tiny_models import family
 
@@ -106,7 +106,7 @@ def test_model_flags_massive_tokens_at_the_right_positions(tmp_path):
     fam, model = _tiny_with_massive_tokens(tmp_path, masking)
     with torch.no_grad():
         model(**fam.make_inputs(2))
-    tower = next(p.tower for p in map(fna_backend._PLANS.get, model.modules()) if p is not None)
+    (tower,) = tower_plans(model)
     flags = tower.last_flagged[1]
     assert [row.nonzero().flatten().tolist() for row in flags] == [[5, 9], [5, 9]]
 
@@ -147,7 +147,7 @@ def test_default_masking_layers_are_the_middle_of_the_tower(tmp_path):
     fam = family("dinov2")
     model = fam.model_class(fam.config).eval()
     FNAConfig(layers="none", masking=MaskingConfig(mode="sink")).apply(model)
-    tower = fna_backend._PLANS[model.encoder.layer[0].attention].tower
+    tower = layer_plan(model.encoder.layer[0].attention).tower
     assert (tower.detect_layer, tower.from_layer) == (2, 2)
     with torch.no_grad():
         assert torch.isfinite(model(**fam.make_inputs(1)).last_hidden_state).all()

@@ -12,8 +12,8 @@ Settings come from the `fna_config` dict of the tower's config (as a Hub `config
 
 from . import metrics
 from .config import FNAConfig, MaskingConfig
-from .integration.backend import ATTENTION_NAME, fna_attention_forward, last_flagged_tokens, last_landmarks, register
-from .integration.explain import Explanation, LayerReport, explain
+from .integration.backend import ATTENTION_NAME, fna_attention_forward, register
+from .integration.explain import Explanation, LayerReport, explain, last_flagged_tokens, last_landmarks
 from .ops.landmarks import farthest_point_sampling, random_sampling, select_landmarks
 from .ops.nystrom import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
 from .ops.sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -40,6 +41,17 @@ RECOMMENDED_PINV_ITERATIONS = (3, 10)
 
 # The largest seed `torch.Generator.manual_seed` accepts (a larger one passes construction but fails at forward).
 MAX_SEED = 2**64 - 1
+
+# How `FNAConfig.apply` changes a model. The Transformers integration (`hf_fna.integration.plans`) sits above this
+# module and imports it, so it installs the function when `hf_fna` is imported instead of being imported from here.
+_apply_to_model: Callable[[Any, FNAConfig, str | None], Any] | None = None
+
+
+def set_model_applier(apply: Callable[[Any, FNAConfig, str | None], Any]) -> None:
+    """Install the function behind `FNAConfig.apply(model, tower)` (called once, by `hf_fna.integration.plans`)."""
+    global _apply_to_model
+    _apply_to_model = apply
+
 
 _SLICE_PATTERN = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
 _INDEX_LIST_PATTERN = re.compile(r"^\s*-?\d+\s*(,\s*-?\d+\s*)*$")
@@ -482,9 +494,9 @@ class FNAConfig:
             ValueError: the model's attention does not dispatch through `AttentionInterface`, or a layer index is out
                 of range for the tower.
         """
-        from .integration.backend import apply_fna_config
-
-        return apply_fna_config(model, self, tower)
+        if _apply_to_model is None:  # pragma: no cover - `import hf_fna` installs it
+            raise RuntimeError("FNAConfig.apply needs the Transformers integration: `import hf_fna` first.")
+        return _apply_to_model(model, self, tower)
 
     def groups(self, num_layers: int) -> list[LayerGroup]:
         """The selection groups of a tower with `num_layers` layers (see `layers`); raises on out-of-range layers."""

@@ -6,7 +6,6 @@ forward pass (`AttentionSwitch`), so both variants run on the same weights and b
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,8 @@ import torch
 
 from ..config import FNAConfig, check_local_path
 from ..errors import InputError, first_line
-from ..integration.backend import ATTENTION_NAME, find_tower_config_name, num_special_tokens
+from ..integration.plans import ATTENTION_NAME
+from ..integration.towers import interpolation_kwargs, special_tokens, tower_config, tower_config_name, vision_tower
 
 EXACT, FNA = "exact", "fna"
 VARIANTS = (EXACT, FNA)
@@ -55,7 +55,7 @@ def check_model_kind(config: Any, kind: str, task: str) -> None:
     elif kind in ("dual_encoder", "generator") and not has_towers:
         needs = "an image and a text tower (CLIP, SigLIP)" if kind == "dual_encoder" else "a LLaVA-style model"
         raise InputError(f"task {task!r} needs {needs}; {model_type!r} is a vision-only model")
-    elif kind == "backbone" and getattr(vision_config(config), "patch_size", None) is None:
+    elif kind == "backbone" and getattr(tower_config(config), "patch_size", None) is None:
         raise InputError(
             f"task {task!r} needs a vision transformer (ViT, DINOv2, CLIP, SigLIP); {model_type!r} is not one"
         )
@@ -82,34 +82,8 @@ def load_model(path: str, kind: str, task: str) -> tuple[Any, Any]:
     return model.eval(), processor
 
 
-def vision_config(config: Any) -> Any:
-    """The config of the vision tower (the model config itself for ViT/DINOv2)."""
-    return getattr(config, "vision_config", None) or config
-
-
 def image_processor(processor: Any) -> Any:
     return getattr(processor, "image_processor", processor)
-
-
-def vision_tower(model: Any) -> Any:
-    """The module that maps `pixel_values` to patch tokens: CLIP/SigLIP `vision_model`, LLaVA `vision_tower`, or the
-    model itself."""
-    for name in ("vision_model", "vision_tower"):
-        tower = getattr(model, name, None)
-        if isinstance(tower, torch.nn.Module):
-            return tower
-    return model
-
-
-def interpolation_kwargs(function: Any) -> dict[str, bool]:
-    """`{"interpolate_pos_encoding": True}` when `function` (or a module's forward) takes that argument (ViT, CLIP,
-    SigLIP: position embeddings resized to the input size; DINOv2 always resizes them)."""
-    function = getattr(function, "forward", function)
-    return (
-        {"interpolate_pos_encoding": True}
-        if "interpolate_pos_encoding" in inspect.signature(function).parameters
-        else {}
-    )
 
 
 @dataclass
@@ -128,10 +102,10 @@ def vision_features(model: Any, pixel_values: torch.Tensor) -> VisionFeatures:
     post-layernorm CLS for CLIP, the attention-pool output for SigLIP) concatenated with the mean of the patch tokens.
     """
     tower = vision_tower(model)
-    config = vision_config(model.config)
+    config = tower_config(model.config)
     outputs = tower(pixel_values=pixel_values, **interpolation_kwargs(tower))
     tokens = outputs.last_hidden_state
-    special = num_special_tokens(config)
+    special = special_tokens(config).leading
     patches = tokens[:, special:]
     pooled = getattr(outputs, "pooler_output", None)
     if pooled is None:
@@ -150,7 +124,7 @@ class AttentionSwitch:
 
     def __init__(self, model: Any, settings: FNAConfig) -> None:
         self.model = model
-        self.tower = find_tower_config_name(model)
+        self.tower = tower_config_name(model.config)
         config = model.config if self.tower is None else getattr(model.config, self.tower)
         self.exact_implementation = config._attn_implementation
         try:
@@ -170,7 +144,7 @@ class AttentionSwitch:
 
 def fna_settings_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
     """The model's own `fna_config` (or the defaults) with the given fields replaced."""
-    base = FNAConfig.from_model_config(vision_config(config)).to_dict()
+    base = FNAConfig.from_model_config(tower_config(config)).to_dict()
     try:
         return FNAConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
     except ValueError as error:

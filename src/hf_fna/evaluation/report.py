@@ -1,4 +1,5 @@
-"""`EvalResult`: the report of one run, as a markdown table and as JSON written atomically."""
+"""What a run of `hf-fna eval` produces: the timing and outputs a comparison gathers, a task's outcome, the agreement
+measures between the two variants, and `EvalResult`, the report as a markdown table and as JSON written atomically."""
 
 from __future__ import annotations
 
@@ -14,8 +15,50 @@ from ..tools import outputs
 from .modeling import EXACT, FNA, VARIANTS
 
 if TYPE_CHECKING:
-    from .runner import Runner, TaskOutcome
+    from ..config import FNAConfig
     from .settings import EvalSettings
+
+
+@dataclass
+class Timing:
+    """Seconds spent in the model forward passes (or generation) of one variant, and the samples they covered."""
+
+    seconds: float = 0.0
+    samples: int = 0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class Comparison:
+    """What `Runner.compare` gathered from all processes (tensors concatenated on CPU, lists flattened)."""
+
+    outputs: dict[str, Any]
+    timing: dict[str, Timing]
+    num_samples: int
+    tokens_per_image: int | None = None
+
+
+@dataclass
+class TaskOutcome:
+    """A task's result: metrics per variant (`{"exact": {...}, "fna": {...}}`), agreement, and its comparison."""
+
+    metrics: dict[str, dict[str, float]]
+    agreement: dict[str, float]
+    comparison: Comparison
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def top1_agreement(exact_scores: torch.Tensor, fna_scores: torch.Tensor) -> float:
+    """Fraction of samples whose highest-scoring class (or candidate) is the same under both variants."""
+    return float((exact_scores.argmax(-1) == fna_scores.argmax(-1)).float().mean())
+
+
+def mean_cosine(exact: torch.Tensor, fna: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows (vectors along the last dimension)."""
+    return float(torch.nn.functional.cosine_similarity(exact.double(), fna.double(), dim=-1).mean())
 
 
 @dataclass
@@ -51,7 +94,10 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def build_result(settings: EvalSettings, runner: Runner, outcome: TaskOutcome) -> EvalResult:
+def build_result(
+    settings: EvalSettings, outcome: TaskOutcome, fna_config: FNAConfig, num_processes: int, device: torch.device
+) -> EvalResult:
+    """The report of a finished run: its settings and provenance, metrics, agreement, throughput and notes."""
     import accelerate
     import transformers
 
@@ -61,12 +107,12 @@ def build_result(settings: EvalSettings, runner: Runner, outcome: TaskOutcome) -
     timing = comparison.timing
     record = settings.to_dict()
     record.update(
-        fna=runner.fna.to_dict(),
+        fna=fna_config.to_dict(),
         tokens_per_image=comparison.tokens_per_image,
-        num_processes=runner.accelerator.num_processes,
-        device=str(runner.device),
+        num_processes=num_processes,
+        device=str(device),
         machine=f"{platform.machine()} {os.cpu_count()} CPUs"
-        + (f", {torch.cuda.get_device_name()}" if runner.device.type == "cuda" else ""),
+        + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         versions={
             "hf_fna": __version__,
             "torch": torch.__version__,
@@ -79,12 +125,12 @@ def build_result(settings: EvalSettings, runner: Runner, outcome: TaskOutcome) -
     throughput["speedup"] = timing[EXACT].seconds / timing[FNA].seconds if timing[FNA].seconds > 0 else float("nan")
     notes = []
     tokens = comparison.tokens_per_image
-    if tokens is not None and tokens < max(runner.fna.min_tokens, runner.fna.num_landmarks):
+    if tokens is not None and tokens < max(fna_config.min_tokens, fna_config.num_landmarks):
         notes.append(
-            f"{tokens} tokens per image is below min_tokens={runner.fna.min_tokens} or num_landmarks="
-            f"{runner.fna.num_landmarks}: FNA fell back to exact attention; raise --image-size or lower --min-tokens"
+            f"{tokens} tokens per image is below min_tokens={fna_config.min_tokens} or num_landmarks="
+            f"{fna_config.num_landmarks}: FNA fell back to exact attention; raise --image-size or lower --min-tokens"
         )
-    if settings.mixed_precision == "fp16" and runner.device.type == "cpu":
+    if settings.mixed_precision == "fp16" and device.type == "cpu":
         notes.append("accelerate applies no fp16 autocast on CPU: this run computed in float32 (use bf16 on CPU)")
     return EvalResult(
         record, outcome.metrics, outcome.agreement, throughput, comparison.num_samples, notes, outcome.details

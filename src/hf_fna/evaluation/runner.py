@@ -9,11 +9,10 @@ run leaves no report behind, and prints a markdown table.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,8 @@ import torch
 
 from ..config import FNAConfig, resolve_layers
 from ..errors import InputError, OutputPathError, ReferenceModeError
+from ..integration.towers import patch_size, special_tokens, tower_config
+from ..tools.measure import quiet_loading, synchronize
 from ..tools.outputs import check_output_file
 from .modeling import (
     EXACT,
@@ -31,44 +32,11 @@ from .modeling import (
     fna_settings_for,
     load_config,
     load_model,
-    vision_config,
 )
-from .report import EvalResult, build_result, write_json_atomically
+from .report import Comparison, EvalResult, TaskOutcome, Timing, build_result, write_json_atomically
 from .settings import TASKS, EvalSettings
 
 Batch = tuple[dict[str, torch.Tensor], dict[str, Any]]  # (model inputs, targets kept aside for the metrics)
-
-
-@dataclass
-class Timing:
-    """Seconds spent in the model forward passes (or generation) of one variant, and the samples they covered."""
-
-    seconds: float = 0.0
-    samples: int = 0
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else float("nan")
-
-
-@dataclass
-class Comparison:
-    """What `Runner.compare` gathered from all processes (tensors concatenated on CPU, lists flattened)."""
-
-    outputs: dict[str, Any]
-    timing: dict[str, Timing]
-    num_samples: int
-    tokens_per_image: int | None = None
-
-
-@dataclass
-class TaskOutcome:
-    """A task's result: metrics per variant (`{"exact": {...}, "fna": {...}}`), agreement, and its comparison."""
-
-    metrics: dict[str, dict[str, float]]
-    agreement: dict[str, float]
-    comparison: Comparison
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def make_accelerator(mixed_precision: str) -> Any:
@@ -138,11 +106,11 @@ class Runner:
 
     def _forward(self, variant: str, step: Callable, inputs: dict[str, torch.Tensor]) -> tuple[dict, float]:
         self.switch.use(variant)
-        _synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         with torch.inference_mode(), self.accelerator.autocast():
             outputs = step(self.model, inputs)
-        _synchronize(self.device)
+        synchronize(self.device)
         return outputs, time.perf_counter() - start
 
     def compare(
@@ -224,21 +192,13 @@ class Runner:
         return {v: Timing(float(stats[:, i, 0].max()), int(stats[:, i, 1].sum())) for i, v in enumerate(VARIANTS)}
 
     def _tokens_per_image(self, pixel_values: torch.Tensor) -> int | None:
-        from ..integration.families import special_tokens
-
-        config = vision_config(self.model.config)
-        patch = getattr(config, "patch_size", None)
+        config = tower_config(self.model.config)
+        patch = patch_size(config)
         if not patch or pixel_values.dim() != 4:
             return None
         height, width = pixel_values.shape[-2:]
         special = special_tokens(config)
         return (height // patch) * (width // patch) + special.leading + special.trailing
-
-
-def _synchronize(device: torch.device) -> None:
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
-        backend.synchronize()
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -272,16 +232,6 @@ def _concatenate(batches: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- agreement -----------------------------------------------------------------------------------------------------
-
-
-def top1_agreement(exact_scores: torch.Tensor, fna_scores: torch.Tensor) -> float:
-    """Fraction of samples whose highest-scoring class (or candidate) is the same under both variants."""
-    return float((exact_scores.argmax(-1) == fna_scores.argmax(-1)).float().mean())
-
-
-def mean_cosine(exact: torch.Tensor, fna: torch.Tensor) -> float:
-    """Mean cosine similarity between matching rows (vectors along the last dimension)."""
-    return float(torch.nn.functional.cosine_similarity(exact.double(), fna.double(), dim=-1).mean())
 
 
 # --- a saved exact reference ------------------------------------------------------------------------------------
@@ -374,16 +324,16 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     task = importlib.import_module(TASKS[settings.task])
     config = load_config(settings.model)
     check_model_kind(config, task.MODEL_KIND, settings.task)
-    check_image_size(settings.image_size, vision_config(config))
+    check_image_size(settings.image_size, tower_config(config))
     fna = settings.fna or fna_settings_for(config, settings.fna_overrides)
     try:
-        resolve_layers(fna.layers, int(vision_config(config).num_hidden_layers))
+        resolve_layers(fna.layers, int(tower_config(config).num_hidden_layers))
     except ValueError as error:
         raise InputError(str(error)) from error
     if (settings.reference or settings.save_exact) and make_accelerator(settings.mixed_precision).num_processes > 1:
         raise InputError("--reference and --save-exact need a single process (the outputs are recorded per batch)")
     reference = load_reference(settings.reference, settings, 1) if settings.reference else None
-    with _quiet_progress_bars(not settings.show_progress):
+    with quiet_loading(reports=False, progress_bars=not settings.show_progress):
         data = task.load_data(settings)
         model, processor = load_model(settings.model, task.MODEL_KIND, settings.task)
     runner = Runner(settings, model, processor, fna, reference)
@@ -391,7 +341,7 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
         outcome: TaskOutcome = task.run_task(runner, data)
     except ReferenceModeError as error:  # pinv="exact" from --fna-config with fewer landmarks than tokens
         raise InputError(str(error)) from None
-    result = build_result(settings, runner, outcome)
+    result = build_result(settings, outcome, fna, runner.accelerator.num_processes, runner.device)
     if reference is not None:
         recorded = ", ".join(f"{k} {v}" for k, v in reference.recorded.items())
         result.notes.append(
@@ -415,34 +365,14 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     return result
 
 
-def check_image_size(image_size: int | None, tower_config: Any) -> None:
-    """Raise `InputError` when `--image-size` is not a multiple of the patch size (as `hf-fna compare` does): the
-    patch embedding would silently drop the border pixels."""
-    patch = getattr(tower_config, "patch_size", None)
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    if image_size is None or not isinstance(patch, int) or image_size % patch == 0:
+def check_image_size(image_size: int | None, config: Any) -> None:
+    """Raise `InputError` when `--image-size` is not a multiple of the tower's patch size (as `hf-fna compare`
+    does): the patch embedding would silently drop the border pixels."""
+    patch = patch_size(config)
+    if image_size is None or patch is None or image_size % patch == 0:
         return
     low = image_size // patch * patch
     nearest = ", ".join(str(size) for size in (low, low + patch) if size > 0)
     raise InputError(
         f"--image-size {image_size} is not a multiple of the patch size {patch}; nearest valid sizes: {nearest}"
     )
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars(quiet: bool) -> Iterator[None]:
-    """Hide the loading bars of transformers and datasets (`--no-progress`)."""
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    shown = transformers_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
-    if quiet:
-        transformers_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if quiet and shown[0]:
-            transformers_logging.enable_progress_bar()
-        if quiet and shown[1]:
-            datasets.enable_progress_bars()

@@ -1,4 +1,5 @@
-"""`hf_fna.explain(model)`: per tower and layer, whether FNA or exact attention runs, and why.
+"""What ran where: `hf_fna.explain(model)` (per tower and layer, FNA or exact attention, and why), and the landmarks
+and flagged tokens of the last forward pass (`last_landmarks`, `last_flagged_tokens`).
 
 Before any forward pass it reports the plan (which layers are configured for FNA, from which sequence length);
 after one it reports what the last pass actually ran, e.g. exact attention because 257 tokens are fewer than
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .backend import _PLANS, LayerPlan, plan_model
+from .plans import LayerPlan, layer_plan, plan_model, tower_plans
 
 
 @dataclass(frozen=True)
@@ -85,5 +87,20 @@ def explain(model: nn.Module) -> Explanation:
 
 
 def _layer_plans(model: nn.Module) -> list[LayerPlan]:
-    plans = (_PLANS.get(module) for module in model.modules())
+    plans = (layer_plan(module) for module in model.modules())
     return [plan for plan in plans if plan is not None]
+
+
+def last_landmarks(model: nn.Module) -> torch.Tensor | None:
+    """Landmark indices `[B, m]` chosen in the most recent forward pass of `model` (None if FNA never ran).
+
+    Sequences packed with a block-diagonal mask are not covered: their landmarks are chosen per block.
+    """
+    entries = [tower.last_landmarks for tower in tower_plans(model) if tower.last_landmarks is not None]
+    return entries[-1][1] if entries else None
+
+
+def last_flagged_tokens(model: nn.Module) -> torch.Tensor | None:
+    """`[B, N]` bool of the tokens flagged by masking in the most recent forward pass (None if none ran)."""
+    entries = [tower.last_flagged for tower in tower_plans(model) if tower.last_flagged is not None]
+    return entries[-1][1] if entries else None

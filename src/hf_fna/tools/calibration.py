@@ -35,6 +35,9 @@ import torch
 from torch import nn
 
 from ..config import FNAConfig, LayerGroup, schedule_string
+from ..integration.towers import mlp_ratio_of, special_tokens, tower_config
+from ..ops.cost import schedule_flop_bound
+from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, timed_forward
 
 __all__ = ["METRICS", "CalibrationReport", "calibrate"]
 
@@ -192,10 +195,6 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    from ..integration.backend import find_tower_config_name
-    from ..integration.backend import num_special_tokens as special_tokens_of
-    from .compare import mlp_ratio_of, schedule_flop_bound
-
     if metric not in METRICS:
         raise ValueError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
     if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
@@ -215,13 +214,12 @@ def calibrate(
     else:
         heldout_pixels = _as_pixels(heldout, resolution, image_mean, image_std, "heldout")
 
-    tower = find_tower_config_name(model)
-    tower_config = model.config if tower is None else getattr(model.config, tower)
-    num_layers = int(tower_config.num_hidden_layers)
-    width = int(tower_config.hidden_size)
-    heads = int(tower_config.num_attention_heads)
-    mlp_ratio = mlp_ratio_of(tower_config)
-    special = special_tokens_of(tower_config) if num_special_tokens is None else num_special_tokens
+    config = tower_config(model.config)
+    num_layers = int(config.num_hidden_layers)
+    width = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    mlp_ratio = mlp_ratio_of(config)
+    special = special_tokens(config, num_special_tokens).leading
     model.eval()
 
     passes = 0
@@ -407,7 +405,6 @@ def _cheapest_schedule(
     A knapsack over layers: each layer takes exact attention (no loss) or one candidate m (its measured loss, its
     FLOPs); losses are discretised into `_BINS` steps of the budget.
     """
-    from .compare import schedule_flop_bound
 
     def cost(m: int | None) -> float:  # relative FLOPs of one layer: the bound's reciprocal for a 1-layer model
         return 1.0 / schedule_flop_bound(tokens, width, heads, [m], mlp_ratio)
@@ -466,13 +463,11 @@ def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) ->
 
 def _seconds_per_pass(model: nn.Module, settings: FNAConfig, batch: torch.Tensor) -> float:
     """The faster of two timed passes after a warm-up, with `settings` applied."""
-    from .compare import _timed_forward
-
     settings.apply(model)
     batch = batch.to(next(model.parameters()).device)
     with torch.inference_mode():
-        _timed_forward(model, batch, {})  # warm-up
-        return min(_timed_forward(model, batch, {})[1] for _ in range(2))
+        timed_forward(model, batch, {})  # warm-up
+        return min(timed_forward(model, batch, {})[1] for _ in range(2))
 
 
 def _as_pixels(
@@ -492,11 +487,9 @@ def _as_pixels(
         raise ValueError(f"calibrate({name}=...) got no images.")
     if resolution is None:
         raise ValueError(f"calibrate({name}=...) got PIL images; pass `resolution=` to size them.")
-    from .compare import IMAGENET_MEAN, IMAGENET_STD, _photo_tensor
-
     mean_t = torch.tensor(mean or IMAGENET_MEAN).view(3, 1, 1)
     std_t = torch.tensor(std or IMAGENET_STD).view(3, 1, 1)
-    return torch.stack([_photo_tensor(image, resolution, mean_t, std_t) for image in images])
+    return torch.stack([photo_tensor(image, resolution, mean_t, std_t) for image in images])
 
 
 # --- command line: `hf-fna calibrate` ----------------------------------------------------------------------------
@@ -544,7 +537,6 @@ def run(args: Any) -> int:
     import sys
 
     from ..errors import InputError
-    from .compare import machine_info, machine_line
     from .outputs import check_output_folder, write_atomically
 
     if args.limit < 1 or args.batch_size < 1 or args.resolution < 1:

@@ -27,9 +27,7 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +36,19 @@ import torch
 from torch import nn
 
 from ..config import SAMPLING_METHODS, FNAConfig, parse_layers
-from ..errors import AssetError, InputError, OutputPathError
+from ..errors import AssetError, InputError, OutputPathError, first_line
+from ..integration.towers import (
+    interpolation_kwargs,
+    mlp_ratio_of,
+    patch_size,
+    special_tokens,
+    tower_config,
+    vision_tower,
+)
+from ..ops.cost import schedule_flop_bound
+from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, quiet_loading, timed_forward
 from .outputs import check_output_file, write_atomically, write_json_atomically
+from .probe import probe_accuracy
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
 # The defaults keep a no-argument run short on 2 CPU cores (an exact 896 px pass costs about 3 s per image there).
@@ -48,8 +57,6 @@ DEFAULT_PROBE_IMAGES = 20
 # Probe data: the default needs nothing beyond what `pip install hf-fna[eval]` brings.
 PROBE_DATASETS = {"digits": "scikit-learn digits", "fashion_mnist": "Fashion-MNIST"}
 DEFAULT_PROBE_DATASET = "digits"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,96 +116,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-# --- the cost model ---------------------------------------------------------------------------------------------
-
-
-def flop_bound(
-    tokens: int, width: int, num_layers: int, fna_layers: int, landmarks: int, mlp_ratio: float = 4.0
-) -> float:
-    """End-to-end speed-up bound of FNA in `fna_layers` of `num_layers` layers.
-
-    A layer costs 8 N D^2 (projections) + 4 r N D^2 (MLP of ratio r: 16 N D^2 at r = 4) + 4 N^2 D (exact attention)
-    or 8 N m D (FNA); the bound is the FLOP ratio, i.e. the speed-up if every FLOP ran equally fast.
-    """
-    dense, exact = _dense_and_exact_flops(tokens, width, mlp_ratio)
-    fna = dense + 8 * tokens * min(landmarks, tokens) * width
-    return num_layers * exact / ((num_layers - fna_layers) * exact + fna_layers * fna)
-
-
-def schedule_flop_bound(
-    tokens: int,
-    width: int,
-    heads: int,
-    landmarks_per_layer: Sequence[int | None],
-    mlp_ratio: float = 4.0,
-    pinv_iterations: int = 6,
-) -> float:
-    """End-to-end speed-up bound of a schedule: `landmarks_per_layer[i]` is the m of layer i, None for exact attention.
-
-    As `flop_bound`, plus what grows with m: the landmark kernel (2 m^2 D) and the Newton-Schulz pseudo-inverse
-    (4 products of m x m matrices per iteration and head: 8 m^3 each), which outweighs the Nyström products at m=256
-    on a 384-wide model.
-    """
-    dense, exact = _dense_and_exact_flops(tokens, width, mlp_ratio)
-
-    def layer(landmarks: int | None) -> float:
-        if landmarks is None:
-            return exact
-        m = min(landmarks, tokens)
-        return dense + 8 * tokens * m * width + 2 * m * m * width + 8 * pinv_iterations * heads * m**3
-
-    return len(landmarks_per_layer) * exact / sum(layer(m) for m in landmarks_per_layer)
-
-
-def _dense_and_exact_flops(tokens: int, width: int, mlp_ratio: float) -> tuple[float, float]:
-    """FLOPs of one layer's projections and MLP, and of the whole layer with exact attention."""
-    dense = (8 + 4 * mlp_ratio) * tokens * width**2
-    return dense, dense + 4 * tokens**2 * width
-
-
-def mlp_ratio_of(tower_config: Any) -> float:
-    """The MLP width over the model width: `mlp_ratio` (DINOv2) or `intermediate_size / hidden_size` (ViT, CLIP)."""
-    return float(getattr(tower_config, "mlp_ratio", None) or tower_config.intermediate_size / tower_config.hidden_size)
-
-
-# --- machine ----------------------------------------------------------------------------------------------------
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """CPU model, threads, library versions, device and load average, to store next to any timing."""
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = torch.device(device)
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def machine_line(info: dict[str, Any]) -> str:
-    """One line describing the machine, printed above every table."""
-    device = info.get("gpu") or info["device"]
-    return (
-        f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), {info['torch_threads']} torch threads, torch "
-        f"{info['torch']}, transformers {info['transformers']}, device {device}"
-    )
-
-
 # --- models -----------------------------------------------------------------------------------------------------
 
 
@@ -217,18 +134,12 @@ class LoadedPair:
 
     @property
     def num_special_tokens(self) -> int:
-        from ..integration.backend import num_special_tokens
-
-        special = self.settings.num_special_tokens
-        return num_special_tokens(self.tower_config) if special is None else special
+        return special_tokens(self.tower_config, self.settings.num_special_tokens).leading
 
 
 def _vision_encoder(model: nn.Module) -> nn.Module:
     """The module that maps `pixel_values` to a `last_hidden_state` (the model, or its vision tower)."""
-    for name in ("vision_model", "vision_tower"):
-        tower = getattr(model, name, None)
-        if isinstance(tower, nn.Module):
-            return tower
+    model = vision_tower(model)
     if "pixel_values" not in inspect.signature(model.forward).parameters:
         raise InputError(
             f"{type(model).__name__} takes no pixel_values: hf-fna compare supports vision transformers (ViT, DeiT, "
@@ -259,44 +170,31 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
         InputError: the model cannot be loaded, is not a vision transformer, or the FNA settings are invalid.
     """
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
     looks_local = os.path.isabs(model_id) or model_id.startswith(".") or model_id.count("/") > 1
     if looks_local and not os.path.isdir(model_id):
         raise InputError(f"cannot load model {model_id!r}: no such folder")
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # no weight-loading reports or bars around the table
-    hf_logging.disable_progress_bar()
     try:
-        exact = AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
-        fna = AutoModel.from_pretrained(model_id, attn_implementation="fna", dtype=dtype)
+        with quiet_loading():  # no weight-loading reports or bars around the table
+            exact = AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
+            fna = AutoModel.from_pretrained(model_id, attn_implementation="fna", dtype=dtype)
     except Exception as error:  # OSError, ValueError, HTTP errors...: all mean "cannot load this"
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load model {model_id!r}: {message}") from error
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+        raise InputError(f"cannot load model {model_id!r}: {first_line(error)}") from error
 
-    from ..integration.backend import find_tower_config_name
-
-    tower_name = find_tower_config_name(fna)
-    tower_config = fna.config if tower_name is None else getattr(fna.config, tower_name)
+    config = tower_config(fna.config)
     try:
-        settings = FNAConfig.from_dict({**FNAConfig.from_model_config(tower_config).to_dict(), **_overrides(args)})
+        settings = FNAConfig.from_dict({**FNAConfig.from_model_config(config).to_dict(), **_overrides(args)})
         settings.apply(fna)
     except ValueError as error:
         raise InputError(str(error)) from error
     encoders = [_vision_encoder(m).to(device).eval() for m in (exact, fna)]
 
-    patch = getattr(tower_config, "patch_size", None)
+    patch = patch_size(config)
     if patch is None:
         raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
-    patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
     mean, std = _normalisation(model_id)
-    forward = inspect.signature(encoders[0].forward).parameters
-    kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in forward else {}
-    return LoadedPair(encoders[0], encoders[1], tower_config, settings, patch, mean, std, kwargs)
+    kwargs = interpolation_kwargs(encoders[0])
+    return LoadedPair(encoders[0], encoders[1], config, settings, patch, mean, std, kwargs)
 
 
 def _normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -334,19 +232,6 @@ def parse_resolutions(text: str, patch_size: int) -> list[int]:
             )
         out.append(size)
     return out
-
-
-def _photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Resize the shorter side to `size` (bicubic), centre-crop `size` x `size`, normalise."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
 
 
 def _stratified(labels: np.ndarray, count: int) -> np.ndarray:
@@ -403,19 +288,6 @@ def load_inputs(
 # --- measuring --------------------------------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_forward(model: nn.Module, pixels: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    _synchronize(pixels.device)
-    start = time.perf_counter()
-    hidden = model(pixel_values=pixels, **kwargs).last_hidden_state
-    _synchronize(pixels.device)
-    return hidden, time.perf_counter() - start
-
-
 def _summary(hidden: torch.Tensor, special: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(CLS, patch tokens) of a last hidden state; the mean token stands in for CLS in towers without one."""
     patches = hidden[:, special:].float()
@@ -435,8 +307,6 @@ def measure_resolution(
     """Run both models on every input at `size` px; return the row of the table."""
     from tqdm.auto import tqdm
 
-    from ..evaluation.tasks.linear_probe import probe_accuracy
-
     mean, std = torch.tensor(pair.mean).view(3, 1, 1), torch.tensor(pair.std).view(3, 1, 1)
     items = (
         [("photo", image) for image in inputs.photos]
@@ -449,15 +319,15 @@ def measure_resolution(
     cls_cos, patch_cos, tokens = [], [], 0
     features: dict[str, dict[str, list[np.ndarray]]] = {name: {"train": [], "test": []} for name in ("exact", "fna")}
     with torch.inference_mode():
-        warm = torch.stack([_photo_tensor(image, size, mean, std) for _, image in batches[0]]).to(device, dtype)
+        warm = torch.stack([photo_tensor(image, size, mean, std) for _, image in batches[0]]).to(device, dtype)
         for model in (pair.exact, pair.fna):
             model(pixel_values=warm, **pair.forward_kwargs)
         bar = tqdm(batches, desc=f"{size} px", unit="batch", disable=not progress, leave=False)
         for batch in bar:
-            pixels = torch.stack([_photo_tensor(image, size, mean, std) for _, image in batch]).to(device, dtype)
+            pixels = torch.stack([photo_tensor(image, size, mean, std) for _, image in batch]).to(device, dtype)
             outputs = {}
             for name, model in (("exact", pair.exact), ("fna", pair.fna)):
-                outputs[name], elapsed = _timed_forward(model, pixels, pair.forward_kwargs)
+                outputs[name], elapsed = timed_forward(model, pixels, pair.forward_kwargs)
                 seconds[name] += elapsed
             tokens = outputs["exact"].shape[1]
             (cls_e, patch_e), (cls_f, patch_f) = (_summary(outputs[k], special) for k in ("exact", "fna"))

@@ -20,7 +20,6 @@ landmarks; they are listed, not drawn.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import sys
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import parse_layers
 from ..errors import AssetError, InputError, OutputPathError, first_line
+from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
+from .measure import quiet_loading
 from .outputs import check_output_file, check_output_folder, write_atomically, write_json_atomically
 
 if TYPE_CHECKING:
@@ -169,22 +170,6 @@ def _step(message: str) -> Iterator[None]:
     print(f"[hf-fna inspect] {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence load reports, backend fallback notices and progress bars of transformers while loading."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _default_model() -> str:
     from ..assets import dinov2_small
 
@@ -236,13 +221,13 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
     from ..config import check_local_path
 
     _register_inspect_attention()
-    with _quiet_transformers():
+    with quiet_loading():
         try:
             check_local_path(name_or_path)
             config = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot load model {name_or_path}: {first_line(e, with_type=True)}") from e
-        tower = getattr(config, "vision_config", None) or config
+        tower = tower_config(config)
         if not all(hasattr(tower, a) for a in ("patch_size", "num_hidden_layers", "num_attention_heads")):
             raise InputError(
                 f"{name_or_path} ({config.model_type}) is not a vision transformer: inspect supports ViT, DeiT, "
@@ -294,17 +279,6 @@ def display_image(processor: Any, pixel_values: torch.Tensor) -> Any:
     return array.clip(0.0, 1.0)
 
 
-def special_token_names(tower_config: Any) -> list[str]:
-    """Names of the leading non-patch tokens of a tower (CLS, distillation token, registers)."""
-    from ..integration.backend import num_special_tokens
-
-    count = num_special_tokens(tower_config)
-    if getattr(tower_config, "model_type", "") == "deit":
-        return ["CLS", "distillation"][:count]
-    names = ["CLS"] + [f"register {i}" for i in range(1, count)]
-    return names[:count]
-
-
 # ------------------------------------------------------------------------------------------------ measurement
 _RECORDERS: weakref.WeakKeyDictionary[Any, Callable[[torch.Tensor], None]] = weakref.WeakKeyDictionary()
 
@@ -343,24 +317,8 @@ def _register_inspect_attention() -> None:
     AttentionInterface.register(INSPECT_ATTENTION, _inspect_attention_forward)
 
 
-def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer index -> attention module, for the attention modules of `model`'s own tower."""
-    from ..integration.backend import _layer_index, dispatches_through_interface
-
-    layers = {}
-    for name, module in model.named_modules():
-        if getattr(module, "config", None) is model.config and dispatches_through_interface(module):
-            index = _layer_index(name)
-            if index is not None and "attention" in type(module).__name__.lower():
-                layers.setdefault(index, module)
-    return layers
-
-
 def _forward_kwargs(model: nn.Module, pixel_values: torch.Tensor) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"pixel_values": pixel_values}
-    if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
-        kwargs["interpolate_pos_encoding"] = True  # ViT, CLIP, SigLIP; DINOv2 interpolates natively
-    return kwargs
+    return {"pixel_values": pixel_values, **interpolation_kwargs(model)}
 
 
 def _positions(flags: torch.Tensor, special: int, columns: int) -> list[Position]:
@@ -388,8 +346,8 @@ def inspect_image(
     """
     import torch
 
-    from .. import last_landmarks
     from ..config import FNAConfig, resolve_layers
+    from ..integration.explain import last_landmarks
     from ..ops.sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
 
     config = model.config

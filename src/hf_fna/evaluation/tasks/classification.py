@@ -15,10 +15,12 @@ import torch
 
 from ... import metrics
 from ...errors import InputError
+from ...integration.towers import interpolation_kwargs
 from ..data import TaskData, class_names, task_data
 from ..inputs import ImageLabelCollate
-from ..modeling import EXACT, FNA, VARIANTS, interpolation_kwargs
-from ..runner import Runner, TaskOutcome, mean_cosine, top1_agreement
+from ..modeling import EXACT, FNA, VARIANTS
+from ..report import TaskOutcome, mean_cosine, top1_agreement
+from ..runner import Runner
 from ..settings import EvalSettings
 
 MODEL_KIND = "classifier"

@@ -16,7 +16,8 @@ from ...errors import InputError
 from ..data import TaskData, task_data
 from ..inputs import ImageCollate
 from ..modeling import EXACT, FNA, VARIANTS
-from ..runner import Runner, TaskOutcome, mean_cosine, top1_agreement
+from ..report import TaskOutcome, mean_cosine, top1_agreement
+from ..runner import Runner
 from ..settings import EvalSettings
 from .zero_shot import image_embeddings, text_embeddings
 

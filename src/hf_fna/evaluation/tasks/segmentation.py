@@ -17,12 +17,14 @@ import torch
 
 from ... import metrics
 from ...errors import InputError
+from ...integration.towers import tower_config
+from ...tools.probe import fit_probe
 from ..data import TaskData, task_data
 from ..inputs import pixel_values
-from ..modeling import EXACT, FNA, VARIANTS, image_processor, vision_config, vision_features
-from ..runner import Runner, TaskOutcome
+from ..modeling import EXACT, FNA, VARIANTS, image_processor, vision_features
+from ..report import TaskOutcome
+from ..runner import Runner
 from ..settings import EvalSettings
-from .linear_probe import fit_probe
 
 MODEL_KIND = "backbone"
 MASK_COLUMNS = ("annotation", "mask", "segmentation", "semantic_segmentation")
@@ -113,7 +115,7 @@ def load_data(settings: EvalSettings) -> TaskData:
 def run_task(runner: Runner, data: TaskData) -> TaskOutcome:
     """Fit the patch probe on the train split (exact tokens), then mean IoU of both variants on the test split."""
     settings, columns, train, test = runner.settings, data.columns, data.train, data.test
-    patch_size = vision_config(runner.model.config).patch_size
+    patch_size = tower_config(runner.model.config).patch_size
     size = settings.image_size or _default_size(image_processor(runner.processor), runner.model.config)
     collate = MaskCollate(runner.processor, columns["image"], columns["mask"], size, patch_size)
 
@@ -160,4 +162,4 @@ def _default_size(processor: Any, config: Any) -> int:
         if isinstance(value, dict) and value.get("height"):
             return int(value["height"])
 
-    return int(vision_config(config).image_size)
+    return int(tower_config(config).image_size)

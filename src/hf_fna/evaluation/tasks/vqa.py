@@ -19,7 +19,8 @@ from ... import metrics
 from ...errors import InputError
 from ..data import TaskData, task_data, to_rgb
 from ..modeling import EXACT, FNA, VARIANTS
-from ..runner import Runner, TaskOutcome
+from ..report import TaskOutcome
+from ..runner import Runner
 from ..settings import EvalSettings
 
 MODEL_KIND = "generator"

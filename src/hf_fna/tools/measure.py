@@ -1,0 +1,108 @@
+"""What every measurement needs: the machine it ran on, synchronised timing, images prepared the same way for every
+model, and loading without Transformers' reports and progress bars around the tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Normalisation of models whose image processor cannot be loaded.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """CPU model, threads, library versions, device and load average, to store next to any timing."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.device(device)
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One line describing the machine, printed above every table."""
+    device = info.get("gpu") or info["device"]
+    return (
+        f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), {info['torch_threads']} torch threads, torch "
+        f"{info['torch']}, transformers {info['transformers']}, device {device}"
+    )
+
+
+def photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), centre-crop `size` x `size`, normalise."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator (CUDA, MPS, XPU...) so that a timer reads its end; no-op on CPU."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+def timed_forward(model: nn.Module, pixels: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """`model(pixel_values=pixels, **kwargs).last_hidden_state` and its wall time, synchronised before and after."""
+    synchronize(pixels.device)
+    start = time.perf_counter()
+    hidden = model(pixel_values=pixels, **kwargs).last_hidden_state
+    synchronize(pixels.device)
+    return hidden, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def quiet_loading(reports: bool = True, progress_bars: bool = True) -> Iterator[None]:
+    """Silence Transformers' loading reports (`reports`) and the progress bars of Transformers and datasets
+    (`progress_bars`) while models and data load; the previous settings come back afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    shown = hf_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+    if reports:
+        hf_logging.set_verbosity_error()
+    if progress_bars:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bars and shown[0]:
+            hf_logging.enable_progress_bar()
+        if progress_bars and shown[1]:
+            datasets.enable_progress_bars()
