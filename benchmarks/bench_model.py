@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     settings = FNAConfig(
                         layers=parse_layers(schedule), num_landmarks=landmarks or 1, min_tokens=min_tokens
                     )
-                    per_layer = settings.landmarks_per_layer(12, tokens)
+                    per_layer = settings.resolve(12).landmarks_per_layer(tokens)
                     fna_layers = [i for i, m in enumerate(per_layer) if m is not None]
                     patch_cos, worst_cos, cls_cos = fidelity(hidden, reference)
                     row = {

@@ -58,18 +58,18 @@ def test_resolve_layers_out_of_range():
 
 def test_schedule_groups_keep_their_own_counts_and_selection():
     config = FNAConfig(layers="1:3@16;3:", num_landmarks=8)
-    assert config.groups(4) == [LayerGroup((1, 2), 16), LayerGroup((3,), 8)]
+    assert config.resolve(4).groups == [LayerGroup((1, 2), 16), LayerGroup((3,), 8)]
     assert resolve_layers(config.layers, 4) == [1, 2, 3]
     # The older forms are shorthands: one group, or one group per layer with resample_every_layer.
-    assert FNAConfig(layers="2:", num_landmarks=8).groups(4) == [LayerGroup((2, 3), 8)]
-    assert FNAConfig(layers="1:3@16;3:", num_landmarks=8, resample_every_layer=True).groups(4) == [
+    assert FNAConfig(layers="2:", num_landmarks=8).resolve(4).groups == [LayerGroup((2, 3), 8)]
+    assert FNAConfig(layers="1:3@16;3:", num_landmarks=8, resample_every_layer=True).resolve(4).groups == [
         LayerGroup((1,), 16), LayerGroup((2,), 16), LayerGroup((3,), 8),
     ]  # fmt: skip
-    assert FNAConfig(layers="none").groups(4) == []
+    assert FNAConfig(layers="none").resolve(4).groups == []
     groups = resolve_groups("0,2@4;3@32", 64, False, 4)
     assert groups == [LayerGroup((0, 2), 4), LayerGroup((3,), 32)]
     assert schedule_string(groups) == "0,2@4;3:4@32"
-    assert FNAConfig(layers=schedule_string(groups)).groups(4) == groups
+    assert FNAConfig(layers=schedule_string(groups)).resolve(4).groups == groups
     assert parse_layers("1,2@16;3:") == "1,2@16;3:"
 
 
@@ -84,7 +84,7 @@ def test_schedule_groups_keep_their_own_counts_and_selection():
 )
 def test_bad_schedules_name_the_group(layers, message):
     with pytest.raises(ValueError, match=message):
-        FNAConfig(layers=layers).groups(4)
+        FNAConfig(layers=layers).resolve(4)
 
 
 def test_json_round_trip(tmp_path):

@@ -10,7 +10,8 @@ from huggingface_hub import HfApi, ModelCard
 
 from hf_fna import FNAConfig, MaskingConfig
 from hf_fna.cli import main
-from hf_fna.tools.publish import FIELD_DOCS, model_card, write_config_folder
+from hf_fna.config import field_help
+from hf_fna.tools.publish import model_card, write_config_folder
 
 BASE = "facebook/dinov2-small"
 REPO = "someone/dinov2-small-fna"
@@ -35,7 +36,7 @@ def test_model_card_front_matter_settings_and_usage():
     for name in [*SETTINGS.to_dict(), *(f"masking.{k}" for k in SETTINGS.to_dict()["masking"])]:
         if name != "masking":
             assert f"| `{name}` |" in card, name
-            assert FIELD_DOCS[name] in card
+            assert field_help()[name] in card
     assert '| `masking.mode` | `"sink_keep_self"` |' in card and "| `num_landmarks` | `128` |" in card
     assert "import hf_fna" in card and f'FNAConfig.from_pretrained("{REPO}").apply(model)' in card
     assert 'attn_implementation="fna"' in card

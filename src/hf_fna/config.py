@@ -267,13 +267,22 @@ class MaskingConfig:
             (natural log units), so that models without massive tokens are left alone.
     """
 
-    mode: Literal["none", "mask", "sink", "sink_keep_self"] = "none"
-    detect: Literal["norm_gap", "attention"] = "norm_gap"
-    detect_layer: int | None = None
-    from_layer: int | None = None
-    max_tokens: int = 8
-    std_threshold: float = 3.0
-    min_gap: float = 1.0
+    mode: Literal["none", "mask", "sink", "sink_keep_self"] = field(
+        default="none",
+        metadata={"help": "intervention on flagged massive/artifact tokens (none, mask, sink, sink_keep_self)"},
+    )
+    detect: Literal["norm_gap", "attention"] = field(
+        default="norm_gap", metadata={"help": "how tokens are flagged (norm_gap or attention)"}
+    )
+    detect_layer: int | None = field(default=None, metadata={"help": "layer where tokens are flagged"})
+    from_layer: int | None = field(default=None, metadata={"help": "first layer of the intervention"})
+    max_tokens: int = field(default=8, metadata={"help": "at most this many flagged tokens per image"})
+    std_threshold: float = field(
+        default=3.0, metadata={"help": "attention detection: outlier threshold in standard deviations"}
+    )
+    min_gap: float = field(
+        default=1.0, metadata={"help": "norm_gap detection: smallest gap in sorted log norms that flags tokens"}
+    )
 
     def __post_init__(self) -> None:
         _check_choice("masking.mode", self.mode, INTERVENTIONS)
@@ -328,17 +337,43 @@ class FNAConfig:
         masking: the masking strategy for massive/artifact tokens, a `MaskingConfig` or its dict.
     """
 
-    layers: str | list[int] = "auto"
-    num_landmarks: int = 64
-    sampling: Literal["fps", "random", "quickfps"] = "fps"
-    sampling_features: Literal["q", "k", "hidden"] = "q"
-    resample_every_layer: bool = False
-    pinv: Literal["newton", "exact"] = "newton"
-    pinv_iterations: int = 6
-    min_tokens: int = 512
-    seed: int = 0
-    num_special_tokens: int | None = None
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # Each field's `help` is its one-line description, shared by the command-line options (`hf_fna.tools.arguments`)
+    # and the settings table of model cards (`hf_fna.tools.publish`).
+    layers: str | list[int] = field(
+        default="auto",
+        metadata={
+            "help": "layers running FNA (others run exact attention); `A@m;B@m` groups select their own m landmarks"
+        },
+    )
+    num_landmarks: int = field(
+        default=64,
+        metadata={"help": "landmark tokens per image (m) of groups that name none; cost O(N m d) instead of O(N^2 d)"},
+    )
+    sampling: Literal["fps", "random", "quickfps"] = field(
+        default="fps",
+        metadata={
+            "help": "landmark selection: farthest point sampling (fps), the paper's sampler (quickfps) or seeded random"
+        },
+    )
+    sampling_features: Literal["q", "k", "hidden"] = field(
+        default="q", metadata={"help": "features FPS measures distances on (q, k or hidden)"}
+    )
+    resample_every_layer: bool = field(
+        default=False, metadata={"help": "select landmarks in every FNA layer instead of once per group"}
+    )
+    pinv: Literal["newton", "exact"] = field(
+        default="newton", metadata={"help": "pseudo-inverse of the landmark kernel: Newton-Schulz iteration or exact"}
+    )
+    pinv_iterations: int = field(default=6, metadata={"help": "Newton-Schulz iterations"})
+    min_tokens: int = field(default=512, metadata={"help": "shorter sequences run exact attention"})
+    seed: int = field(default=0, metadata={"help": "seed of random sampling"})
+    num_special_tokens: int | None = field(
+        default=None,
+        metadata={"help": "leading tokens always kept as landmarks (null: derived from the model family)"},
+    )
+    masking: MaskingConfig = field(
+        default_factory=MaskingConfig, metadata={"help": "masking of massive/artifact tokens (attention sinks)"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, tuple):
@@ -498,19 +533,32 @@ class FNAConfig:
             raise RuntimeError("FNAConfig.apply needs the Transformers integration: `import hf_fna` first.")
         return _apply_to_model(model, self, tower)
 
-    def groups(self, num_layers: int) -> list[LayerGroup]:
-        """The selection groups of a tower with `num_layers` layers (see `layers`); raises on out-of-range layers."""
-        return resolve_groups(self.layers, self.num_landmarks, self.resample_every_layer, num_layers)
+    def resolve(self, num_layers: int) -> ResolvedFNAConfig:
+        """These settings resolved against a tower of `num_layers` layers: the selection groups of `layers` and the
+        masking layers, every index non-negative; checked before anything uses them.
 
-    def landmarks_per_layer(self, num_layers: int, tokens: int | None = None) -> list[int | None]:
-        """The landmark count of every layer, None where it runs exact attention (for `tokens` tokens, a group
-        falls back to exact attention below `max(min_tokens, its m)`)."""
-        out: list[int | None] = [None] * num_layers
-        for group in self.groups(num_layers):
-            if tokens is None or tokens >= max(self.min_tokens, group.num_landmarks):
-                for layer in group.layers:
-                    out[layer] = group.num_landmarks
-        return out
+        Raises:
+            ValueError: a layer out of range, a layer in two groups, or masking layers that contradict each other.
+        """
+        groups = resolve_groups(self.layers, self.num_landmarks, self.resample_every_layer, num_layers)
+        detect_layer, from_layer = _masking_layers(self.masking, num_layers)
+        return ResolvedFNAConfig(self, num_layers, groups, detect_layer, from_layer)
+
+    def update(self, **changes: Any) -> FNAConfig:
+        """A copy with `changes` applied and validated; a `masking` dict changes only the masking fields it names.
+
+        Raises:
+            ValueError: an unknown field or an invalid value, named.
+        """
+        values = self.to_dict()
+        masking = changes.pop("masking", None)
+        if isinstance(masking, MaskingConfig):
+            values["masking"] = asdict(masking)
+        elif masking is not None:
+            if not isinstance(masking, dict):
+                raise ValueError(f"FNAConfig.masking={masking!r} is invalid; expected a MaskingConfig or a dict.")
+            values["masking"].update(masking)
+        return FNAConfig.from_dict({**values, **_known_fields(FNAConfig, changes, "FNAConfig.update")})
 
     @classmethod
     def from_model_config(cls, config: Any) -> FNAConfig:
@@ -521,6 +569,74 @@ class FNAConfig:
         if isinstance(value, FNAConfig):
             return value
         return cls.from_dict(value)
+
+
+@dataclass(frozen=True)
+class ResolvedFNAConfig:
+    """An `FNAConfig` resolved against the depth of one tower (`FNAConfig.resolve`).
+
+    Attributes:
+        config: the settings.
+        num_layers: the tower's depth.
+        groups: the selection groups, in layer order (a layer in no group runs exact attention).
+        detect_layer: where masking flags tokens; `num_layers` when masking is off.
+        from_layer: the first layer of the masking intervention; `num_layers` when masking is off.
+    """
+
+    config: FNAConfig
+    num_layers: int
+    groups: list[LayerGroup]
+    detect_layer: int
+    from_layer: int
+
+    @property
+    def fna_layers(self) -> list[int]:
+        """The layers configured for FNA, sorted."""
+        return sorted(layer for group in self.groups for layer in group.layers)
+
+    def group_of(self, layer: int) -> LayerGroup | None:
+        """The selection group of a layer; None where it runs exact attention."""
+        return next((group for group in self.groups if layer in group.layers), None)
+
+    def landmarks_per_layer(self, tokens: int | None = None) -> list[int | None]:
+        """The landmark count of every layer, None where it runs exact attention (for `tokens` tokens, a group
+        falls back to exact attention below `max(min_tokens, its m)`)."""
+        out: list[int | None] = [None] * self.num_layers
+        for group in self.groups:
+            if tokens is None or tokens >= max(self.config.min_tokens, group.num_landmarks):
+                for layer in group.layers:
+                    out[layer] = group.num_landmarks
+        return out
+
+
+def _masking_layers(masking: MaskingConfig, num_layers: int) -> tuple[int, int]:
+    """Resolve and check `masking.detect_layer` / `masking.from_layer` against the tower depth."""
+    if not masking.enabled:
+        return num_layers, num_layers
+    detect = num_layers // 2 if masking.detect_layer is None else masking.detect_layer
+    (detect_layer,) = resolve_layers([detect], num_layers, "masking.detect_layer")
+    if masking.from_layer is None:
+        from_layer = detect_layer
+    else:
+        (from_layer,) = resolve_layers([masking.from_layer], num_layers, "masking.from_layer")
+    if from_layer < detect_layer:
+        raise ValueError(
+            f"FNAConfig.masking.from_layer={masking.from_layer} precedes detect_layer={masking.detect_layer}: tokens "
+            "are flagged once per forward pass at detect_layer, so the intervention can start there at the earliest."
+        )
+    if masking.detect == "norm_gap" and detect_layer == 0:
+        raise ValueError(
+            "FNAConfig.masking.detect_layer=0 with detect='norm_gap' would read the patch embeddings, which carry no "
+            "massive tokens; use a layer >= 1 (massive tokens appear in middle layers)."
+        )
+    return detect_layer, from_layer
+
+
+def field_help() -> dict[str, str]:
+    """The one-line help of every setting, masking fields as `masking.<name>`, in declaration order."""
+    out = {f.name: f.metadata["help"] for f in fields(FNAConfig) if f.name != "masking"}
+    out.update({f"masking.{f.name}": f.metadata["help"] for f in fields(MaskingConfig)})
+    return out
 
 
 def _read_json(path: str | os.PathLike) -> Any:

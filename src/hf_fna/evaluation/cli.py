@@ -15,10 +15,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from ..config import SAMPLING_METHODS
 from ..errors import InputError
+from ..tools.arguments import add_fna_arguments, fna_overrides
 from .data import BUILTIN_DATASETS, BUILTIN_PREFIX, FASHION_MNIST_GARMENT_THRESHOLD
 from .runner import run_evaluation
 from .settings import MIXED_PRECISION, TASKS, EvalSettings
@@ -69,12 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--prompt", default="a photo of a {}.", help="zero-shot prompt template (default: %(default)r)")
     task.add_argument("--ignore-index", type=int, default=255, help="segmentation: mask value to ignore (default 255)")
     task.add_argument("--max-new-tokens", type=int, default=10, help="vqa: answer length limit (default 10)")
-    fna = parser.add_argument_group("FNA settings (default: the model's fna_config, else the FNAConfig defaults)")
-    fna.add_argument("--fna-config", help="fna_config.json, a folder holding one, or a Hub repo id")
-    fna.add_argument("--layers", help="layers running FNA: '6:', '-4:', 'all', 'auto' or indices '6,7,8'")
-    fna.add_argument("--num-landmarks", type=int)
-    fna.add_argument("--min-tokens", type=int, help="shorter sequences run exact attention")
-    fna.add_argument("--sampling", choices=SAMPLING_METHODS)
+    add_fna_arguments(parser, config_file=True)
     run = parser.add_argument_group("run")
     run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     run.add_argument("--output", help="write the JSON report here (atomically, at the end of a successful run)")
@@ -94,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The `EvalSettings` an `hf-fna eval` command line describes."""
-    from ..config import FNAConfig, parse_layers
+    from ..config import FNAConfig
 
     base = None
     if args.fna_config:
@@ -102,19 +96,10 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
             base = FNAConfig.from_pretrained(args.fna_config)
         except (OSError, ValueError) as error:
             raise InputError(f"could not read --fna-config {args.fna_config!r}: {error}") from error
-    try:
-        layers = None if args.layers is None else parse_layers(args.layers)
-    except ValueError as error:
-        raise InputError(str(error)) from None
-    overrides: dict[str, Any] = {
-        "layers": layers,
-        "num_landmarks": args.num_landmarks,
-        "min_tokens": args.min_tokens,
-        "sampling": args.sampling,
-    }
+    overrides = fna_overrides(args)
     if base is not None:
         try:
-            base = FNAConfig.from_dict({**base.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+            base = base.update(**overrides)
         except ValueError as error:
             raise InputError(str(error)) from error
     class_names = [name.strip() for name in args.class_names.split(",")] if args.class_names else None

@@ -144,8 +144,9 @@ class AttentionSwitch:
 
 def fna_settings_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
     """The model's own `fna_config` (or the defaults) with the given fields replaced."""
-    base = FNAConfig.from_model_config(tower_config(config)).to_dict()
     try:
-        return FNAConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
+        return FNAConfig.from_model_config(tower_config(config)).update(
+            **{k: v for k, v in overrides.items() if v is not None}
+        )
     except ValueError as error:
         raise InputError(str(error)) from error

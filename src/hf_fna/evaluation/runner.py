@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import FNAConfig, resolve_layers
+from ..config import FNAConfig
 from ..errors import InputError, OutputPathError, ReferenceModeError
 from ..integration.towers import patch_size, special_tokens, tower_config
 from ..tools.measure import quiet_loading, synchronize
@@ -327,7 +327,7 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     check_image_size(settings.image_size, tower_config(config))
     fna = settings.fna or fna_settings_for(config, settings.fna_overrides)
     try:
-        resolve_layers(fna.layers, int(tower_config(config).num_hidden_layers))
+        fna.resolve(int(tower_config(config).num_hidden_layers))
     except ValueError as error:
         raise InputError(str(error)) from error
     if (settings.reference or settings.save_exact) and make_accelerator(settings.mixed_precision).num_processes > 1:

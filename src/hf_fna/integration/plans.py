@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..config import FNAConfig, LayerGroup, resolve_layers, set_model_applier
+from ..config import FNAConfig, LayerGroup, set_model_applier
 from ..ops.sinks import detect_massive_tokens
 from .towers import (
     TOWER_CONFIG_NAMES,
@@ -197,8 +197,7 @@ def plan_tower(tower_config: Any, name: str = "model") -> TowerPlan:
     try:
         settings = FNAConfig.from_model_config(tower_config)
         num_layers = int(tower_config.num_hidden_layers)
-        groups = {layer: group for group in settings.groups(num_layers) for layer in group.layers}
-        detect_layer, from_layer = _masking_layers(settings, num_layers)
+        resolved = settings.resolve(num_layers)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
     special = special_tokens(tower_config, settings.num_special_tokens)
@@ -212,10 +211,10 @@ def plan_tower(tower_config: Any, name: str = "model") -> TowerPlan:
         settings=settings,
         source=copy.deepcopy(getattr(tower_config, "fna_config", None)),
         num_layers=num_layers,
-        groups=groups,
+        groups={layer: group for group in resolved.groups for layer in group.layers},
         special=special,
-        detect_layer=detect_layer,
-        from_layer=from_layer,
+        detect_layer=resolved.detect_layer,
+        from_layer=resolved.from_layer,
         name=name,
     )
 
@@ -228,30 +227,6 @@ def _config_name(model_config: Any, tower_config: Any) -> str:
         if getattr(model_config, name, None) is tower_config:
             return name
     return getattr(tower_config, "model_type", None) or type(tower_config).__name__
-
-
-def _masking_layers(settings: FNAConfig, num_layers: int) -> tuple[int, int]:
-    """Resolve and check `masking.detect_layer` / `masking.from_layer` against the tower depth."""
-    masking = settings.masking
-    if not masking.enabled:
-        return num_layers, num_layers
-    detect = num_layers // 2 if masking.detect_layer is None else masking.detect_layer
-    (detect_layer,) = resolve_layers([detect], num_layers, "masking.detect_layer")
-    if masking.from_layer is None:
-        from_layer = detect_layer
-    else:
-        (from_layer,) = resolve_layers([masking.from_layer], num_layers, "masking.from_layer")
-    if from_layer < detect_layer:
-        raise ValueError(
-            f"FNAConfig.masking.from_layer={masking.from_layer} precedes detect_layer={masking.detect_layer}: tokens "
-            "are flagged once per forward pass at detect_layer, so the intervention can start there at the earliest."
-        )
-    if masking.detect == "norm_gap" and detect_layer == 0:
-        raise ValueError(
-            "FNAConfig.masking.detect_layer=0 with detect='norm_gap' would read the patch embeddings, which carry no "
-            "massive tokens; use a layer >= 1 (massive tokens appear in middle layers)."
-        )
-    return detect_layer, from_layer
 
 
 class NormGapDetector:
@@ -405,8 +380,7 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
         )
     # Everything is checked before the model changes: a failed apply leaves no half-applied model behind.
     num_layers = int(tower_config.num_hidden_layers)
-    settings.groups(num_layers)  # raises on out-of-range indices and overlapping groups
-    _masking_layers(settings, num_layers)
+    settings.resolve(num_layers)  # raises on out-of-range layers, overlapping groups and bad masking layers
     tower_config.fna_config = settings.to_dict()
     if tower is None:
         model.set_attn_implementation(ATTENTION_NAME)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import SAMPLING_METHODS, FNAConfig, parse_layers
+from ..config import FNAConfig
 from ..errors import AssetError, InputError, OutputPathError, first_line
 from ..integration.towers import (
     interpolation_kwargs,
@@ -46,6 +46,7 @@ from ..integration.towers import (
     vision_tower,
 )
 from ..ops.cost import schedule_flop_bound
+from .arguments import add_fna_arguments, fna_overrides
 from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, quiet_loading, timed_forward
 from .outputs import check_output_file, write_atomically, write_json_atomically
 from .probe import probe_accuracy
@@ -73,15 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "multiple of the patch size, otherwise the command stops and names the nearest valid sizes "
         "(images are never silently resized to another size)",
     )
-    parser.add_argument(
-        "--layers",
-        help="FNA layers: 'auto', 'all', 'none', a slice such as '6:' or a list such as "
-        "'0,1,9' (default: the model's fna_config, else FNAConfig's default)",
-    )
-    parser.add_argument("--landmarks", type=int, help="landmarks per image (num_landmarks)")
-    parser.add_argument("--min-tokens", type=int, help="sequences shorter than this run exact attention")
-    parser.add_argument("--pinv", choices=("newton", "exact"), help="pseudo-inverse of the landmark kernel")
-    parser.add_argument("--sampling", choices=SAMPLING_METHODS, help="landmark sampling")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default: float32)")
@@ -114,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write every figure, the settings and the machine as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up and fidelity against resolution")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_fna_arguments(parser)
 
 
 # --- models -----------------------------------------------------------------------------------------------------
@@ -148,21 +141,6 @@ def _vision_encoder(model: nn.Module) -> nn.Module:
     return model
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if args.layers is not None:
-        out["layers"] = parse_layers(args.layers)
-    for option, name in (
-        ("landmarks", "num_landmarks"),
-        ("min_tokens", "min_tokens"),
-        ("pinv", "pinv"),
-        ("sampling", "sampling"),
-    ):
-        if getattr(args, option) is not None:
-            out[name] = getattr(args, option)
-    return out
-
-
 def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedPair:
     """Load the exact (`sdpa`) and FNA (`fna` + `FNAConfig.apply`) copies of `model_id`.
 
@@ -183,7 +161,7 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
 
     config = tower_config(fna.config)
     try:
-        settings = FNAConfig.from_dict({**FNAConfig.from_model_config(config).to_dict(), **_overrides(args)})
+        settings = FNAConfig.from_model_config(config).update(**fna_overrides(args))
         settings.apply(fna)
     except ValueError as error:
         raise InputError(str(error)) from error
@@ -347,7 +325,7 @@ def measure_resolution(
     settings = pair.settings
     num_layers = int(pair.tower_config.num_hidden_layers)
     # Each selection group runs FNA only from its own landmark count on (and from min_tokens).
-    landmarks = settings.landmarks_per_layer(num_layers, tokens)
+    landmarks = settings.resolve(num_layers).landmarks_per_layer(tokens)
     fna_layers = [layer for layer, m in enumerate(landmarks) if m is not None]
     width, heads = int(pair.tower_config.hidden_size), int(pair.tower_config.num_attention_heads)
     row: dict[str, Any] = {
@@ -454,9 +432,9 @@ def _device(name: str | None) -> torch.device:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    for option in ("batch_size", "threads", "photos", "probe_train", "probe_test", "landmarks", "min_tokens"):
+    for option in ("batch_size", "threads", "photos", "probe_train", "probe_test", "num_landmarks", "min_tokens"):
         value = getattr(args, option)
-        minimum = 1 if option in ("batch_size", "threads", "landmarks") else 0
+        minimum = 1 if option in ("batch_size", "threads", "num_landmarks") else 0
         if value is not None and value < minimum:
             raise InputError(f"--{option.replace('_', '-')} must be >= {minimum}; got {value}")
     if args.photos is not None and args.photos > 18:
@@ -499,7 +477,7 @@ def _check_reference_mode(pair: LoadedPair, resolutions: list[int]) -> None:
     settings = pair.settings
     if settings.pinv != "exact":
         return
-    counts = {group.num_landmarks for group in settings.groups(int(pair.tower_config.num_hidden_layers))}
+    counts = {group.num_landmarks for group in settings.resolve(int(pair.tower_config.num_hidden_layers)).groups}
     for size in resolutions:
         tokens = (size // pair.patch_size) ** 2 + pair.num_special_tokens
         for landmarks in sorted(counts):

@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import parse_layers
+from ..config import FNAConfig, parse_layers
 from ..errors import AssetError, InputError, OutputPathError, first_line
 from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
+from .arguments import add_fna_arguments
 from .measure import quiet_loading
 from .outputs import check_output_file, check_output_folder, write_atomically, write_json_atomically
 
@@ -88,20 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="input side in pixels (default 224)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNG figures (default: ./{DEFAULT_OUT})")
-    parser.add_argument("--layers", nargs="+", help="FNA layers for the landmark run: indices, 'auto', 'all' or '6:'")
-    parser.add_argument("--landmarks", type=int, default=64, help="number of landmarks (default 64)")
     parser.add_argument("--json", help="also write all measured numbers, landmarks and figure paths to this JSON file")
     parser.add_argument("--max-tokens", type=int, default=32, help="at most this many flagged tokens per layer")
     parser.add_argument("--min-gap", type=float, default=1.0, help="norm_gap: smallest log-norm gap that flags")
     parser.add_argument("--std-threshold", type=float, default=3.0, help="attention: outlier threshold in std")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_fna_arguments(parser, ("layers", "num_landmarks"))
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.resolution < 1 or args.landmarks < 1 or args.max_tokens < 1:
-        raise InputError("--resolution, --landmarks and --max-tokens must be positive integers")
+    num_landmarks = FNAConfig().num_landmarks if args.num_landmarks is None else args.num_landmarks
+    if args.resolution < 1 or num_landmarks < 1 or args.max_tokens < 1:
+        raise InputError("--resolution, --num-landmarks and --max-tokens must be positive integers")
     for option, value in (("--min-gap", args.min_gap), ("--std-threshold", args.std_threshold)):
         if not math.isfinite(value) or value < 0:
             raise InputError(f"{option} must be a finite number >= 0; got {value}")
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             image,
             resolution=args.resolution,
             fna_layers=layers,
-            num_landmarks=args.landmarks,
+            num_landmarks=num_landmarks,
             max_tokens=args.max_tokens,
             min_gap=args.min_gap,
             std_threshold=args.std_threshold,
@@ -346,7 +347,7 @@ def inspect_image(
     """
     import torch
 
-    from ..config import FNAConfig, resolve_layers
+    from ..config import FNAConfig
     from ..integration.explain import last_landmarks
     from ..ops.sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
 
@@ -407,7 +408,7 @@ def inspect_image(
         settings.apply(model)
     except ValueError as e:
         raise InputError(first_line(e, with_type=True)) from e
-    chosen_layers = resolve_layers(settings.layers, config.num_hidden_layers)
+    chosen_layers = settings.resolve(config.num_hidden_layers).fna_layers
     if not chosen_layers:
         raise InputError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")
     with (

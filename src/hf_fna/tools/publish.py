@@ -13,33 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import FNA_CONFIG_NAME, FNAConfig, parse_layers
+from ..config import FNA_CONFIG_NAME, FNAConfig, field_help
 from ..errors import InputError, first_line
+from .arguments import add_fna_arguments, fna_overrides
 
 MODEL_CARD_NAME = "README.md"
 TAGS = ("fna", "vision", "nystrom-attention", "hf-fna")
 _MEASURED_REQUIRED = ("command", "machine")
-
-# One line per FNAConfig field (and masking sub-field) for the settings table of the card.
-FIELD_DOCS = {
-    "layers": "layers running FNA (others run exact attention); `A@m;B@m` groups select their own m landmarks",
-    "num_landmarks": "landmark tokens per image (m) of groups that name none; cost O(N m d) instead of O(N^2 d)",
-    "sampling": "landmark selection: farthest point sampling (fps), the paper's sampler (quickfps) or seeded random",
-    "sampling_features": "features FPS measures distances on (q, k or hidden)",
-    "resample_every_layer": "select landmarks in every FNA layer instead of once per group",
-    "pinv": "pseudo-inverse of the landmark kernel: Newton-Schulz iteration or exact",
-    "pinv_iterations": "Newton-Schulz iterations",
-    "min_tokens": "shorter sequences run exact attention",
-    "seed": "seed of random sampling",
-    "num_special_tokens": "leading tokens always kept as landmarks (null: derived from the model family)",
-    "masking.mode": "intervention on flagged massive/artifact tokens (none, mask, sink, sink_keep_self)",
-    "masking.detect": "how tokens are flagged (norm_gap or attention)",
-    "masking.detect_layer": "layer where tokens are flagged",
-    "masking.from_layer": "first layer of the intervention",
-    "masking.max_tokens": "at most this many flagged tokens per image",
-    "masking.std_threshold": "attention detection: outlier threshold in standard deviations",
-    "masking.min_gap": "norm_gap detection: smallest gap in sorted log norms that flags tokens",
-}
 
 
 def _settings_rows(fna_config: FNAConfig) -> list[tuple[str, Any]]:
@@ -113,8 +93,9 @@ def model_card(
         "| setting | value | meaning |",
         "|---|---|---|",
     ]
+    helps = field_help()
     lines += [
-        f"| `{name}` | `{json.dumps(value)}` | {_cell(FIELD_DOCS.get(name, ''))} |"
+        f"| `{name}` | `{json.dumps(value)}` | {_cell(helps.get(name, ''))} |"
         for name, value in _settings_rows(fna_config)
     ]
     lines += ["", *_acting_section(fna_config), "", *_measured_section(base_model, measured), ""]
@@ -187,13 +168,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", required=True, help="Hub repo to create or update, e.g. user/dinov2-base-fna")
     parser.add_argument("--base-model", required=True, help="Hub id of the model the settings are for")
     parser.add_argument("--config", help="fna_config.json file, or a folder / Hub repo holding one")
-    parser.add_argument("--layers", nargs="+", help="FNA layers (instead of --config): indices, 'auto', 'all', '6:'")
-    parser.add_argument("--landmarks", type=int, help="number of landmarks (instead of --config; default 64)")
     parser.add_argument("--measured", help="JSON file of measured figures with their 'command' and 'machine'")
     parser.add_argument("--dry-run", action="store_true", help="write the files to --out and upload nothing")
     parser.add_argument("--out", help="folder to write fna_config.json and README.md into (required with --dry-run)")
     parser.add_argument("--token", help="Hub token (default: the one huggingface_hub finds)")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
+    add_fna_arguments(parser)  # instead of --config
 
 
 def _check_repo_id(option: str, value: str) -> None:
@@ -207,20 +187,17 @@ def _check_repo_id(option: str, value: str) -> None:
 
 
 def _load_settings(args: argparse.Namespace) -> FNAConfig:
+    overrides = fna_overrides(args)
     if args.config is not None:
-        if args.layers is not None or args.landmarks is not None:
-            raise InputError("give either --config or --layers/--landmarks, not both")
+        if overrides:
+            options = ", ".join(f"--{name.replace('_', '-')}" for name in overrides)
+            raise InputError(f"give either --config or the FNA settings options ({options}), not both")
         try:
             return FNAConfig.from_pretrained(args.config)
         except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise InputError(f"cannot read --config {args.config}: {first_line(e)}") from e
-    kwargs: dict[str, Any] = {}
-    if args.landmarks is not None:
-        kwargs["num_landmarks"] = args.landmarks
     try:
-        if args.layers is not None:
-            kwargs["layers"] = parse_layers(args.layers)
-        return FNAConfig(**kwargs)
+        return FNAConfig(**overrides)
     except ValueError as e:
         raise InputError(str(e)) from e
 
