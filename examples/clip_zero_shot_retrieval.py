@@ -6,7 +6,7 @@ FNA attention on the same weights, and each task prints a markdown table (metric
     python examples/clip_zero_shot_retrieval.py --smoke      # offline: tiny random CLIP, the bundled photos
     python examples/clip_zero_shot_retrieval.py              # openai/clip-vit-base-patch32, CIFAR-10, Flickr 1k
     python examples/clip_zero_shot_retrieval.py --model openai/clip-vit-large-patch14 --image-size 448 \\
-        --layers 12: --landmarks 64 --limit 1000 --mixed-precision bf16
+        --layers 12: --num-landmarks 64 --limit 1000 --mixed-precision bf16
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=500, help="images per task")
     parser.add_argument("--image-size", type=int, default=448, help="FNA pays off with many tokens: go high")
     parser.add_argument("--layers", default="auto", help="FNAConfig.layers (auto: the second half)")
-    parser.add_argument("--landmarks", type=int, default=64, help="FNAConfig.num_landmarks")
+    parser.add_argument("--num-landmarks", type=int, default=64, help="FNAConfig.num_landmarks")
     parser.add_argument("--min-tokens", type=int, default=0, help="FNAConfig.min_tokens (0: FNA at every size)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--smoke", action="store_true", help="tiny random CLIP and the bundled photos, offline")
     args = parser.parse_args(argv)
-    fna = FNAConfig(layers=args.layers, num_landmarks=args.landmarks, min_tokens=args.min_tokens)
+    fna_config = FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=args.min_tokens)
     datasets_by_task = {"zero-shot": args.zero_shot_dataset, "retrieval": args.retrieval_dataset}
     image_columns = {"zero-shot": args.zero_shot_image_column, "retrieval": None}
 
@@ -71,12 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
             datasets_by_task = {"zero-shot": zero_shot, "retrieval": retrieval}
             image_columns = {"zero-shot": None, "retrieval": None}
             args.limit, args.image_size, args.batch_size = None, 64, 6
-            fna = FNAConfig(layers="all", num_landmarks=16, min_tokens=0)
+            fna_config = FNAConfig(layers="all", num_landmarks=16, min_tokens=0)
 
         results = {}
         for task in args.tasks.split(","):
-            print(f"\n## {task}: {model_label}, {args.image_size} px, FNA layers {fna.layers}, {fna.num_landmarks} "
-                  "landmarks\n")  # fmt: skip
+            print(
+                f"\n## {task}: {model_label}, {args.image_size} px, FNA layers {fna_config.layers}, "
+                f"{fna_config.num_landmarks} landmarks\n"
+            )
             if caveat:
                 print(f"note: {caveat}\n")
             settings = EvalSettings(
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                 mixed_precision=args.mixed_precision,
                 image_column=image_columns[task],
                 prompt=PROMPT,
-                fna=fna,
+                fna_config=fna_config,
                 show_progress=not args.smoke,
             )
             result = run_evaluation(settings)

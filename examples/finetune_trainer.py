@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", help="Hub dataset with image/label columns (default: Fashion-MNIST offline)")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--layers", default="auto", help="FNAConfig.layers")
-    parser.add_argument("--landmarks", type=int, default=64)
+    parser.add_argument("--num-landmarks", type=int, default=64)
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--eval-size", type=int, default=512, help="images of the test split evaluated each epoch")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         args.resolution, args.train_size, args.eval_size, args.epochs, args.batch_size = 112, 32, 16, 3, 8
-        args.layers, args.landmarks, args.learning_rate = "6:", 32, 2e-4
+        args.layers, args.num_landmarks, args.learning_rate = "6:", 32, 2e-4
 
     path = args.model or assets.dinov2_small()
     train = load_dataset(args.dataset, args.train_size)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         attn_implementation="fna",
     )
     # min_tokens=0: FNA runs at every resolution here, so the smoke run really trains through it.
-    hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.landmarks, min_tokens=0).apply(model)
+    hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=0).apply(model)
 
     def transform(batch):
         images = [image.convert("RGB") for image in batch["image"]]

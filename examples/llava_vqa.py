@@ -6,7 +6,7 @@ questions: exact and FNA answers to the same prompts, exact match / VQA accuracy
 
     python examples/llava_vqa.py --smoke         # offline: tiny random LLaVA, a few easy-vqa questions
     python examples/llava_vqa.py --model llava-hf/llava-1.5-7b-hf --dataset lmms-lab/VQAv2 --split validation \\
-        --limit 200 --layers 12: --landmarks 64 --mixed-precision bf16
+        --limit 200 --layers 12: --num-landmarks 64 --mixed-precision bf16
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ def column(row: dict, candidates: tuple[str, ...]) -> str:
     return next(name for name in candidates if name in row)
 
 
-def ask(model_path: str, fna: hf_fna.FNAConfig, row: dict, dtype: torch.dtype, max_new_tokens: int) -> dict:
+def ask(model_path: str, fna_config: hf_fna.FNAConfig, row: dict, dtype: torch.dtype, max_new_tokens: int) -> dict:
     """One question with FNA in the vision tower, loaded the way a user would; returns the answer and landmarks."""
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModelForImageTextToText.from_pretrained(
         model_path, attn_implementation={"vision_config": "fna", "text_config": "sdpa"}, dtype=dtype
     )
-    fna.apply(model)  # the settings go to the vision tower's config; the language model keeps sdpa
+    fna_config.apply(model)  # the settings go to the vision tower's config; the language model keeps sdpa
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     content = [{"type": "image"}, {"type": "text", "text": row[column(row, QUESTION_COLUMNS)]}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -57,14 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--limit", type=int, default=200, help="questions, drawn with a fixed seed")
     parser.add_argument("--layers", default="auto", help="FNAConfig.layers of the vision tower")
-    parser.add_argument("--landmarks", type=int, default=64, help="FNAConfig.num_landmarks")
+    parser.add_argument("--num-landmarks", type=int, default=64, help="FNAConfig.num_landmarks")
     parser.add_argument("--min-tokens", type=int, default=0, help="FNAConfig.min_tokens (LLaVA-1.5: 577 tokens)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--mixed-precision", default="no", choices=list(DTYPES))
     parser.add_argument("--smoke", action="store_true", help="tiny random LLaVA and easy-vqa questions, offline")
     args = parser.parse_args(argv)
-    fna = hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.landmarks, min_tokens=args.min_tokens)
+    fna_config = hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=args.min_tokens)
 
     with contextlib.ExitStack() as stack:
         if args.smoke:  # random weights: the answers are gibberish, exact and FNA agreeing on them is the point
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
             words = vocabulary([*data["question"], *data.features["label"].names])
             args.model = build_tiny_llava(stack.enter_context(tempfile.TemporaryDirectory()), words)
             args.batch_size, args.max_new_tokens = 4, 3
-            fna = hf_fna.FNAConfig(layers="all", num_landmarks=16, min_tokens=0)
+            fna_config = hf_fna.FNAConfig(layers="all", num_landmarks=16, min_tokens=0)
         else:
             data = load_split(args.dataset, args.split, args.limit, seed=0)
         row = data[0]
-        demo = ask(args.model, fna, row, DTYPES[args.mixed_precision], args.max_new_tokens)
+        demo = ask(args.model, fna_config, row, DTYPES[args.mixed_precision], args.max_new_tokens)
         question, answers = row[column(row, QUESTION_COLUMNS)], answer_list(row[column(row, ANSWER_COLUMNS)])
         print(f"Q: {question}\nA (FNA vision tower): {demo['answer']!r}; reference: {answers[:3]}; "
               f"landmarks {demo['landmarks']}\n")  # fmt: skip
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             mixed_precision=args.mixed_precision,
-            fna=fna,
+            fna_config=fna_config,
             show_progress=not args.smoke,
         )
         result = run_evaluation(settings)

@@ -12,7 +12,7 @@ import hf_fna
 from hf_fna import FNAConfig
 from hf_fna.integration import backend as fna_backend
 from hf_fna.integration.plans import layer_plan, plan_model
-from tiny_models import LAYERS, Family, families, family
+from tiny_families import LAYERS, Family, families, family
 
 FAMILIES = [f.name for f in families()]
 

@@ -27,7 +27,10 @@ def test_defaults_are_the_documented_auto_schedule():
         ({"layers": [1, "2"]}, r"FNAConfig.layers=\[1, '2'\] is invalid"),
         ({"min_tokens": -1}, r"FNAConfig.min_tokens=-1 is invalid"),
         ({"resample_every_layer": "yes"}, r"resample_every_layer='yes' is invalid; expected True or False"),
-        ({"masking": {"mode": "drop"}}, r"masking.mode='drop' is not supported; accepted values: none, mask, sink"),
+        (
+            {"masking": {"intervention": "drop"}},
+            r"masking.intervention='drop' is not supported; accepted values: none, mask, sink",
+        ),
         ({"masking": {"colour": 1}}, r"masking got unknown field\(s\) \['colour'\]"),
     ],
 )
@@ -88,9 +91,9 @@ def test_bad_schedules_name_the_group(layers, message):
 
 
 def test_json_round_trip(tmp_path):
-    config = FNAConfig(layers=[1, 2], num_landmarks=32, sampling="random", masking=MaskingConfig(mode="sink"))
+    config = FNAConfig(layers=[1, 2], num_landmarks=32, sampling="random", masking=MaskingConfig(intervention="sink"))
     path = config.save_pretrained(tmp_path / "cfg")
-    assert json.loads((tmp_path / "cfg" / "fna_config.json").read_text())["masking"]["mode"] == "sink"
+    assert json.loads((tmp_path / "cfg" / "fna_config.json").read_text())["masking"]["intervention"] == "sink"
     assert FNAConfig.from_pretrained(tmp_path / "cfg") == config
     assert FNAConfig.from_pretrained(path) == config
     assert FNAConfig.from_dict(json.loads(config.to_json_string())) == config
@@ -113,3 +116,10 @@ def test_parse_layers_from_command_line_text():
     for bad in ("6:x", "six", "6:,7", "all,6"):
         with pytest.raises(ValueError, match=r"layers .* is invalid; give layer indices"):
             parse_layers(bad)
+
+
+def test_configs_saved_with_the_old_masking_mode_key_still_load():
+    with pytest.warns(FutureWarning, match="masking.mode is now called masking.intervention"):
+        config = FNAConfig.from_dict({"masking": {"mode": "sink", "detect": "attention"}})
+    assert config.masking.intervention == "sink" and config.masking.detect == "attention"
+    assert "mode" not in config.to_dict()["masking"]

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import hf_fna.integration.backend
 from hf_fna import assets
 from hf_fna.cli import main
 from hf_fna.evaluation import EvalSettings, run_evaluation
@@ -33,20 +32,6 @@ def tiny_clip(tmp_path_factory, photos_with_captions):
     prompts = [f"a photo of a {name}." for name in assets.FASHION_MNIST_LABELS]
     words = vocabulary([*prompts, *(c for per_image in captions for c in per_image)])
     return build_tiny_clip(str(tmp_path_factory.mktemp("clip")), words)
-
-
-@pytest.fixture
-def fna_calls(monkeypatch):
-    """Counts the Nyström attention calls (FNA really ran, not an exact fallback) and their sequence lengths."""
-    lengths: list[int] = []
-    original = hf_fna.integration.backend.nystrom_attention
-
-    def counting(query, *args, **kwargs):
-        lengths.append(query.shape[2])
-        return original(query, *args, **kwargs)
-
-    monkeypatch.setattr(hf_fna.integration.backend, "nystrom_attention", counting)
-    return lengths
 
 
 def test_recall_at_k_on_a_fixed_similarity_matrix():

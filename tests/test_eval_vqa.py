@@ -8,7 +8,6 @@ import datasets
 import easy_vqa
 import pytest
 
-import hf_fna.integration.backend
 from hf_fna.cli import main
 from hf_fna.evaluation import EvalSettings, run_evaluation
 from hf_fna.evaluation.tasks import vqa as vqa_task
@@ -31,15 +30,7 @@ def test_answer_layouts():
     assert vqa_task.answer_list({"answer": ["red", "blue"], "answer_id": [1, 2]}) == ["red", "blue"]
 
 
-def test_vqa_end_to_end_on_easy_vqa_with_fna_in_the_vision_tower(tiny_llava, tmp_path, monkeypatch):
-    lengths: list[int] = []
-    original = hf_fna.integration.backend.nystrom_attention
-
-    def counting(query, *args, **kwargs):
-        lengths.append(query.shape[2])
-        return original(query, *args, **kwargs)
-
-    monkeypatch.setattr(hf_fna.integration.backend, "nystrom_attention", counting)
+def test_vqa_end_to_end_on_easy_vqa_with_fna_in_the_vision_tower(tiny_llava, tmp_path, fna_calls):
     output = tmp_path / "vqa.json"
     argv = (
         f"eval --task vqa --model {tiny_llava} --dataset hf_fna:easy_vqa --limit 12 --batch-size 6 "
@@ -49,7 +40,7 @@ def test_vqa_end_to_end_on_easy_vqa_with_fna_in_the_vision_tower(tiny_llava, tmp
     assert main(argv) == 0
     report = json.loads(output.read_text())
     # FNA ran, and only on sequences of image tokens: the vision tower; the language model stayed exact.
-    assert lengths and set(lengths) == {IMAGE_TOKENS}
+    assert fna_calls and set(fna_calls) == {IMAGE_TOKENS}
     assert report["settings"]["tokens_per_image"] == IMAGE_TOKENS
     assert report["num_samples"] == 12
     # easy-vqa has one answer per question: exact match is the metric.

@@ -30,22 +30,6 @@ def test_trainer_with_fna_decreases_loss_and_trains_attention():
         assert norms[name] > 0, name
 
 
-@pytest.fixture
-def nystrom_lengths(monkeypatch):
-    """Sequence lengths of the Nyström attention calls (FNA really ran, not an exact fallback)."""
-    import hf_fna.integration.backend
-
-    lengths: list[int] = []
-    original = hf_fna.integration.backend.nystrom_attention
-
-    def counting(query, *args, **kwargs):
-        lengths.append(query.shape[2])
-        return original(query, *args, **kwargs)
-
-    monkeypatch.setattr(hf_fna.integration.backend, "nystrom_attention", counting)
-    return lengths
-
-
 @pytest.mark.real_weights
 def test_dinov2_highres_features_close_to_exact(tmp_path):
     plot = tmp_path / "features.png"
@@ -61,11 +45,11 @@ def test_dinov2_highres_features_close_to_exact(tmp_path):
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_clip_zero_shot_and_retrieval_smoke(nystrom_lengths):
+def test_clip_zero_shot_and_retrieval_smoke(fna_calls):
     results = load_example("clip_zero_shot_retrieval").main(["--smoke"])
     assert set(results) == {"zero-shot", "retrieval"}
     # Only the vision tower (64 px, patch 4, plus CLS) ran FNA; the text tower stayed exact.
-    assert nystrom_lengths and set(nystrom_lengths) == {(64 // 4) ** 2 + 1}
+    assert fna_calls and set(fna_calls) == {(64 // 4) ** 2 + 1}
     expected = {"zero-shot": {"accuracy"}, "retrieval": {f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}}
     for task, result in results.items():
         assert result["num_samples"] == 18 and result["tokens_per_image"] == 257
@@ -78,12 +62,12 @@ def test_clip_zero_shot_and_retrieval_smoke(nystrom_lengths):
         assert "tiny model with random weights" in result["caveat"]  # its speed-up is not presented as a finding
 
 
-def test_llava_vqa_smoke(nystrom_lengths):
+def test_llava_vqa_smoke(fna_calls):
     result = load_example("llava_vqa").main(["--smoke"])
     # The demo model was loaded with {"vision_config": "fna", "text_config": "sdpa"}: landmarks were chosen.
     assert result["demo"]["landmarks"] == [1, 16] and isinstance(result["demo"]["answer"], str)
     # FNA ran only on the image tokens of the vision tower (32 px, patch 4, plus CLS); the language model stayed exact.
-    assert nystrom_lengths and set(nystrom_lengths) == {(32 // 4) ** 2 + 1}
+    assert fna_calls and set(fna_calls) == {(32 // 4) ** 2 + 1}
     assert result["num_samples"] == 8 and result["tokens_per_image"] == 65 and result["notes"] == []
     for variant in ("exact", "fna"):
         assert set(result["metrics"][variant]) == {"exact_match"}  # easy-vqa: one answer per question

@@ -1,6 +1,6 @@
 """Faults, bad input and unusual but legitimate use of the library (issue 11, items 1, 2, 4, 5, 6 and 8).
 
-Tiny random models (tests/tiny_models.py), CPU, a few seconds in all. The command-line side of the issue is in
+Tiny random models (tests/tiny_families.py), CPU, a few seconds in all. The command-line side of the issue is in
 tests/test_faults_cli.py.
 """
 
@@ -58,7 +58,7 @@ def _massive_tokens(model) -> None:
     model.encoder.layer[0].register_forward_hook(MassiveTokens())
 
 
-NORM_GAP = MaskingConfig(mode="mask", detect="norm_gap", detect_layer=1, from_layer=2)
+NORM_GAP = MaskingConfig(intervention="mask", detect="norm_gap", detect_layer=1, from_layer=2)
 
 
 # --- item 2: torch.compile ---------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_compiled_fna_survives_the_collection_of_an_earlier_model():
         ({"layers": "all", "num_landmark": 8}, "unknown field"),
         ({"layers": [7]}, "out of range for a tower with 4 layers"),
         (["layers", "all"], "expects a dict"),
-        ({"masking": {"mode": "mask", "detect_layer": 9}}, "masking.detect_layer contains layer 9"),
+        ({"masking": {"intervention": "mask", "detect_layer": 9}}, "masking.detect_layer contains layer 9"),
     ],
 )
 def test_malformed_fna_config_in_config_json_is_named_before_any_attention_runs(tmp_path, fna_config, expected):
@@ -125,7 +125,7 @@ def test_malformed_fna_config_in_config_json_is_named_before_any_attention_runs(
 def test_apply_with_bad_masking_layers_leaves_the_model_unchanged():
     model = tiny_dinov2()
     before = hidden(model)
-    bad = FNAConfig(layers="all", masking=MaskingConfig(mode="mask", detect_layer=2, from_layer=1))
+    bad = FNAConfig(layers="all", masking=MaskingConfig(intervention="mask", detect_layer=2, from_layer=1))
     with pytest.raises(ValueError, match="precedes detect_layer"):
         bad.apply(model)
     assert getattr(model.config, "fna_config", None) is None

@@ -8,7 +8,7 @@ import torch
 from hf_fna import FNAConfig, MaskingConfig, detect_attention_sinks, detect_massive_tokens, exact_attention
 from hf_fna.integration.plans import layer_plan, tower_plans
 from hf_fna.ops.nystrom import nystrom_attention
-from tiny_models import family
+from tiny_families import family
 
 MODES = ["mask", "sink", "sink_keep_self"]
 
@@ -102,7 +102,7 @@ def _tiny_with_massive_tokens(
 
 
 def test_model_flags_massive_tokens_at_the_right_positions(tmp_path):
-    masking = MaskingConfig(mode="mask", detect="norm_gap", detect_layer=1, from_layer=2)
+    masking = MaskingConfig(intervention="mask", detect="norm_gap", detect_layer=1, from_layer=2)
     fam, model = _tiny_with_massive_tokens(tmp_path, masking)
     with torch.no_grad():
         model(**fam.make_inputs(2))
@@ -113,7 +113,7 @@ def test_model_flags_massive_tokens_at_the_right_positions(tmp_path):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_model_masking_fna_with_every_token_a_landmark_equals_exact_masking(mode, tmp_path):
-    masking = MaskingConfig(mode=mode, detect="norm_gap", detect_layer=1, from_layer=1)
+    masking = MaskingConfig(intervention=mode, detect="norm_gap", detect_layer=1, from_layer=1)
     fam, exact = _tiny_with_massive_tokens(tmp_path / "exact", masking, layers="none")
     _, approximate = _tiny_with_massive_tokens(tmp_path / "fna", masking, layers="all", num_landmarks=fam.tokens)
     _, plain = _tiny_with_massive_tokens(tmp_path / "plain", MaskingConfig(), layers="none")
@@ -125,7 +125,7 @@ def test_model_masking_fna_with_every_token_a_landmark_equals_exact_masking(mode
 
 
 def test_attention_detection_in_model_runs(tmp_path):
-    masking = MaskingConfig(mode="sink_keep_self", detect="attention", detect_layer=2, from_layer=2)
+    masking = MaskingConfig(intervention="sink_keep_self", detect="attention", detect_layer=2, from_layer=2)
     fam, model = _tiny_with_massive_tokens(tmp_path, masking, layers="all", num_landmarks=8, pinv="newton")
     with torch.no_grad():
         output = model(**fam.make_inputs(2)).last_hidden_state
@@ -136,18 +136,18 @@ def test_masking_layer_errors(tmp_path):
     fam = family("dinov2")
     model = fam.model_class(fam.config)
     with pytest.raises(ValueError, match="from_layer=1 precedes detect_layer=2"):
-        FNAConfig(masking=MaskingConfig(mode="mask", detect_layer=2, from_layer=1)).apply(model)
+        FNAConfig(masking=MaskingConfig(intervention="mask", detect_layer=2, from_layer=1)).apply(model)
     with pytest.raises(ValueError, match="detect_layer=0 with detect='norm_gap'"):
-        FNAConfig(masking=MaskingConfig(mode="mask", detect_layer=0, from_layer=0)).apply(model)
+        FNAConfig(masking=MaskingConfig(intervention="mask", detect_layer=0, from_layer=0)).apply(model)
     with pytest.raises(ValueError, match=r"masking.detect_layer contains layer 9, out of range"):
-        FNAConfig(masking=MaskingConfig(mode="mask", detect_layer=9, from_layer=9)).apply(model)
+        FNAConfig(masking=MaskingConfig(intervention="mask", detect_layer=9, from_layer=9)).apply(model)
 
 
 def test_default_masking_layers_are_the_middle_of_the_tower(tmp_path):
     fam = family("dinov2")
     model = fam.model_class(fam.config).eval()
-    FNAConfig(layers="none", masking=MaskingConfig(mode="sink")).apply(model)
-    tower = layer_plan(model.encoder.layer[0].attention).tower
+    FNAConfig(layers="none", masking=MaskingConfig(intervention="sink")).apply(model)
+    tower = layer_plan(model.encoder.layer[0].attention).tower_plan
     assert (tower.detect_layer, tower.from_layer) == (2, 2)
     with torch.no_grad():
         assert torch.isfinite(model(**fam.make_inputs(1)).last_hidden_state).all()

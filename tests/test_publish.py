@@ -18,7 +18,9 @@ REPO = "someone/dinov2-small-fna"
 SETTINGS = FNAConfig(
     layers=[6, 7, 8, 9, 10, 11],
     num_landmarks=128,
-    masking=MaskingConfig(mode="sink_keep_self", detect="attention", detect_layer=6, from_layer=6, max_tokens=4),
+    masking=MaskingConfig(
+        intervention="sink_keep_self", detect="attention", detect_layer=6, from_layer=6, max_tokens=4
+    ),
 )
 MEASURED = {"command": "hf-fna compare --model facebook/dinov2-small", "machine": "2-core CPU", "speed-up": "1.3x"}
 
@@ -37,7 +39,7 @@ def test_model_card_front_matter_settings_and_usage():
         if name != "masking":
             assert f"| `{name}` |" in card, name
             assert field_help()[name] in card
-    assert '| `masking.mode` | `"sink_keep_self"` |' in card and "| `num_landmarks` | `128` |" in card
+    assert '| `masking.intervention` | `"sink_keep_self"` |' in card and "| `num_landmarks` | `128` |" in card
     assert "import hf_fna" in card and f'FNAConfig.from_pretrained("{REPO}").apply(model)' in card
     assert 'attn_implementation="fna"' in card
     assert "Recommended settings, not measured" in card

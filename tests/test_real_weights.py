@@ -69,7 +69,7 @@ def test_default_schedule_is_faithful_on_every_bundled_photo_at_518px(dinov2_pat
 def test_no_massive_tokens_flagged_at_224px(dinov2_path):
     pixels = photo_batch(dinov2_path, 224)
     model = AutoModel.from_pretrained(dinov2_path, attn_implementation="sdpa").eval()
-    FNAConfig(layers="none", masking=MaskingConfig(mode="sink", detect_layer=6, from_layer=6)).apply(model)
+    FNAConfig(layers="none", masking=MaskingConfig(intervention="sink", detect_layer=6, from_layer=6)).apply(model)
     with torch.inference_mode():
         model(pixel_values=pixels)
     flags = last_flagged_tokens(model)

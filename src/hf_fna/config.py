@@ -250,9 +250,10 @@ class MaskingConfig:
     from `from_layer` on, with exact and FNA attention alike.
 
     Args:
-        mode: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over the rest); "sink" (softmax
-            as usual, then every query's weight on flagged keys is zeroed, without renormalisation); "sink_keep_self"
-            (as "sink", but a flagged token keeps its attention to itself).
+        intervention: what happens to flagged keys, as the `intervention` of `hf_fna.exact_attention` and
+            `hf_fna.nystrom_attention`: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over
+            the rest); "sink" (softmax as usual, then every query's weight on flagged keys is zeroed, without
+            renormalisation); "sink_keep_self" (as "sink", but a flagged token keeps its attention to itself).
         detect: "norm_gap" (largest gap in the sorted log L2 norms of the tokens entering `detect_layer`) or
             "attention" (iterative outliers of mean incoming attention at `detect_layer`).
         detect_layer: the layer at whose input (norm_gap) or attention (attention) tokens are flagged; negative
@@ -267,7 +268,7 @@ class MaskingConfig:
             (natural log units), so that models without massive tokens are left alone.
     """
 
-    mode: Literal["none", "mask", "sink", "sink_keep_self"] = field(
+    intervention: Literal["none", "mask", "sink", "sink_keep_self"] = field(
         default="none",
         metadata={"help": "intervention on flagged massive/artifact tokens (none, mask, sink, sink_keep_self)"},
     )
@@ -285,7 +286,7 @@ class MaskingConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("masking.mode", self.mode, INTERVENTIONS)
+        _check_choice("masking.intervention", self.intervention, INTERVENTIONS)
         _check_choice("masking.detect", self.detect, DETECTION_METHODS)
         for name in ("detect_layer", "from_layer"):
             value = getattr(self, name)
@@ -302,7 +303,7 @@ class MaskingConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "none"
+        return self.intervention != "none"
 
 
 @dataclass
@@ -401,7 +402,7 @@ class FNAConfig:
         if self.num_special_tokens is not None:
             _check_int("num_special_tokens", self.num_special_tokens, 0)
         if isinstance(self.masking, dict):
-            self.masking = MaskingConfig(**_known_fields(MaskingConfig, self.masking, "masking"))
+            self.masking = MaskingConfig(**_known_fields(MaskingConfig, _renamed_masking_keys(self.masking), "masking"))
         elif not isinstance(self.masking, MaskingConfig):
             raise ValueError(f"FNAConfig.masking={self.masking!r} is invalid; expected a MaskingConfig or a dict.")
 
@@ -636,6 +637,26 @@ def field_help() -> dict[str, str]:
     """The one-line help of every setting, masking fields as `masking.<name>`, in declaration order."""
     out = {f.name: f.metadata["help"] for f in fields(FNAConfig) if f.name != "masking"}
     out.update({f"masking.{f.name}": f.metadata["help"] for f in fields(MaskingConfig)})
+    return out
+
+
+# Masking keys of configs written before a rename: old name -> current name.
+_RENAMED_MASKING_KEYS = {"mode": "intervention"}
+
+
+def _renamed_masking_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """A masking dict with renamed keys under their current names (a FutureWarning names each), so that configs
+    saved on the Hub before the rename keep loading."""
+    out = dict(values)
+    for old, new in _RENAMED_MASKING_KEYS.items():
+        if old in out and new not in out:
+            warnings.warn(
+                f"FNAConfig.masking.{old} is now called masking.{new}; the old name will stop being read in a future "
+                "release (save the config again to update it).",
+                FutureWarning,
+                stacklevel=4,
+            )
+            out[new] = out.pop(old)
     return out
 
 

@@ -116,7 +116,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         num_workers=args.num_workers,
         image_size=args.image_size,
         mixed_precision=args.mixed_precision,
-        fna=base,
+        fna_config=base,
         fna_overrides=overrides,
         image_column=args.image_column,
         label_column=args.label_column,

@@ -23,6 +23,8 @@ from .. import assets
 from ..errors import InputError, first_line
 
 BUILTIN_PREFIX = "hf_fna:"
+# Usual names of the integer class column, tried in order when no --label-column is given.
+LABEL_COLUMNS = ("label", "labels", "fine_label")
 FASHION_MNIST_GARMENT_THRESHOLD = 16
 
 

@@ -116,19 +116,19 @@ def vision_features(model: Any, pixel_values: torch.Tensor) -> VisionFeatures:
 
 
 class AttentionSwitch:
-    """Switches the vision tower of a loaded model between its exact attention and `fna` with `settings`.
+    """Switches the vision tower of a loaded model between its exact attention and `fna` with `fna_config`.
 
     `FNAConfig.apply` runs once (it plans the layers); later switches only change the tower's attention implementation.
     Other towers (CLIP/SigLIP text, the LLaVA language model) keep their attention throughout.
     """
 
-    def __init__(self, model: Any, settings: FNAConfig) -> None:
+    def __init__(self, model: Any, fna_config: FNAConfig) -> None:
         self.model = model
         self.tower = tower_config_name(model.config)
         config = model.config if self.tower is None else getattr(model.config, self.tower)
         self.exact_implementation = config._attn_implementation
         try:
-            settings.apply(model, self.tower)
+            fna_config.apply(model, self.tower)
         except ValueError as error:
             raise InputError(f"FNA cannot run in {type(model).__name__}: {first_line(error)}") from error
         self.current = FNA
@@ -142,7 +142,7 @@ class AttentionSwitch:
         self.current = variant
 
 
-def fna_settings_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
+def fna_config_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
     """The model's own `fna_config` (or the defaults) with the given fields replaced."""
     try:
         return FNAConfig.from_model_config(tower_config(config)).update(

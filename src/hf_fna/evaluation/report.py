@@ -107,7 +107,7 @@ def build_result(
     timing = comparison.timing
     record = settings.to_dict()
     record.update(
-        fna=fna_config.to_dict(),
+        fna_config=fna_config.to_dict(),
         tokens_per_image=comparison.tokens_per_image,
         num_processes=num_processes,
         device=str(device),

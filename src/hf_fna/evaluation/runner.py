@@ -29,7 +29,7 @@ from .modeling import (
     VARIANTS,
     AttentionSwitch,
     check_model_kind,
-    fna_settings_for,
+    fna_config_for,
     load_config,
     load_model,
 )
@@ -62,15 +62,15 @@ class Runner:
         settings: EvalSettings,
         model: Any,
         processor: Any,
-        fna: FNAConfig,
+        fna_config: FNAConfig,
         reference: ExactReference | None = None,
     ) -> None:
         self.settings = settings
         self.accelerator = make_accelerator(settings.mixed_precision)
         self.model = model.to(self.accelerator.device)
         self.processor = processor
-        self.fna = fna
-        self.switch = AttentionSwitch(model, fna)
+        self.fna_config = fna_config
+        self.switch = AttentionSwitch(model, fna_config)
         self.reference = reference
         self.exact_log: list[tuple[str, Any]] = []  # ("batch" | "timing" | "extract", value), in call order
         self._replay = iter(reference.log) if reference is not None else None
@@ -325,9 +325,9 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     config = load_config(settings.model)
     check_model_kind(config, task.MODEL_KIND, settings.task)
     check_image_size(settings.image_size, tower_config(config))
-    fna = settings.fna or fna_settings_for(config, settings.fna_overrides)
+    fna_config = settings.fna_config or fna_config_for(config, settings.fna_overrides)
     try:
-        fna.resolve(int(tower_config(config).num_hidden_layers))
+        fna_config.resolve(int(tower_config(config).num_hidden_layers))
     except ValueError as error:
         raise InputError(str(error)) from error
     if (settings.reference or settings.save_exact) and make_accelerator(settings.mixed_precision).num_processes > 1:
@@ -336,12 +336,12 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     with quiet_loading(reports=False, progress_bars=not settings.show_progress):
         data = task.load_data(settings)
         model, processor = load_model(settings.model, task.MODEL_KIND, settings.task)
-    runner = Runner(settings, model, processor, fna, reference)
+    runner = Runner(settings, model, processor, fna_config, reference)
     try:
         outcome: TaskOutcome = task.run_task(runner, data)
     except ReferenceModeError as error:  # pinv="exact" from --fna-config with fewer landmarks than tokens
         raise InputError(str(error)) from None
-    result = build_result(settings, outcome, fna, runner.accelerator.num_processes, runner.device)
+    result = build_result(settings, outcome, fna_config, runner.accelerator.num_processes, runner.device)
     if reference is not None:
         recorded = ", ".join(f"{k} {v}" for k, v in reference.recorded.items())
         result.notes.append(

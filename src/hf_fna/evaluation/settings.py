@@ -20,7 +20,7 @@ TASKS = {
     "vqa": "hf_fna.evaluation.tasks.vqa",
 }
 MIXED_PRECISION = ("no", "fp16", "bf16")
-_NOT_RECORDED = ("dataset", "fna", "show_progress")
+_NOT_RECORDED = ("dataset", "fna_config", "show_progress")
 
 
 @dataclass
@@ -35,7 +35,8 @@ class EvalSettings:
         limit, train_limit: evaluate (fit) on this many rows, drawn with `seed`; None uses the whole split.
         image_size: resize images to this square size (no crop) instead of the processor's default; FNA pays off at
             high resolution (many tokens), so this is the main knob.
-        fna: FNA settings; None takes the model's own `fna_config` (or the defaults) updated with `fna_overrides`.
+        fna_config: FNA settings; None takes the model's own `fna_config` (or the defaults) updated with
+            `fna_overrides`.
         output: path of the JSON report (written by the main process at the end of a successful run).
         save_exact: write the exact variant's outputs and timing here (for later FNA-only runs).
         reference: a `save_exact` file of an earlier run on the same task, model and data: exact attention is not
@@ -54,7 +55,7 @@ class EvalSettings:
     num_workers: int = 0
     image_size: int | None = None
     mixed_precision: str = "no"
-    fna: FNAConfig | None = None
+    fna_config: FNAConfig | None = None
     fna_overrides: dict[str, Any] = field(default_factory=dict)
     image_column: str | None = None
     label_column: str | None = None
@@ -97,5 +98,5 @@ class EvalSettings:
         """The settings as JSON values (a dataset object is recorded by its type name)."""
         values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in _NOT_RECORDED}
         values["dataset"] = self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__
-        values["fna"] = self.fna.to_dict() if self.fna is not None else None
+        values["fna_config"] = self.fna_config.to_dict() if self.fna_config is not None else None
         return values

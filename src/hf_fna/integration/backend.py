@@ -79,33 +79,33 @@ def _landmarks_for(
     `block` tells apart the images of a packed sequence (one cache entry per group and block). Landmarks are reused
     within a group and pass while the shape, the block and the flagged tokens stay the same.
     """
-    tower, settings = plan.tower, plan.tower.settings
+    tower_plan, fna_config = plan.tower_plan, plan.tower_plan.fna_config
     shape = (query.shape[0], query.shape[2], query.device, None if flagged is None else id(flagged))
-    if not hasattr(tower.local, "landmarks"):
-        tower.local.landmarks = {}
+    if not hasattr(tower_plan.local, "landmarks"):
+        tower_plan.local.landmarks = {}
     slot = (group, block)
     if plan.index != group.first_layer:
-        cached = tower.local.landmarks.get(slot)
-        if cached is None:
-            cached = tower.last_group_landmarks.get(slot)  # e.g. the autograd thread recomputing a checkpointed layer
+        cached = tower_plan.local.landmarks.get(slot)
+        if cached is None:  # e.g. the autograd thread recomputing a checkpointed layer
+            cached = tower_plan.last_group_landmarks.get(slot)
         if cached is not None and cached[0] == shape:
             return cached[1]
-    guaranteed = tower.special.mask(query.shape[0], query.shape[2], query.device)
+    guaranteed = tower_plan.special.mask(query.shape[0], query.shape[2], query.device)
     if flagged is not None:
         guaranteed = flagged if guaranteed is None else guaranteed | flagged
     with torch.no_grad():
-        features = _selection_features(module, query, key, value, settings.sampling_features)
+        features = _selection_features(module, query, key, value, fna_config.sampling_features)
         landmarks = select_landmarks(
             features,
             min(group.num_landmarks, query.shape[2]),
-            method=settings.sampling,
+            method=fna_config.sampling,
             guaranteed=guaranteed,
             valid=valid,
-            seed=settings.seed,
+            seed=fna_config.seed,
         )
-    tower.local.landmarks[slot] = tower.last_group_landmarks[slot] = (shape, landmarks)
+    tower_plan.local.landmarks[slot] = tower_plan.last_group_landmarks[slot] = (shape, landmarks)
     if block is None:
-        tower.last_landmarks = (shape, landmarks)
+        tower_plan.last_landmarks = (shape, landmarks)
     return landmarks
 
 
@@ -141,7 +141,7 @@ def fna_attention_forward(
         )
     plan = plan_for(module)
     output_attentions = bool(kwargs.get("output_attentions", False))
-    if plan.tower.settings.pinv == "exact" and module.training:
+    if plan.tower_plan.fna_config.pinv == "exact" and module.training:
         raise ReferenceModeError(
             "pinv='exact' is the reference mode and cannot be trained through (its gradients explode); call "
             "model.eval(), or use pinv='newton' for training."
@@ -162,9 +162,9 @@ def fna_attention_forward(
         use_fna, reason = _decide(plan, query.shape[2], per_key, valid)
     if not use_fna and plan.group is not None and plan.index == plan.group.first_layer:
         # This group selects no landmarks in this pass: `last_landmarks` must not report an earlier pass's.
-        getattr(plan.tower.local, "landmarks", {}).pop((plan.group, None), None)
-        plan.tower.last_group_landmarks.pop((plan.group, None), None)
-        plan.tower.last_landmarks = None
+        getattr(plan.tower_plan.local, "landmarks", {}).pop((plan.group, None), None)
+        plan.tower_plan.last_group_landmarks.pop((plan.group, None), None)
+        plan.tower_plan.last_landmarks = None
     plan.last = ("fna" if use_fna else "exact", reason, query.shape[2])
     output, weights = _attend(
         plan,
@@ -184,36 +184,36 @@ def fna_attention_forward(
 
 def _decide(plan: LayerPlan, tokens: int, per_key: bool, valid: torch.Tensor | None) -> tuple[bool, str]:
     """Whether this layer runs FNA on a sequence of `tokens`, and why (warning once when FNA was configured)."""
-    settings, group = plan.tower.settings, plan.group
+    fna_config, group = plan.tower_plan.fna_config, plan.group
     if group is None:
-        return False, f"layer not in FNAConfig.layers={settings.layers!r}"
-    threshold = max(settings.min_tokens, group.num_landmarks)
+        return False, f"layer not in FNAConfig.layers={fna_config.layers!r}"
+    threshold = max(fna_config.min_tokens, group.num_landmarks)
     if not per_key:
-        plan.tower.warn_once(REASON_MASK, f"{tokens} tokens with a mask that varies across queries")
+        plan.tower_plan.warn_once(REASON_MASK, f"{tokens} tokens with a mask that varies across queries")
         return False, "mask varies across queries"
     if tokens < threshold:
-        plan.tower.warn_once(
+        plan.tower_plan.warn_once(
             REASON_SHORT,
-            f"{tokens} tokens < {threshold} (min_tokens={settings.min_tokens}, num_landmarks={group.num_landmarks})",
+            f"{tokens} tokens < {threshold} (min_tokens={fna_config.min_tokens}, num_landmarks={group.num_landmarks})",
         )
-        return False, f"{tokens} tokens < min_tokens={settings.min_tokens}" + (
-            f" / num_landmarks={group.num_landmarks}" if group.num_landmarks > settings.min_tokens else ""
+        return False, f"{tokens} tokens < min_tokens={fna_config.min_tokens}" + (
+            f" / num_landmarks={group.num_landmarks}" if group.num_landmarks > fna_config.min_tokens else ""
         )
     if valid is not None and int(valid.sum(dim=-1).min()) < group.num_landmarks:
         # A padded sample with fewer real tokens than landmarks would need duplicate landmarks.
-        plan.tower.warn_once(REASON_PADDING, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}")
+        plan.tower_plan.warn_once(REASON_PADDING, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}")
         return False, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}"
     return True, f"FNA, m={group.num_landmarks}"
 
 
 def _short_packed_images(plan: LayerPlan, blocks: tuple) -> str:
     """The reason (warned once) why no image of a packed sequence ran FNA: each is shorter than the threshold."""
-    settings = plan.tower.settings
-    threshold = max(settings.min_tokens, plan.group.num_landmarks)
+    fna_config = plan.tower_plan.fna_config
+    threshold = max(fna_config.min_tokens, plan.group.num_landmarks)
     longest = max(stop - start for _, start, stop in blocks)
     detail = f"{len(blocks)} packed images of at most {longest} tokens each, fewer than {threshold}"
-    plan.tower.warn_once(REASON_SHORT, f"{detail} (min_tokens={settings.min_tokens})")
-    return f"packed images of <= {longest} tokens < min_tokens={settings.min_tokens}"
+    plan.tower_plan.warn_once(REASON_SHORT, f"{detail} (min_tokens={fna_config.min_tokens})")
+    return f"packed images of <= {longest} tokens < min_tokens={fna_config.min_tokens}"
 
 
 def _attend(
@@ -232,8 +232,8 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FNA (Nyström) or exact attention `[B, H, N, d]` on one sequence (or one block of a packed one)."""
     query, key, value = states
-    settings = plan.tower.settings
-    intervention = settings.masking.mode if flagged is not None else "none"
+    fna_config = plan.tower_plan.fna_config
+    intervention = fna_config.masking.intervention if flagged is not None else "none"
     if use_fna:
         landmarks = _landmarks_for(plan, plan.group, module, query, key, value, valid, flagged, block)
         return nystrom_attention(
@@ -244,8 +244,8 @@ def _attend(
             key_bias=key_bias,
             scale=scaling,
             dropout_p=dropout,
-            pinv=settings.pinv,
-            pinv_iterations=settings.pinv_iterations,
+            pinv=fna_config.pinv,
+            pinv_iterations=fna_config.pinv_iterations,
             flagged=flagged,
             intervention=intervention,
             return_weights=output_attentions,
@@ -290,8 +290,8 @@ def _packed_attention(
     Each block is attended as an image on its own: its key bias is its row of the mask, its landmarks are its own
     (special tokens counted per block), and blocks shorter than `min_tokens` run exact attention.
     """
-    settings, landmarks = plan.tower.settings, plan.group.num_landmarks
-    threshold = max(settings.min_tokens, landmarks)
+    fna_config, landmarks = plan.tower_plan.fna_config, plan.group.num_landmarks
+    threshold = max(fna_config.min_tokens, landmarks)
     if not any(stop - start >= threshold for _, start, stop in blocks):
         return None  # one exact SDPA call on the whole mask beats a loop of small ones
     mask = _batch_mask(attention_mask, query)
@@ -322,26 +322,26 @@ def _flags_for(
     valid: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """Run attention-sink detection at the detection layer; return the flags the intervention uses here, if any."""
-    tower = plan.tower
-    masking = tower.settings.masking
+    tower_plan = plan.tower_plan
+    masking = tower_plan.fna_config.masking
     if not masking.enabled:
         return None
-    if masking.detect == "attention" and plan.index == tower.detect_layer:
+    if masking.detect == "attention" and plan.index == tower_plan.detect_layer:
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         with torch.no_grad():
             probabilities = attention_probabilities(query, key, scale, key_bias)
-            tower.store_flags(
+            tower_plan.store_flags(
                 detect_attention_sinks(
                     probabilities,
                     std_threshold=masking.std_threshold,
                     max_tokens=masking.max_tokens,
-                    num_special_tokens=tower.num_special_tokens,
+                    num_special_tokens=tower_plan.num_special_tokens,
                     valid=valid,
                 )
             )
-    if plan.index < tower.from_layer:
+    if plan.index < tower_plan.from_layer:
         return None
-    return tower.current_flags((query.shape[0], query.shape[2], query.device))
+    return tower_plan.current_flags((query.shape[0], query.shape[2], query.device))
 
 
 def register() -> None:

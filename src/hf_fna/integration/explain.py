@@ -71,18 +71,18 @@ def explain(model: nn.Module) -> Explanation:
         plan_model(model)
         plans = _layer_plans(model)
     reports = []
-    for plan in sorted(plans, key=lambda p: (p.tower.name, p.index)):
-        settings = plan.tower.settings
+    for plan in sorted(plans, key=lambda p: (p.tower_plan.name, p.index)):
+        fna_config = plan.tower_plan.fna_config
         if plan.last is not None:
             ran, reason, tokens = plan.last
         elif plan.group is not None:
             ran, tokens = None, None
-            threshold = max(settings.min_tokens, plan.group.num_landmarks)
+            threshold = max(fna_config.min_tokens, plan.group.num_landmarks)
             reason = f"FNA (m={plan.group.num_landmarks}) on sequences of {threshold} tokens or more, exact below"
         else:
             ran, tokens = None, None
-            reason = f"layer not in FNAConfig.layers={settings.layers!r}"
-        reports.append(LayerReport(plan.tower.name, plan.index, plan.runs_fna, ran, reason, tokens))
+            reason = f"layer not in FNAConfig.layers={fna_config.layers!r}"
+        reports.append(LayerReport(plan.tower_plan.name, plan.index, plan.runs_fna, ran, reason, tokens))
     return Explanation(tuple(reports))
 
 
@@ -96,11 +96,11 @@ def last_landmarks(model: nn.Module) -> torch.Tensor | None:
 
     Sequences packed with a block-diagonal mask are not covered: their landmarks are chosen per block.
     """
-    entries = [tower.last_landmarks for tower in tower_plans(model) if tower.last_landmarks is not None]
+    entries = [plan.last_landmarks for plan in tower_plans(model) if plan.last_landmarks is not None]
     return entries[-1][1] if entries else None
 
 
 def last_flagged_tokens(model: nn.Module) -> torch.Tensor | None:
     """`[B, N]` bool of the tokens flagged by masking in the most recent forward pass (None if none ran)."""
-    entries = [tower.last_flagged for tower in tower_plans(model) if tower.last_flagged is not None]
+    entries = [plan.last_flagged for plan in tower_plans(model) if plan.last_flagged is not None]
     return entries[-1][1] if entries else None

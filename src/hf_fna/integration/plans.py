@@ -69,7 +69,7 @@ FALLBACK_HINTS = {
 class TowerPlan:
     """FNA settings of one tower, resolved against its depth, plus its per-forward-pass landmark state."""
 
-    settings: FNAConfig
+    fna_config: FNAConfig
     source: Any  # a copy of the `fna_config` value the plan was built from, to notice later changes, in place too
     num_layers: int
     groups: dict[int, LayerGroup]  # FNA layer -> its selection group
@@ -94,7 +94,7 @@ class TowerPlan:
             return
         self.warned.add(reason)
         logger.warning(
-            f"hf_fna: FNA is configured for {self.name} (layers {self.settings.layers!r}) but ran exact attention: "
+            f"hf_fna: FNA is configured for {self.name} (layers {self.fna_config.layers!r}) but ran exact attention: "
             f"{detail}; {FALLBACK_HINTS[reason]} `hf_fna.explain(model)` lists what ran in each layer."
         )
 
@@ -114,7 +114,7 @@ def _shape_key(tokens: torch.Tensor) -> tuple:
 
 @dataclass
 class LayerPlan:
-    tower: TowerPlan
+    tower_plan: TowerPlan
     index: int
     # What the last forward pass ran here: ("fna" | "exact", why, tokens); None before the first pass.
     last: tuple[str, str, int] | None = None
@@ -122,7 +122,7 @@ class LayerPlan:
     @property
     def group(self) -> LayerGroup | None:
         """The selection group of this layer; None where it runs exact attention."""
-        return self.tower.groups.get(self.index)
+        return self.tower_plan.groups.get(self.index)
 
     @property
     def runs_fna(self) -> bool:
@@ -195,20 +195,20 @@ _PLAN_LOCK = threading.Lock()
 def plan_tower(tower_config: Any, name: str = "model") -> TowerPlan:
     """Resolve a tower config's `fna_config` against its depth; raises `ValueError` naming the config."""
     try:
-        settings = FNAConfig.from_model_config(tower_config)
+        fna_config = FNAConfig.from_model_config(tower_config)
         num_layers = int(tower_config.num_hidden_layers)
-        resolved = settings.resolve(num_layers)
+        resolved = fna_config.resolve(num_layers)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
-    special = special_tokens(tower_config, settings.num_special_tokens)
-    if settings.num_special_tokens is None and not is_known_family(tower_config):
+    special = special_tokens(tower_config, fna_config.num_special_tokens)
+    if fna_config.num_special_tokens is None and not is_known_family(tower_config):
         logger.warning_once(
             f"hf_fna: the always-landmark tokens of model_type {getattr(tower_config, 'model_type', '?')!r} are not "
             f"known; assuming {special.leading} leading token(s) (a CLS token and its registers). Set "
             "FNAConfig.num_special_tokens if that is wrong."
         )
     return TowerPlan(
-        settings=settings,
+        fna_config=fna_config,
         source=copy.deepcopy(getattr(tower_config, "fna_config", None)),
         num_layers=num_layers,
         groups={layer: group for group in resolved.groups for layer in group.layers},
@@ -240,26 +240,26 @@ class NormGapDetector:
         plan = next((p for p in map(_PLANS.get, block.modules()) if p is not None), None)
         if plan is None:  # a copy not planned yet: its first attention call plans it, and this hook runs next pass
             return
-        tower = plan.tower
-        masking = tower.settings.masking
-        if not masking.enabled or masking.detect != "norm_gap" or plan.index != tower.detect_layer:
+        tower_plan = plan.tower_plan
+        masking = tower_plan.fna_config.masking
+        if not masking.enabled or masking.detect != "norm_gap" or plan.index != tower_plan.detect_layer:
             return
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        tower.store_flags(
+        tower_plan.store_flags(
             detect_massive_tokens(
                 hidden_states,
                 min_gap=masking.min_gap,
                 max_tokens=masking.max_tokens,
-                num_special_tokens=tower.num_special_tokens,
+                num_special_tokens=tower_plan.num_special_tokens,
             )
         )
 
 
-def _add_norm_gap_hook(tower: TowerPlan, block: nn.Module) -> None:
+def _add_norm_gap_hook(tower_plan: TowerPlan, block: nn.Module) -> None:
     """Register a `NormGapDetector` on `block` unless it has one (a copied or unpickled model keeps its own)."""
     if any(isinstance(hook, NormGapDetector) for hook in block._forward_pre_hooks.values()):
         return
-    tower.hooks.append(block.register_forward_pre_hook(NormGapDetector(), with_kwargs=True))
+    tower_plan.hooks.append(block.register_forward_pre_hook(NormGapDetector(), with_kwargs=True))
 
 
 def plan_model(root: nn.Module) -> int:
@@ -268,7 +268,7 @@ def plan_model(root: nn.Module) -> int:
     Returns the number of attention modules planned. Raises `ValueError` naming the config for an invalid
     `fna_config` (out-of-range layers included), before any plan of `root` changes.
     """
-    towers: dict[int, TowerPlan] = {}
+    tower_plans_by_config: dict[int, TowerPlan] = {}
     layers: list[tuple[str, nn.Module, TowerPlan, int]] = []
     for name, module in root.named_modules():  # resolve every tower first: a bad config changes nothing
         config = getattr(module, "config", None)
@@ -279,20 +279,20 @@ def plan_model(root: nn.Module) -> int:
         index = layer_index(name)
         if index is None:
             continue
-        if id(config) not in towers:
-            towers[id(config)] = plan_tower(config, _config_name(getattr(root, "config", None), config))
-        layers.append((name, module, towers[id(config)], index))
+        if id(config) not in tower_plans_by_config:
+            tower_plans_by_config[id(config)] = plan_tower(config, _config_name(getattr(root, "config", None), config))
+        layers.append((name, module, tower_plans_by_config[id(config)], index))
     with _PLAN_LOCK:
         for module in root.modules():
             previous = _PLANS.pop(module, None)
             if previous is not None:
-                for hook in previous.tower.hooks:
+                for hook in previous.tower_plan.hooks:
                     hook.remove()
-        for name, module, tower, index in layers:
-            _PLANS[module] = LayerPlan(tower, index)
-            masking = tower.settings.masking
-            if masking.enabled and masking.detect == "norm_gap" and index == tower.detect_layer:
-                _add_norm_gap_hook(tower, root.get_submodule(_block_name(name)))
+        for name, module, tower_plan, index in layers:
+            _PLANS[module] = LayerPlan(tower_plan, index)
+            masking = tower_plan.fna_config.masking
+            if masking.enabled and masking.detect == "norm_gap" and index == tower_plan.detect_layer:
+                _add_norm_gap_hook(tower_plan, root.get_submodule(_block_name(name)))
     return len(layers)
 
 
@@ -306,7 +306,7 @@ def _block_name(attention_name: str) -> str:
 def _current_plan(module: nn.Module) -> LayerPlan | None:
     plan = _PLANS.get(module)
     # By value: `config.fna_config["num_landmarks"] = 32` edits the dict in place, and must take effect too.
-    if plan is not None and plan.tower.source == getattr(module.config, "fna_config", None):
+    if plan is not None and plan.tower_plan.source == getattr(module.config, "fna_config", None):
         return plan
     return None
 
@@ -352,15 +352,15 @@ def _outermost_caller_module(module: nn.Module) -> nn.Module | None:
 
 def tower_plans(model: nn.Module) -> list[TowerPlan]:
     """The plans of the towers of `model` that run the `fna` backend (empty before the model is planned)."""
-    towers: dict[int, TowerPlan] = {}
+    found: dict[int, TowerPlan] = {}
     for module in model.modules():
         plan = _PLANS.get(module)
         if plan is not None:
-            towers.setdefault(id(plan.tower), plan.tower)
-    return list(towers.values())
+            found.setdefault(id(plan.tower_plan), plan.tower_plan)
+    return list(found.values())
 
 
-def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = None) -> nn.Module:
+def apply_fna_config(model: nn.Module, fna_config: FNAConfig, tower: str | None = None) -> nn.Module:
     """Implementation of `FNAConfig.apply`: see there."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
@@ -380,8 +380,8 @@ def apply_fna_config(model: nn.Module, settings: FNAConfig, tower: str | None = 
         )
     # Everything is checked before the model changes: a failed apply leaves no half-applied model behind.
     num_layers = int(tower_config.num_hidden_layers)
-    settings.resolve(num_layers)  # raises on out-of-range layers, overlapping groups and bad masking layers
-    tower_config.fna_config = settings.to_dict()
+    fna_config.resolve(num_layers)  # raises on out-of-range layers, overlapping groups and bad masking layers
+    tower_config.fna_config = fna_config.to_dict()
     if tower is None:
         model.set_attn_implementation(ATTENTION_NAME)
     else:

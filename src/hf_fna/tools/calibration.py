@@ -224,9 +224,9 @@ def calibrate(
 
     passes = 0
 
-    def run(settings: FNAConfig, batch: torch.Tensor) -> torch.Tensor:
+    def run(fna_config: FNAConfig, batch: torch.Tensor) -> torch.Tensor:
         nonlocal passes
-        settings.apply(model)
+        fna_config.apply(model)
         passes += 1
         device = next(model.parameters()).device
         with torch.inference_mode():
@@ -276,8 +276,8 @@ def calibrate(
     def measure(per_layer: list[int | None], found_by: str) -> dict[str, Any]:
         name = _schedule_of(per_layer)
         if name not in measured:
-            settings = FNAConfig(layers=name, min_tokens=0)
-            scores = fidelity(run(settings, pixels), reference)
+            fna_config = FNAConfig(layers=name, min_tokens=0)
+            scores = fidelity(run(fna_config, pixels), reference)
             row = {
                 "schedule": name,
                 "found_by": found_by,
@@ -289,7 +289,7 @@ def calibrate(
                 "worst_image_fidelity": float(scores.min()),
             }
             if measure_speed:
-                row["measured_speedup"] = timing["none"] / _seconds_per_pass(model, settings, pixels[:batch_size])
+                row["measured_speedup"] = timing["none"] / _seconds_per_pass(model, fna_config, pixels[:batch_size])
             measured[name] = row
             frontier.append(row)
             bar.update(1)
@@ -461,9 +461,9 @@ def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) ->
     return ", ".join(f"layer {layer} (loss {loss[layer]:.3f} at best)" for layer in hardest)
 
 
-def _seconds_per_pass(model: nn.Module, settings: FNAConfig, batch: torch.Tensor) -> float:
-    """The faster of two timed passes after a warm-up, with `settings` applied."""
-    settings.apply(model)
+def _seconds_per_pass(model: nn.Module, fna_config: FNAConfig, batch: torch.Tensor) -> float:
+    """The faster of two timed passes after a warm-up, with `fna_config` applied."""
+    fna_config.apply(model)
     batch = batch.to(next(model.parameters()).device)
     with torch.inference_mode():
         timed_forward(model, batch, {})  # warm-up

@@ -6,7 +6,7 @@ the same batches at each resolution (the two models alternate batch by batch, so
 alike). Per resolution it reports:
 
 - throughput (images/s) of each model over every timed forward pass (photos and probe images), after a warm-up
-  batch, under `torch.inference_mode`, and the speed-up fna/exact with its FLOP bound (DESIGN.md section 3);
+  batch, under `torch.inference_mode`, and the speed-up fna/exact with its FLOP bound (`hf_fna.ops.cost`);
 - fidelity on the bundled photos: cosine similarity of the CLS token and mean cosine of the patch tokens of the
   last hidden state, FNA against exact;
 - linear-probe accuracy (logistic regression on frozen CLS + mean-patch features) of a stratified subset of a
@@ -119,7 +119,7 @@ class LoadedPair:
     exact: nn.Module
     fna: nn.Module
     tower_config: Any
-    settings: FNAConfig
+    fna_config: FNAConfig
     patch_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -127,7 +127,7 @@ class LoadedPair:
 
     @property
     def num_special_tokens(self) -> int:
-        return special_tokens(self.tower_config, self.settings.num_special_tokens).leading
+        return special_tokens(self.tower_config, self.fna_config.num_special_tokens).leading
 
 
 def _vision_encoder(model: nn.Module) -> nn.Module:
@@ -161,8 +161,8 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
 
     config = tower_config(fna.config)
     try:
-        settings = FNAConfig.from_model_config(config).update(**fna_overrides(args))
-        settings.apply(fna)
+        fna_config = FNAConfig.from_model_config(config).update(**fna_overrides(args))
+        fna_config.apply(fna)
     except ValueError as error:
         raise InputError(str(error)) from error
     encoders = [_vision_encoder(m).to(device).eval() for m in (exact, fna)]
@@ -172,7 +172,7 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
         raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
     mean, std = _normalisation(model_id)
     kwargs = interpolation_kwargs(encoders[0])
-    return LoadedPair(encoders[0], encoders[1], config, settings, patch, mean, std, kwargs)
+    return LoadedPair(encoders[0], encoders[1], config, fna_config, patch, mean, std, kwargs)
 
 
 def _normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -322,10 +322,10 @@ def measure_resolution(
         bar.close()
 
     count = len(items)
-    settings = pair.settings
+    fna_config = pair.fna_config
     num_layers = int(pair.tower_config.num_hidden_layers)
     # Each selection group runs FNA only from its own landmark count on (and from min_tokens).
-    landmarks = settings.resolve(num_layers).landmarks_per_layer(tokens)
+    landmarks = fna_config.resolve(num_layers).landmarks_per_layer(tokens)
     fna_layers = [layer for layer, m in enumerate(landmarks) if m is not None]
     width, heads = int(pair.tower_config.hidden_size), int(pair.tower_config.num_attention_heads)
     row: dict[str, Any] = {
@@ -474,14 +474,14 @@ def _write_outputs(args: argparse.Namespace, report: dict[str, Any], rows: list[
 
 def _check_reference_mode(pair: LoadedPair, resolutions: list[int]) -> None:
     """`--pinv exact` needs every token a landmark wherever FNA runs: refuse before computing, not mid-run."""
-    settings = pair.settings
-    if settings.pinv != "exact":
+    fna_config = pair.fna_config
+    if fna_config.pinv != "exact":
         return
-    counts = {group.num_landmarks for group in settings.resolve(int(pair.tower_config.num_hidden_layers)).groups}
+    counts = {group.num_landmarks for group in fna_config.resolve(int(pair.tower_config.num_hidden_layers)).groups}
     for size in resolutions:
         tokens = (size // pair.patch_size) ** 2 + pair.num_special_tokens
         for landmarks in sorted(counts):
-            if tokens > landmarks and tokens >= settings.min_tokens:
+            if tokens > landmarks and tokens >= fna_config.min_tokens:
                 raise InputError(
                     f"--pinv exact is the reference mode and needs every token as a landmark: {tokens} tokens at "
                     f"{size} px, {landmarks} landmarks; pass --landmarks {tokens} or use --pinv newton"
@@ -517,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(
         f"hf-fna compare: {model_id} ({type(pair.fna).__name__}), batch {args.batch_size}, {args.dtype}, "
-        f"FNA {json.dumps(pair.settings.to_dict(), sort_keys=True)}"
+        f"FNA {json.dumps(pair.fna_config.to_dict(), sort_keys=True)}"
     )
     print(machine_line(machine))
     print(
@@ -530,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
         "arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "model": model_id,
         "settings": {
-            "fna_config": pair.settings.to_dict(),
+            "fna_config": pair.fna_config.to_dict(),
             "resolutions": resolutions,
             "batch_size": args.batch_size,
             "dtype": args.dtype,

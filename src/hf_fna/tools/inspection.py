@@ -404,11 +404,11 @@ def inspect_image(
         )
 
     try:
-        settings = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
-        settings.apply(model)
+        fna_config = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
+        fna_config.apply(model)
     except ValueError as e:
         raise InputError(first_line(e, with_type=True)) from e
-    chosen_layers = settings.resolve(config.num_hidden_layers).fna_layers
+    chosen_layers = fna_config.resolve(config.num_hidden_layers).fna_layers
     if not chosen_layers:
         raise InputError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")
     with (

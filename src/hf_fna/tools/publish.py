@@ -186,7 +186,7 @@ def _check_repo_id(option: str, value: str) -> None:
         raise InputError(f"{option} {value!r} is not a Hub repo id ({first_line(e)})") from e
 
 
-def _load_settings(args: argparse.Namespace) -> FNAConfig:
+def _load_fna_config(args: argparse.Namespace) -> FNAConfig:
     overrides = fna_overrides(args)
     if args.config is not None:
         if overrides:
@@ -221,15 +221,15 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--dry-run needs --out DIR, the folder to write the files into")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out} is a file; give a folder to write {FNA_CONFIG_NAME} and README.md into")
-    settings = _load_settings(args)
+    fna_config = _load_fna_config(args)
     measured = _load_measured(args.measured)
     try:
-        card = model_card(settings, args.base_model, measured, repo_id=args.repo_id)
+        card = model_card(fna_config, args.base_model, measured, repo_id=args.repo_id)
     except ValueError as e:
         raise InputError(f"--measured {args.measured}: {e}") from e
     if args.out:
         try:
-            paths = write_config_folder(settings, args.out, args.base_model, measured, repo_id=args.repo_id)
+            paths = write_config_folder(fna_config, args.out, args.base_model, measured, repo_id=args.repo_id)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot write to --out {args.out}: {first_line(e)}") from e
         for path in paths:
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: nothing uploaded to {args.repo_id}")
         return 0
     try:
-        url = settings.push_to_hub(
+        url = fna_config.push_to_hub(
             args.repo_id,
             commit_message="Upload FNA settings",
             model_card=card,

@@ -16,7 +16,7 @@ import torch
 from ... import metrics
 from ...errors import InputError
 from ...integration.towers import interpolation_kwargs
-from ..data import TaskData, class_names, task_data
+from ..data import LABEL_COLUMNS, TaskData, class_names, task_data
 from ..inputs import ImageLabelCollate
 from ..modeling import EXACT, FNA, VARIANTS
 from ..report import TaskOutcome, mean_cosine, top1_agreement
@@ -24,7 +24,6 @@ from ..runner import Runner
 from ..settings import EvalSettings
 
 MODEL_KIND = "classifier"
-LABEL_COLUMNS = ("label", "labels", "fine_label")
 
 
 def logits(model: Any, inputs: dict) -> dict:

@@ -15,14 +15,13 @@ import numpy as np
 from ... import metrics
 from ...errors import InputError
 from ...tools.probe import fit_probe
-from ..data import TaskData, task_data
+from ..data import LABEL_COLUMNS, TaskData, task_data
 from ..inputs import ImageLabelCollate
 from ..modeling import EXACT, FNA, VARIANTS, vision_features
 from ..report import TaskOutcome, mean_cosine
 from ..runner import Runner
 from ..settings import EvalSettings
 
-LABEL_COLUMNS = ("label", "labels", "fine_label")
 MODEL_KIND = "backbone"
 
 
