@@ -62,14 +62,14 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     exact = spec["schedule"] == "none"
     model = AutoModel.from_pretrained(path, attn_implementation="sdpa" if exact else "fna").eval()
     if not exact:
-        settings = {
+        fna_fields = {
             "layers": parse_layers(spec["schedule"]),
             "num_landmarks": spec["landmarks"],
             "sampling": spec["sampling"],
         }
         if spec["min_tokens"] is not None:
-            settings["min_tokens"] = spec["min_tokens"]
-        hf_fna.FNAConfig(**settings).apply(model)
+            fna_fields["min_tokens"] = spec["min_tokens"]
+        hf_fna.FNAConfig(**fna_fields).apply(model)
     model.to(device)
     data = photos(None if spec["split"] == "all" else spec["split"])
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -261,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                         reference = hidden if reference is None else reference
                         exact_rate = result["images_per_s"]  # speed-ups are against exact in the same mode
                     tokens = result["tokens"]
-                    settings = FNAConfig(
+                    fna_config = FNAConfig(
                         layers=parse_layers(schedule), num_landmarks=landmarks or 1, min_tokens=min_tokens
                     )
-                    per_layer = settings.resolve(12).landmarks_per_layer(tokens)
+                    per_layer = fna_config.resolve(12).landmarks_per_layer(tokens)
                     fna_layers = [i for i, m in enumerate(per_layer) if m is not None]
                     patch_cos, worst_cos, cls_cos = fidelity(hidden, reference)
                     row = {

@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = rows[0]["tokens"]
     for r in rows:  # computed here for resumed rows too, so that every row follows the current cost model
-        settings = hf_fna.FNAConfig(layers=parse_layers(r["schedule"]), num_landmarks=r["landmarks"], **r["options"])
+        fna_config = hf_fna.FNAConfig(layers=parse_layers(r["schedule"]), num_landmarks=r["landmarks"], **r["options"])
         r["flop_bound"] = schedule_flop_bound(
-            r["tokens"], 384, 6, settings.resolve(12).landmarks_per_layer(r["tokens"])
+            r["tokens"], 384, 6, fna_config.resolve(12).landmarks_per_layer(r["tokens"])
         )
     rows.sort(key=lambda r: (r["landmarks"], -r["flop_bound"], -r["patch_cosine"]))
     lines = [

@@ -25,15 +25,15 @@ def fna_implementation(fam: Family):
     return "fna" if fam.tower is None else {fam.tower: "fna", "text_config": "sdpa"}
 
 
-def save_tiny(fam: Family, folder, settings: FNAConfig | None) -> str:
+def save_tiny(fam: Family, folder, fna_config: FNAConfig | None) -> str:
     torch.manual_seed(0)
     model = fam.model_class(fam.config)
     with torch.no_grad():  # peaked attention, as in trained models (random init gives near-uniform attention)
         for name, parameter in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 parameter.mul_(6.0)
-    if settings is not None:
-        tower_config(model, fam).fna_config = settings.to_dict()
+    if fna_config is not None:
+        tower_config(model, fam).fna_config = fna_config.to_dict()
     model.save_pretrained(folder)
     return str(folder)
 
@@ -70,8 +70,8 @@ class LayerRecorder:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_token_a_landmark_equals_sdpa(name, tmp_path):
     fam = family(name)
-    settings = FNAConfig(layers="all", num_landmarks=fam.tokens, min_tokens=0, pinv="exact")
-    folder = save_tiny(fam, tmp_path, settings)
+    fna_config = FNAConfig(layers="all", num_landmarks=fam.tokens, min_tokens=0, pinv="exact")
+    folder = save_tiny(fam, tmp_path, fna_config)
     exact = run(fam, load(fam, folder, "sdpa"))
     fna_model = load(fam, folder, fna_implementation(fam))
     assert tower_config(fna_model, fam)._attn_implementation == "fna"
@@ -170,19 +170,19 @@ def test_short_sequences_fall_back_to_exact(tmp_path, monkeypatch):
 
 def test_saved_fna_config_round_trips(tmp_path):
     fam = family("clip")
-    settings = FNAConfig(layers="-2:", num_landmarks=5, sampling="random", seed=3, min_tokens=0)
+    fna_config = FNAConfig(layers="-2:", num_landmarks=5, sampling="random", seed=3, min_tokens=0)
     folder = save_tiny(fam, tmp_path / "a", None)
     model = load(fam, folder, "sdpa")
-    settings.apply(model)
+    fna_config.apply(model)
     assert model.config.vision_config._attn_implementation == "fna"
     assert model.config.text_config._attn_implementation == "sdpa"
     model.save_pretrained(tmp_path / "b")
     reloaded = CLIPModel.from_pretrained(tmp_path / "b", attn_implementation={"vision_config": "fna"})
-    assert FNAConfig.from_model_config(reloaded.config.vision_config) == settings
-    assert FNAConfig.from_pretrained(tmp_path / "b") == settings
+    assert FNAConfig.from_model_config(reloaded.config.vision_config) == fna_config
+    assert FNAConfig.from_pretrained(tmp_path / "b") == fna_config
     # AutoModel path with the plain string: the text tower runs causal attention, hence exact.
     auto = AutoModel.from_pretrained(tmp_path / "b", attn_implementation="fna")
-    assert FNAConfig.from_model_config(auto.config.vision_config) == settings
+    assert FNAConfig.from_model_config(auto.config.vision_config) == fna_config
 
 
 def test_landmarks_shared_across_layers_unless_resampling(tmp_path, monkeypatch):

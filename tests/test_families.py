@@ -230,7 +230,7 @@ def test_diagonal_blocks_finds_packed_images_and_rejects_other_masks():
     assert diagonal_blocks(heads) is None  # differs between heads
 
 
-def _pixtral_pair(settings: FNAConfig, second_image: int = 32):
+def _pixtral_pair(fna_config: FNAConfig, second_image: int = 32):
     torch.manual_seed(0)
     config = tf.PixtralVisionConfig(**VISION, image_size=48, patch_size=8, head_dim=8)
     exact = tf.PixtralVisionModel(config).eval()
@@ -240,7 +240,7 @@ def _pixtral_pair(settings: FNAConfig, second_image: int = 32):
                 parameter.mul_(6.0)
     fna = tf.PixtralVisionModel(copy.deepcopy(config)).eval()  # apply() writes to the config: one per model
     fna.load_state_dict(exact.state_dict())
-    settings.apply(fna)
+    fna_config.apply(fna)
     # Two images of 36 and (second_image / 8)^2 patches packed into one sequence (a block-diagonal mask).
     sizes = torch.tensor([[48, 48], [second_image, second_image]])
     inputs = {"pixel_values": _pixels(2, 3, 48, 48), "image_sizes": sizes}
@@ -249,8 +249,8 @@ def _pixtral_pair(settings: FNAConfig, second_image: int = 32):
 
 
 def test_packed_images_run_fna_per_block_and_equal_exact_at_m_equal_block_size():
-    settings = FNAConfig(layers="all", num_landmarks=36, min_tokens=0, pinv="exact")
-    exact, approx, model = _pixtral_pair(settings, second_image=48)
+    fna_config = FNAConfig(layers="all", num_landmarks=36, min_tokens=0, pinv="exact")
+    exact, approx, model = _pixtral_pair(fna_config, second_image=48)
     assert exact.shape[1] == 72
     torch.testing.assert_close(approx, exact, atol=1e-4, rtol=0)
     report = hf_fna.explain(model)

@@ -166,11 +166,11 @@ def test_bundled_model_cards_match_their_settings(folder):
     # Each bundled card is what `model_card` writes for its fna_config.json (and measured.json, when the figures were
     # measured): a setting edited in one file and not the other fails here.
     path = MODEL_CARDS / folder
-    settings = FNAConfig.from_pretrained(path)
+    fna_config = FNAConfig.from_pretrained(path)
     card = (path / "README.md").read_text(encoding="utf-8")
     measured_path = path / "measured.json"
     measured = json.loads(measured_path.read_text(encoding="utf-8")) if measured_path.exists() else None
-    assert card == model_card(settings, _metadata(card)["base_model"], measured)
+    assert card == model_card(fna_config, _metadata(card)["base_model"], measured)
     assert ("Recommended settings, not measured" in card) == (measured is None)
 
 
