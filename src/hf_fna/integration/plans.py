@@ -40,21 +40,13 @@ from .towers import (
 
 ATTENTION_NAME = "fna"
 
-
 # Through Transformers' logger hierarchy, so that `transformers.logging.set_verbosity_*` governs these warnings too.
 logger = hf_logging.get_logger("transformers.hf_fna")
 
-
 # Why a layer configured for FNA ran exact attention; each is warned once per tower (model) and reason.
 REASON_SHORT = "short sequence"
-
-
 REASON_MASK = "per-query mask"
-
-
 REASON_PADDING = "too few unpadded tokens"
-
-
 FALLBACK_HINTS = {
     REASON_SHORT: "FNA only pays off on long sequences; lower FNAConfig.min_tokens (or num_landmarks) or raise the "
     "input resolution to run it (the break-even was measured on CPU only; on CUDA it is unmeasured).",
@@ -182,14 +174,12 @@ class _ModulePlans:
 
 
 _PLANS = _ModulePlans()
+_PLAN_LOCK = threading.Lock()
 
 
 def layer_plan(module: nn.Module) -> LayerPlan | None:
     """The plan of an attention module (its tower, layer index and last run), None when it has none."""
     return _PLANS.get(module)
-
-
-_PLAN_LOCK = threading.Lock()
 
 
 def plan_tower(tower_config: Any, name: str = "model") -> TowerPlan:
