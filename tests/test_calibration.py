@@ -10,7 +10,8 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 import hf_fna
 from hf_fna.cli import main
-from hf_fna.tools.calibration import _cheapest_schedule, _schedule_of
+from hf_fna.config import schedule_from_landmarks
+from hf_fna.tools.calibration import cheapest_schedule
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +36,15 @@ def test_knapsack_picks_the_cheapest_schedule_within_the_loss_budget():
         3: {64: 0.999, 128: 1.0},
     }
     args = (4097, 384, 6, 4.0)
-    assert _cheapest_schedule(sensitivity, (64, 128), 0.02, *args) == [None, 64, 64, 64]
+    assert cheapest_schedule(sensitivity, (64, 128), 0.02, *args) == [None, 64, 64, 64]
     # A tighter budget: the lossless m=128 in layers 1-2 still beats exact attention on cost.
-    assert _cheapest_schedule(sensitivity, (64, 128), 0.005, *args) == [None, 128, 128, 64]
-    assert _cheapest_schedule(sensitivity, (64, 128), 0.2, *args) == [64, 64, 64, 64]
-    assert _cheapest_schedule(sensitivity, (64, 128), 0.0001, *args) == [None, 128, 128, 128]
+    assert cheapest_schedule(sensitivity, (64, 128), 0.005, *args) == [None, 128, 128, 64]
+    assert cheapest_schedule(sensitivity, (64, 128), 0.2, *args) == [64, 64, 64, 64]
+    assert cheapest_schedule(sensitivity, (64, 128), 0.0001, *args) == [None, 128, 128, 128]
     lossy = {layer: {64: 0.9} for layer in range(3)}
-    assert _cheapest_schedule(lossy, (64,), 0.05, *args) == [None] * 3
-    assert _schedule_of([None, 64, 64, 128, 64]) == "1:3@64;3:4@128;4:5@64"
-    assert _schedule_of([None, None]) == "none"
+    assert cheapest_schedule(lossy, (64,), 0.05, *args) == [None] * 3
+    assert schedule_from_landmarks([None, 64, 64, 128, 64]) == "1:3@64;3:4@128;4:5@64"
+    assert schedule_from_landmarks([None, None]) == "none"
 
 
 def test_calibrate_reaches_a_loose_target_with_every_layer_and_reports_held_out_fidelity(tiny_dinov2):

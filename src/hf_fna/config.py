@@ -242,6 +242,20 @@ def schedule_string(groups: list[LayerGroup]) -> str:
     return ";".join(parts) or "none"
 
 
+def schedule_from_landmarks(per_layer: list[int | None]) -> str:
+    """The schedule string of per-layer landmark counts (None: exact attention), the inverse of
+    `ResolvedFNAConfig.landmarks_per_layer`: consecutive layers with the same count form one selection group."""
+    groups: list[LayerGroup] = []
+    for layer, m in enumerate(per_layer):
+        if m is None:
+            continue
+        if groups and groups[-1].num_landmarks == m and groups[-1].layers[-1] == layer - 1:
+            groups[-1] = LayerGroup((*groups[-1].layers, layer), m)
+        else:
+            groups.append(LayerGroup((layer,), m))
+    return schedule_string(groups)
+
+
 @dataclass
 class MaskingConfig:
     """The masking strategy for massive / artifact tokens (attention sinks).

@@ -6,7 +6,7 @@
                                          fna_overrides={"layers": "6:", "num_landmarks": 64, "min_tokens": 0}))
     result.metrics["fna"]["accuracy"], result.agreement, result.throughput["speedup"]
 
-Tasks (one module each): classification, probe (linear_probe), zero-shot, retrieval, segmentation, vqa.
+Tasks, one module each in `tasks/`: classification, probe (`linear_probe`), zero-shot, retrieval, segmentation, vqa.
 """
 
 from .report import EvalResult

@@ -34,12 +34,12 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from ..config import FNAConfig, LayerGroup, schedule_string
+from ..config import FNAConfig, schedule_from_landmarks
 from ..integration.towers import mlp_ratio_of, special_tokens, tower_config
 from ..ops.cost import schedule_flop_bound
 from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, timed_forward
 
-__all__ = ["METRICS", "CalibrationReport", "calibrate"]
+__all__ = ["METRICS", "CalibrationReport", "calibrate", "cheapest_schedule"]
 
 METRICS = ("patch_cosine", "token_cosine", "cls_cosine")
 # Loss budgets tried around the target, as multiples of (1 - target): the additive loss model is approximate, so a
@@ -274,7 +274,7 @@ def calibrate(
     measured: dict[str, dict[str, Any]] = {}
 
     def measure(per_layer: list[int | None], found_by: str) -> dict[str, Any]:
-        name = _schedule_of(per_layer)
+        name = schedule_from_landmarks(per_layer)
         if name not in measured:
             fna_config = FNAConfig(layers=name, min_tokens=0)
             scores = fidelity(run(fna_config, pixels), reference)
@@ -298,9 +298,9 @@ def calibrate(
     # (a) The knapsack's cheapest schedules for loss budgets around the target.
     budgets: dict[str, list[int | None]] = {}
     for scale in BUDGET_SCALES:
-        per_layer = _cheapest_schedule(sensitivity, tried, slack * scale, tokens, width, heads, mlp_ratio)
+        per_layer = cheapest_schedule(sensitivity, tried, slack * scale, tokens, width, heads, mlp_ratio)
         if any(m is not None for m in per_layer):  # exact attention needs no measuring
-            budgets.setdefault(_schedule_of(per_layer), per_layer)
+            budgets.setdefault(schedule_from_landmarks(per_layer), per_layer)
     for _, per_layer in sorted(budgets.items(), key=lambda item: -speedup(item[1]))[:max_schedules]:
         measure(per_layer, "sensitivity")
 
@@ -391,7 +391,7 @@ def calibrate(
     )
 
 
-def _cheapest_schedule(
+def cheapest_schedule(
     sensitivity: dict[int, dict[int, float]],
     candidates: Sequence[int],
     budget: float,
@@ -440,19 +440,6 @@ def _cheapest_schedule(
         per_layer[layers[position]] = m
         end = previous
     return per_layer
-
-
-def _schedule_of(per_layer: list[int | None]) -> str:
-    """Consecutive layers with the same landmark count form one selection group."""
-    groups: list[LayerGroup] = []
-    for layer, m in enumerate(per_layer):
-        if m is None:
-            continue
-        if groups and groups[-1].num_landmarks == m and groups[-1].layers[-1] == layer - 1:
-            groups[-1] = LayerGroup((*groups[-1].layers, layer), m)
-        else:
-            groups.append(LayerGroup((layer,), m))
-    return schedule_string(groups)
 
 
 def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) -> str:
