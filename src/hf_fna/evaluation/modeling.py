@@ -14,7 +14,14 @@ import torch
 from ..config import FNAConfig, check_local_path
 from ..errors import InputError, first_line
 from ..integration.plans import ATTENTION_NAME
-from ..integration.towers import interpolation_kwargs, special_tokens, tower_config, tower_config_name, vision_tower
+from ..integration.towers import (
+    interpolation_kwargs,
+    patch_size,
+    special_tokens,
+    tower_config,
+    tower_config_name,
+    vision_tower,
+)
 
 EXACT, FNA = "exact", "fna"
 VARIANTS = (EXACT, FNA)
@@ -55,7 +62,7 @@ def check_model_kind(config: Any, kind: str, task: str) -> None:
     elif kind in ("dual_encoder", "generator") and not has_towers:
         needs = "an image and a text tower (CLIP, SigLIP)" if kind == "dual_encoder" else "a LLaVA-style model"
         raise InputError(f"task {task!r} needs {needs}; {model_type!r} is a vision-only model")
-    elif kind == "backbone" and getattr(tower_config(config), "patch_size", None) is None:
+    elif kind == "backbone" and patch_size(tower_config(config)) is None:
         raise InputError(
             f"task {task!r} needs a vision transformer (ViT, DINOv2, CLIP, SigLIP); {model_type!r} is not one"
         )
