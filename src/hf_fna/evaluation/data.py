@@ -107,6 +107,7 @@ def _builtin_datasets() -> dict[str, Callable[[], Any]]:
         "easy_vqa": assets.easy_vqa,
         "easy_vqa_captions": easy_vqa_captions,
         "photos": assets.photos,
+        "textiles": assets.textiles,
     }
 
 
@@ -117,6 +118,7 @@ BUILTIN_DATASETS = (
     "easy_vqa",
     "easy_vqa_captions",
     "photos",
+    "textiles",
 )
 
 

