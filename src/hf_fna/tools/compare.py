@@ -47,7 +47,16 @@ from ..integration.towers import (
 )
 from ..ops.cost import schedule_flop_bound
 from .arguments import add_fna_arguments, fna_overrides
-from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, quiet_loading, timed_forward
+from .measure import (
+    device_from_option,
+    image_normalisation,
+    machine_info,
+    machine_line,
+    photo_tensor,
+    progress_bar,
+    quiet_loading,
+    timed_forward,
+)
 from .outputs import check_output_file, write_atomically, write_json_atomically
 from .probe import probe_accuracy
 
@@ -170,21 +179,9 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
     patch = patch_size(config)
     if patch is None:
         raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
-    mean, std = _normalisation(model_id)
+    mean, std = image_normalisation(model_id)
     kwargs = interpolation_kwargs(encoders[0])
     return LoadedPair(encoders[0], encoders[1], config, fna_config, patch, mean, std, kwargs)
-
-
-def _normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of the model's image processor, ImageNet's when it has none."""
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(model_id)
-        mean, std = processor.image_mean, processor.image_std
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    except Exception:
-        return IMAGENET_MEAN, IMAGENET_STD
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
@@ -283,8 +280,6 @@ def measure_resolution(
     progress: bool,
 ) -> dict[str, Any]:
     """Run both models on every input at `size` px; return the row of the table."""
-    from tqdm.auto import tqdm
-
     mean, std = torch.tensor(pair.mean).view(3, 1, 1), torch.tensor(pair.std).view(3, 1, 1)
     items = (
         [("photo", image) for image in inputs.photos]
@@ -300,7 +295,7 @@ def measure_resolution(
         warm = torch.stack([photo_tensor(image, size, mean, std) for _, image in batches[0]]).to(device, dtype)
         for model in (pair.exact, pair.fna):
             model(pixel_values=warm, **pair.forward_kwargs)
-        bar = tqdm(batches, desc=f"{size} px", unit="batch", disable=not progress, leave=False)
+        bar = progress_bar(batches, show=progress, desc=f"{size} px", unit="batch", leave=False)
         for batch in bar:
             pixels = torch.stack([photo_tensor(image, size, mean, std) for _, image in batch]).to(device, dtype)
             outputs = {}
@@ -419,18 +414,6 @@ def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 # --- the command ------------------------------------------------------------------------------------------------
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise InputError(f"--device {name!r} is not a torch device") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name!r}: CUDA is not available on this machine")
-    return device
-
-
 def _check_counts(args: argparse.Namespace) -> None:
     for option in ("batch_size", "threads", "photos", "probe_train", "probe_test", "num_landmarks", "min_tokens"):
         value = getattr(args, option)
@@ -494,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device, dtype = _device(args.device), DTYPES[args.dtype]
+    device, dtype = device_from_option(args.device), DTYPES[args.dtype]
     model_id = args.model
     if model_id is None:
         from ..assets import dinov2_small
