@@ -255,7 +255,7 @@ def load_inputs(
                 index = _stratified(labels, count)
                 subsets.append(([data[split][int(i)]["image"] for i in index], labels[index]))
             (train, train_labels), (test, test_labels) = subsets
-    except (AssetError, ImportError) as error:
+    except AssetError as error:  # a missing package (ImportError) is reported by `hf-fna` with its extra
         raise InputError(str(error).splitlines()[0]) from error
     return Inputs(photos, train, test, train_labels, test_labels)
 
@@ -484,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             model_id = dinov2_small()
-        except (AssetError, ImportError) as error:
+        except AssetError as error:
             raise InputError(str(error).splitlines()[0]) from error
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)
