@@ -121,18 +121,36 @@ class CalibrationReport:
         return "\n".join(lines)
 
     def plot(self, path: str | IO[bytes]) -> None:
-        """Write a PNG (to a path or a binary file): fidelity against predicted speed-up for every measured
-        schedule, the chosen one marked."""
-        import matplotlib
+        """Write a PNG (to a path or a binary file) of `figure()`."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        try:
+            fig.savefig(path, dpi=120, format="png")
+        finally:
+            plt.close(fig)
+
+    def figure(self) -> Any:
+        """Fidelity against predicted speed-up for every measured schedule: each point numbered (labels placed so
+        that none overlaps another), the schedules listed by number beside the plot, the chosen one marked, a
+        dashed line at the target and a dotted one at exact attention (1.0x)."""
+        try:
+            import matplotlib
+        except ImportError as error:
+            raise ImportError(
+                "CalibrationReport.plot needs matplotlib: pip install 'hf-fna[plots]'", name="matplotlib"
+            ) from error
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        rows = self.frontier
-        ax.scatter([r["predicted_speedup"] for r in rows], [r["fidelity"] for r in rows], label="measured")
+        rows = sorted(self.frontier, key=lambda r: (-r["predicted_speedup"], -r["fidelity"]))
+        fig = plt.figure(figsize=(10, 5))
+        ax = fig.add_axes((0.08, 0.11, 0.52, 0.8))
+        xs, ys = [r["predicted_speedup"] for r in rows], [r["fidelity"] for r in rows]
+        ax.scatter(xs, ys, label="measured", zorder=3)
         ax.scatter(
-            [r["predicted_speedup"] for r in rows],
+            xs,
             [r["predicted_fidelity"] for r in rows],
             facecolors="none",
             edgecolors="gray",
@@ -143,18 +161,63 @@ class CalibrationReport:
         if self.heldout:
             heldout = self.heldout["fidelity"]
             ax.scatter([chosen["predicted_speedup"]], [heldout], marker="x", color="red", label="chosen, held out")
-        for r in rows:
-            ax.annotate(r["schedule"], (r["predicted_speedup"], r["fidelity"]), fontsize=6)
-        ax.axhline(self.target, color="red", lw=0.8, ls="--")
+        ax.axhline(self.target, color="red", lw=0.8, ls="--", label=f"target {self.target:g}")
+        ax.axvline(1.0, color="black", lw=0.8, ls=":", label="exact attention (1.0x)")
         ax.set(
             xlabel="speed-up bound (FLOP model)",
             ylabel=f"{self.metric} to exact attention",
             title=f"FNA calibration frontier: {self.tokens} tokens, {self.calibration_images} images",
         )
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120, format="png")
-        plt.close(fig)
+        low, high = ax.get_xlim()
+        ax.set_xlim(min(low, 0.95), max(high, 1.05))
+        ax.set_ylim(*ax.get_ylim())  # fixed before the labels are placed in display coordinates
+        ax.legend(fontsize=7, loc="lower left")
+        _place_labels(ax, list(zip(xs, ys, strict=True)), [str(i) for i in range(1, len(rows) + 1)])
+        listing = [
+            f"{i:>2}  {r['schedule']}" + ("  (chosen)" if r.get("chosen") else "") for i, r in enumerate(rows, 1)
+        ]
+        size = 7 if len(listing) <= 30 else max(4, 7 * 30 / len(listing))
+        fig.text(0.62, 0.91, "schedules (point number, FNAConfig.layers)", fontsize=8, va="top", weight="bold")
+        fig.text(0.62, 0.87, "\n".join(listing), fontsize=size, va="top", family="monospace")
+        return fig
+
+
+# Where a point's label may go, in points from the point: beside it first, then on rings further out (with a leader
+# line back to the point).
+_NEAR_OFFSETS = ((3, 3), (3, -9), (-9, 3), (-9, -9))
+_RING_OFFSETS = tuple(
+    (radius * dx, radius * dy)
+    for radius in (12, 18, 24, 30, 36)
+    for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))
+)
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float]], labels: list[str]) -> list[Any]:
+    """Annotate each point with its label at the first offset where the label overlaps neither a label placed before
+    nor another point (the last offset is taken when none is free); returns the annotations."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    half = 4.0 * ax.figure.dpi / 72  # a marker's half width, in pixels
+    centres = [ax.transData.transform(point) for point in points]
+    markers = [Bbox.from_extents(x - half, y - half, x + half, y + half) for x, y in centres]
+    placed: list[Any] = []
+    annotations = []
+    for index, (point, label) in enumerate(zip(points, labels, strict=True)):
+        obstacles = placed + [box for j, box in enumerate(markers) if j != index]
+        for offset in (*_NEAR_OFFSETS, *_RING_OFFSETS):
+            leader = {"arrowstyle": "-", "lw": 0.4, "color": "gray"} if offset in _RING_OFFSETS else None
+            annotation = ax.annotate(
+                label, point, xytext=offset, textcoords="offset points", fontsize=7, arrowprops=leader
+            )
+            box = Text.get_window_extent(annotation, renderer)  # the text alone, without its leader line
+            if not any(box.overlaps(other) for other in obstacles) or offset == _RING_OFFSETS[-1]:
+                break
+            annotation.remove()
+        placed.append(box)
+        annotations.append(annotation)
+    return annotations
 
 
 def calibrate(
