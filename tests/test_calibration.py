@@ -237,3 +237,10 @@ def test_cli_calibrates_a_local_clip_with_its_processor_statistics_and_invents_n
     assert str(model_dir) in card and "its Hub id is unknown" in card
     assert main(["calibrate", "--model", str(model_dir), "--device", "tpu:9"]) == 2
     assert "--device 'tpu:9'" in capsys.readouterr().err
+
+    # The Python API defaults to the same statistics, found from the model's name_or_path.
+    seen.clear()
+    photos = [Image.open(image_dir / f"{i}.png") for i in range(4)]
+    model = AutoModel.from_pretrained(model_dir)
+    hf_fna.calibrate(model, photos, target=0.5, resolution=32, candidates=(8,), progress=False)
+    torch.testing.assert_close(seen[0][0, :, 5, 5], expected, atol=1e-5, rtol=0)

@@ -250,7 +250,8 @@ def calibrate(
             `CLIPModel`, SigLIP, LLaVA), whose tower is calibrated, as `FNAConfig.apply` targets it. It runs on
             the device it is on.
         images: `[B, 3, H, W]` pixel values, or PIL images (resized to `resolution`, shorter side then centre crop,
-            and normalised with `image_mean`/`image_std`, ImageNet's by default).
+            and normalised with `image_mean`/`image_std`; by default those of the image processor saved with the
+            model, `AutoImageProcessor` of `model.name_or_path`, and ImageNet's when it has none).
         target: the fidelity to reach, in `metric` units (mean over images).
         metric: "patch_cosine" (mean cosine of the non-special output tokens), "token_cosine" (all tokens) or
             "cls_cosine" (the first token).
@@ -266,8 +267,7 @@ def calibrate(
         seed: seed of the default held-out split.
         progress: show a progress bar (also hidden by `TQDM_DISABLE=1` and
             `transformers.utils.logging.disable_progress_bar()`).
-        image_mean, image_std: normalisation of PIL images (ImageNet's by default; pass the model's image processor's
-            `image_mean` / `image_std`, as `hf-fna calibrate` does).
+        image_mean, image_std: normalisation of PIL images (default: see `images`).
 
     Returns:
         A `CalibrationReport` (`report.config` is the chosen `FNAConfig`).
@@ -284,6 +284,11 @@ def calibrate(
         raise ValueError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
 
     began = time.perf_counter()
+    if image_mean is None or image_std is None:
+        source = getattr(model.config, "_name_or_path", "") or ""
+        found_mean, found_std = image_normalisation(source) if source else (IMAGENET_MEAN, IMAGENET_STD)
+        image_mean = found_mean if image_mean is None else image_mean
+        image_std = found_std if image_std is None else image_std
     pixels = _as_pixels(images, resolution, image_mean, image_std, "images")
     if heldout is None:
         if len(pixels) < 2:
