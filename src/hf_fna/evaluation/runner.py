@@ -21,7 +21,7 @@ import torch
 from ..config import FNAConfig
 from ..errors import InputError, OutputPathError, ReferenceModeError
 from ..integration.towers import patch_size, special_tokens, tower_config
-from ..tools.measure import quiet_loading, synchronize
+from ..tools.measure import progress_bar, quiet_loading, synchronize
 from ..tools.outputs import check_output_file
 from .modeling import (
     EXACT,
@@ -99,10 +99,8 @@ class Runner:
         return self.accelerator.prepare_data_loader(loader)
 
     def _progress(self, loader: Iterable, description: str) -> Iterable:
-        from tqdm.auto import tqdm
-
         show = self.settings.show_progress and self.accelerator.is_local_main_process
-        return tqdm(loader, desc=description, disable=not show)
+        return progress_bar(loader, show=show, desc=description)
 
     def _forward(self, variant: str, step: Callable, inputs: dict[str, torch.Tensor]) -> tuple[dict, float]:
         self.switch.use(variant)

@@ -116,20 +116,20 @@ def farthest_point_sampling(
             num_landmarks,
             seed_with_guaranteed,
         )
-    picks = torch.empty(num_landmarks, batch, dtype=torch.long, device=features.device)
+    # Functional ops, no `out=`: `torch.export` with a dynamic batch would otherwise specialise the batch size.
+    picks = []
     for i in range(num_landmarks):
-        pick = picks[i]
-        torch.argmax(distance, dim=-1, out=pick)
+        pick = torch.argmax(distance, dim=-1)
         if forced is not None:
-            torch.where(forced_count > i, forced[:, i], pick, out=pick)
-        torch.where(start_step == i, start_index, pick, out=pick)
+            pick = torch.where(forced_count > i, forced[:, i], pick)
+        pick = torch.where(start_step == i, start_index, pick)
         centre = centres.gather(1, pick.view(batch, 1, 1).expand(batch, 1, channels + 2))
         new_distance = torch.bmm(centre, points).view(batch, num_tokens)
         if forced is not None and not seed_with_guaranteed:
-            new_distance.masked_fill_((forced_count > i).unsqueeze(-1), _UNSEEN)
-        torch.minimum(distance, new_distance, out=distance)
-        distance.scatter_(1, pick.view(batch, 1), _PICKED)
-    return picks.t().contiguous()
+            new_distance = new_distance.masked_fill((forced_count > i).unsqueeze(-1), _UNSEEN)
+        distance = torch.minimum(distance, new_distance).scatter(1, pick.view(batch, 1), _PICKED)
+        picks.append(pick)
+    return torch.stack(picks, dim=1)
 
 
 def _start_index(norms: torch.Tensor, eligible: torch.Tensor | None, start: str) -> torch.Tensor:

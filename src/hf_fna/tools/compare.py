@@ -47,7 +47,16 @@ from ..integration.towers import (
 )
 from ..ops.cost import schedule_flop_bound
 from .arguments import add_fna_arguments, fna_overrides
-from .measure import IMAGENET_MEAN, IMAGENET_STD, machine_info, machine_line, photo_tensor, quiet_loading, timed_forward
+from .measure import (
+    device_from_option,
+    image_normalisation,
+    machine_info,
+    machine_line,
+    photo_tensor,
+    progress_bar,
+    quiet_loading,
+    timed_forward,
+)
 from .outputs import check_output_file, write_atomically, write_json_atomically
 from .probe import probe_accuracy
 
@@ -170,21 +179,9 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
     patch = patch_size(config)
     if patch is None:
         raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
-    mean, std = _normalisation(model_id)
+    mean, std = image_normalisation(model_id)
     kwargs = interpolation_kwargs(encoders[0])
     return LoadedPair(encoders[0], encoders[1], config, fna_config, patch, mean, std, kwargs)
-
-
-def _normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of the model's image processor, ImageNet's when it has none."""
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(model_id)
-        mean, std = processor.image_mean, processor.image_std
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    except Exception:
-        return IMAGENET_MEAN, IMAGENET_STD
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
@@ -258,7 +255,7 @@ def load_inputs(
                 index = _stratified(labels, count)
                 subsets.append(([data[split][int(i)]["image"] for i in index], labels[index]))
             (train, train_labels), (test, test_labels) = subsets
-    except (AssetError, ImportError) as error:
+    except AssetError as error:  # a missing package (ImportError) is reported by `hf-fna` with its extra
         raise InputError(str(error).splitlines()[0]) from error
     return Inputs(photos, train, test, train_labels, test_labels)
 
@@ -283,8 +280,6 @@ def measure_resolution(
     progress: bool,
 ) -> dict[str, Any]:
     """Run both models on every input at `size` px; return the row of the table."""
-    from tqdm.auto import tqdm
-
     mean, std = torch.tensor(pair.mean).view(3, 1, 1), torch.tensor(pair.std).view(3, 1, 1)
     items = (
         [("photo", image) for image in inputs.photos]
@@ -300,7 +295,7 @@ def measure_resolution(
         warm = torch.stack([photo_tensor(image, size, mean, std) for _, image in batches[0]]).to(device, dtype)
         for model in (pair.exact, pair.fna):
             model(pixel_values=warm, **pair.forward_kwargs)
-        bar = tqdm(batches, desc=f"{size} px", unit="batch", disable=not progress, leave=False)
+        bar = progress_bar(batches, show=progress, desc=f"{size} px", unit="batch", leave=False)
         for batch in bar:
             pixels = torch.stack([photo_tensor(image, size, mean, std) for _, image in batch]).to(device, dtype)
             outputs = {}
@@ -390,6 +385,18 @@ def markdown_table(rows: list[dict[str, Any]], num_layers: int) -> str:
 
 def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     """Speed-up (with its FLOP bound) and fidelity against resolution, as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(rows, title)
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def plot_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """The figure of `write_plot`: speed-up panel (measured where FNA ran, the FLOP bound, resolutions that fell back
+    to exact attention marked on the 1.0x line) and fidelity panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,10 +404,28 @@ def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
     sizes = [r["resolution"] for r in rows]
     fig, (speed, fidelity) = plt.subplots(1, 2, figsize=(10, 4))
-    speed.plot(sizes, [r["speedup"] for r in rows], "o-", label="measured")
+    # A resolution where no layer ran FNA (it fell back to exact attention) has no FNA speed-up to show: its ratio
+    # times exact attention against itself. It is marked on the exact line instead.
+    ran = [r for r in rows if r["fna_layers"]]
+    fell_back = [r for r in rows if not r["fna_layers"]]
+    if ran:
+        speed.plot([r["resolution"] for r in ran], [r["speedup"] for r in ran], "o-", label="measured (FNA ran)")
     speed.plot(sizes, [r["flop_bound"] for r in rows], "s--", label="FLOP bound")
-    speed.axhline(1.0, color="gray", lw=0.8)
+    if fell_back:
+        speed.plot(
+            [r["resolution"] for r in fell_back],
+            [1.0] * len(fell_back),
+            "x",
+            color="black",
+            markersize=9,
+            label="fell back to exact attention (no FNA layer)",
+        )
+        for r in fell_back:
+            speed.annotate("exact (fallback)", (r["resolution"], 1.0), xytext=(6, -12), textcoords="offset points",
+                           fontsize=8)  # fmt: skip
+    speed.axhline(1.0, color="gray", lw=0.8, label="exact attention (1.0x)")
     speed.set(xlabel="resolution (px)", ylabel="speed-up fna / exact", title="throughput")
+    speed.margins(y=0.12)
     speed.legend()
     for key, label in (("cls_cosine", "CLS cosine"), ("patch_cosine", "mean patch cosine")):
         values = [r[key] for r in rows]
@@ -410,25 +435,10 @@ def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     fidelity.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 # --- the command ------------------------------------------------------------------------------------------------
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise InputError(f"--device {name!r} is not a torch device") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name!r}: CUDA is not available on this machine")
-    return device
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -494,14 +504,14 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device, dtype = _device(args.device), DTYPES[args.dtype]
+    device, dtype = device_from_option(args.device), DTYPES[args.dtype]
     model_id = args.model
     if model_id is None:
         from ..assets import dinov2_small
 
         try:
             model_id = dinov2_small()
-        except (AssetError, ImportError) as error:
+        except AssetError as error:
             raise InputError(str(error).splitlines()[0]) from error
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)

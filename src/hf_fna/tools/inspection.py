@@ -11,9 +11,10 @@ One image goes through the model twice:
 2. with `FNAConfig(layers=..., num_landmarks=..., min_tokens=0)` applied, reading the landmark tokens chosen at the
    first FNA layer (`hf_fna.last_landmarks`).
 
-Figures (matplotlib, Agg): `<image>_<res>_norms.png`, the patch-token norm map of every layer on one log colour
-scale, flagged tokens marked; `<image>_<res>_landmarks.png`, the landmarks in pick order on the model's input
-image and on the norm map of the tokens entering the first FNA layer. Special tokens (CLS, registers) are always
+Figures (matplotlib, Agg): `<image>_<res>_norms.png`, the patch-token norm map of every layer, each on its own log
+colour scale (a massive token stands out within its layer whatever the layer's overall norm), flagged tokens
+marked; `<image>_<res>_landmarks.png`, the landmarks in pick order on the model's input image and on the norm map
+of the tokens entering the first FNA layer. Special tokens (CLS, registers) are always
 landmarks; they are listed, not drawn.
 """
 
@@ -499,21 +500,31 @@ def _pyplot() -> Any:
 
 
 def plot_norm_maps(result: Inspection, norm_maps: list[Any], path: Path) -> str:
-    """One panel per layer: patch-token norms on the patch grid, one log colour scale; flagged tokens marked."""
+    """Write `norm_maps_figure` as a PNG; returns the path."""
+    return _save(norm_maps_figure(result, norm_maps), path, dpi=100)
+
+
+def norm_maps_figure(result: Inspection, norm_maps: list[Any]) -> Any:
+    """One panel per layer: patch-token norms on the patch grid, each layer on its own log colour scale (from its
+    smallest to its largest patch norm, both in the panel's title), so that the structure within a layer shows
+    whatever the layer's overall norm; flagged tokens marked."""
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm, Normalize
 
     plt = _pyplot()
     count = len(norm_maps)
     cols = min(count, math.ceil(math.sqrt(count * 4 / 3)))
     rows = math.ceil(count / cols)
-    vmin = max(float(min(m.min() for m in norm_maps)), 1e-6)
-    vmax = max(float(max(m.max() for m in norm_maps)), vmin * 1.01)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 2.3 * rows + 0.6), squeeze=False)
-    image = None
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 2.5 * rows + 0.8), squeeze=False)
     for ax, report, norms in zip(axes.flat, result.layers, norm_maps, strict=False):
-        image = ax.imshow(norms, norm=LogNorm(vmin=vmin, vmax=vmax), cmap="viridis", interpolation="nearest")
-        ax.set_title(f"layer {report.layer}  max/med {report.norms['max_over_median']:.1f}", fontsize=8)
+        low = max(float(norms.min()), 1e-6)
+        high = max(float(norms.max()), low * 1.01)
+        ax.imshow(norms, norm=LogNorm(vmin=low, vmax=high), cmap="viridis", interpolation="nearest")
+        ax.set_title(
+            f"layer {report.layer}: {low:.3g} to {high:.3g}\nmax/median {report.norms['max_over_median']:.1f}",
+            fontsize=7,
+        )
         if report.massive:
             r, c = np.asarray(report.massive).T
             ax.scatter(c, r, marker="s", s=40, facecolors="none", edgecolors="red", linewidths=1.2)
@@ -525,12 +536,16 @@ def plot_norm_maps(result: Inspection, norm_maps: list[Any], path: Path) -> str:
     for ax in axes.flat[count:]:
         ax.axis("off")
     fig.suptitle(
-        f"{Path(result.model).name} | {result.image} {result.input_size[0]}x{result.input_size[1]} | patch-token norm"
-        " per layer (red square: norm_gap, white x: attention sink)",
+        f"{Path(result.model).name} | {result.image} {result.input_size[0]}x{result.input_size[1]} | patch-token L2 "
+        "norm per layer, each layer on its own log colour scale (its range in the panel title)\n"
+        "red square: massive token (norm_gap), white x: attention sink",
         fontsize=9,
     )
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="L2 norm (log scale)")
-    return _save(fig, path, dpi=100)
+    scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="viridis")
+    bar = fig.colorbar(scale, ax=axes.ravel().tolist(), shrink=0.8, ticks=[0.0, 1.0])
+    bar.ax.set_yticklabels(["layer's min", "layer's max"], fontsize=7)
+    bar.set_label("L2 norm, log scale per layer", fontsize=8)
+    return fig
 
 
 def plot_landmarks(result: Inspection, picture: Any, norm_map: Any, path: Path) -> str:

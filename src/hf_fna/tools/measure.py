@@ -55,6 +55,53 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+def device_from_option(name: str | None, option: str = "--device") -> torch.device:
+    """The torch device a command-line option names; CUDA when available, else the CPU, without one.
+
+    Raises:
+        InputError: not a torch device, or CUDA asked for on a machine without it.
+    """
+    from ..errors import InputError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"{option} {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{option} {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def image_normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the image processor saved with a model (`AutoImageProcessor`), ImageNet's when it has none."""
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_id)
+        mean, std = processor.image_mean, processor.image_std
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except Exception:  # no processor, or one without normalisation statistics
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+def progress_shown(requested: bool = True) -> bool:
+    """Whether a progress bar is drawn: asked for, and switched off neither by `TQDM_DISABLE` (tqdm's own switch) nor
+    by `transformers.utils.logging.disable_progress_bar()`."""
+    from transformers.utils import logging as hf_logging
+
+    disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(requested) and not disabled and hf_logging.is_progress_bar_enabled()
+
+
+def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> Any:
+    """A `tqdm` progress bar, drawn only where `progress_shown(show)`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not progress_shown(show), **kwargs)
+
+
 def photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Resize the shorter side to `size` (bicubic), centre-crop `size` x `size`, normalise."""
     from PIL import Image
@@ -88,16 +135,20 @@ def timed_forward(model: nn.Module, pixels: torch.Tensor, kwargs: dict[str, Any]
 def quiet_loading(reports: bool = True, progress_bars: bool = True) -> Iterator[None]:
     """Silence Transformers' loading reports (`reports`) and the progress bars of Transformers and datasets
     (`progress_bars`) while models and data load; the previous settings come back afterwards."""
-    import datasets
     from transformers.utils import logging as hf_logging
 
+    try:
+        import datasets
+    except ImportError:  # an optional dependency (the eval extra): nothing of it to silence
+        datasets = None
     verbosity = hf_logging.get_verbosity()
-    shown = hf_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+    shown = hf_logging.is_progress_bar_enabled(), datasets is not None and not datasets.are_progress_bars_disabled()
     if reports:
         hf_logging.set_verbosity_error()
     if progress_bars:
         hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+        if datasets is not None:
+            datasets.disable_progress_bars()
     try:
         yield
     finally:
