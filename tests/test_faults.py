@@ -242,16 +242,18 @@ def test_many_newton_iterations_converge_to_the_exact_pseudo_inverse():
     assert distance(40) < 1e-6
 
 
-def test_reference_mode_refuses_fewer_landmarks_than_tokens_and_training():
+def test_reference_mode_refuses_fewer_landmarks_than_tokens_training_and_backward():
+    # Issue 23, item 19: a forward pass with autograd on is allowed (a model's weights require gradients even in
+    # eval()); what is refused is training mode and a backward pass that reaches the exact pseudo-inverse.
     q, k, v = qkv()
     with pytest.raises(hf_fna.errors.ReferenceModeError, match="needs every unmasked token as a landmark"):
         hf_fna.fna_attention(q, k, v, num_landmarks=8, pinv="exact")
     q.requires_grad_(True)
-    with pytest.raises(hf_fna.errors.ReferenceModeError, match="cannot be trained through"):
-        hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
-    with torch.no_grad():
-        got = hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
+    got = hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=0)
+    with pytest.raises(hf_fna.errors.ReferenceModeError, match="pinv='exact' cannot be differentiated"):
+        got.sum().backward()
+    assert q.grad is None
 
     model = tiny_dinov2(layers="all", num_landmarks=8, min_tokens=0, pinv="exact")
     with pytest.raises(ValueError, match="needs every unmasked token as a landmark, got 8 landmarks for 17 tokens"):
@@ -261,7 +263,32 @@ def test_reference_mode_refuses_fewer_landmarks_than_tokens_and_training():
     with pytest.raises(ValueError, match="cannot be trained through"):
         model(pixel_values=pixels())
     model.eval()
-    assert hidden(model).isfinite().all()
+    assert torch.is_grad_enabled()
+    output = model(pixel_values=pixels()).last_hidden_state  # the plain `model.eval(); model(x)` of the issue
+    torch.testing.assert_close(output.detach(), hidden(tiny_dinov2()), atol=1e-5, rtol=0)
+    with pytest.raises(hf_fna.errors.ReferenceModeError, match="cannot be differentiated"):
+        output.sum().backward()
+
+
+def test_reference_mode_with_every_token_a_landmark_is_as_close_as_eager_to_sdpa():
+    # Issue 23, item 20: near-uniform attention (a random ViT, pixels in [0, 1)) makes the 226 x 226 kernel
+    # condition number about 2e15; the default cut of torch.linalg.pinv left the result 1e-4 off exact attention.
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=60, patch_size=4
+    )
+    torch.manual_seed(0)
+    sdpa = ViTModel(config, add_pooling_layer=False).eval()
+    eager, reference = copy.deepcopy(sdpa), copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    FNAConfig(layers="all", num_landmarks=226, min_tokens=0, pinv="exact").apply(reference)
+    x = torch.rand(2, 3, 60, 60, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = sdpa(pixel_values=x).last_hidden_state
+        eager_error = (eager(pixel_values=x).last_hidden_state - expected).abs().max()
+        reference_error = (reference(pixel_values=x).last_hidden_state - expected).abs().max()
+    assert eager_error < 2e-6 and reference_error < 2e-6, (eager_error, reference_error)
 
 
 def test_compare_refuses_the_reference_mode_with_fewer_landmarks_than_tokens(tmp_path, capsys):
@@ -392,3 +419,153 @@ def test_backend_with_a_mask_broadcast_over_the_batch():
                 if name.endswith("relative_position_bias_table"):
                     table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(1)))
     torch.testing.assert_close(hidden(model), hidden(exact), atol=1e-5, rtol=0)
+
+
+# --- issue 23, item 2: random sampling does not depend on the batch ----------------------------------------------
+
+
+def test_random_landmarks_of_a_sample_do_not_depend_on_its_batch_neighbours():
+    valid = torch.ones(4, 40, dtype=torch.bool)
+    valid[1, 30:] = False
+    batch = hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3)
+    for row in range(4):
+        alone = hf_fna.random_sampling(40, 8, 1, valid=valid[row : row + 1], seed=3)
+        assert torch.equal(batch[row], alone[0]), row
+    assert (batch[1] < 30).all()
+    assert torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3))  # still seeded
+    assert not torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=4))
+
+    model = tiny_dinov2(layers="all", num_landmarks=8, min_tokens=0, sampling="random")
+    x = pixels(batch=4)
+    with torch.no_grad():
+        together = model(pixel_values=x).last_hidden_state
+        for row in range(4):
+            alone = model(pixel_values=x[row : row + 1]).last_hidden_state
+            torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=0)
+
+
+# --- issue 23, item 3: a fully masked sample has finite gradients --------------------------------------------------
+
+
+@pytest.mark.parametrize("num_landmarks", [6, 12])
+@pytest.mark.parametrize("case", ["fully masked sample, bool", "fully masked sample, float -inf"])
+def test_fully_masked_sample_has_finite_gradients_and_leaves_its_neighbour_alone(case, num_landmarks):
+    q, k, v = qkv()
+    mask = _masks(2, 12)[case]
+    weights = torch.linspace(-1, 1, q.numel()).view_as(q)
+
+    def gradients(rows: slice):
+        states = [t[rows].clone().requires_grad_(True) for t in (q, k, v)]
+        out = hf_fna.fna_attention(*states, num_landmarks=num_landmarks, attention_mask=mask[rows])
+        (out * weights[rows]).sum().backward()
+        return out, [t.grad for t in states]
+
+    out, grads = gradients(slice(0, 2))
+    assert out[0].abs().max() == 0
+    for grad in grads:
+        assert grad.isfinite().all()
+        assert grad[0].abs().max() == 0  # the output of a dead sample does not depend on its inputs, as in SDPA
+    _, alone = gradients(slice(1, 2))
+    for grad, expected in zip(grads, alone, strict=True):
+        torch.testing.assert_close(grad[1:], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_newton_schulz_of_an_all_zero_kernel_is_zero():
+    kernel = torch.zeros(2, 5, 5, requires_grad=True)
+    pinv = hf_fna.newton_schulz_pinv(kernel)
+    assert torch.equal(pinv, torch.zeros(2, 5, 5))
+    pinv.sum().backward()
+    assert kernel.grad.isfinite().all()
+
+
+# --- issue 23, item 4: a finite float32 mask in half precision ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_landmarks", [6, 12])
+def test_finite_float32_mask_in_half_precision_attends_as_sdpa(dtype, num_landmarks):
+    q, k, v = (t.to(dtype) for t in qkv())
+    mask = torch.zeros(2, 1, 1, 12)
+    mask[0] = -1e9  # every key: SDPA attends uniformly (the mean of V), it does not return 0
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    mean = v[0].float().mean(dim=-2, keepdim=True).expand(3, 12, 8)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(expected[0].float(), mean, atol=tolerance, rtol=0)
+    got = hf_fna.fna_attention(q, k, v, num_landmarks=num_landmarks, attention_mask=mask)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got[0].float(), mean, atol=tolerance, rtol=0)
+
+
+# --- issue 23, item 5: float64 stays float64 in sink_keep_self ----------------------------------------------------
+
+
+@pytest.mark.parametrize("intervention", ["mask", "sink", "sink_keep_self"])
+def test_interventions_pass_gradcheck_in_float64(intervention):
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=generator, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    flagged = torch.zeros(1, 6, dtype=torch.bool)
+    flagged[0, [1, 4]] = True
+    landmarks = torch.tensor([[1, 4, 0, 2]])
+
+    def exact(q, k, v):
+        return hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention)[0]
+
+    def nystrom(q, k, v):
+        return hf_fna.nystrom_attention(q, k, v, landmarks, flagged=flagged, intervention=intervention)[0]
+
+    assert torch.autograd.gradcheck(exact, (q, k, v))
+    assert torch.autograd.gradcheck(nystrom, (q, k, v))
+    # The O(N) correction equals the quadratic reference in float64 precision, not float32's.
+    with torch.no_grad():
+        fast = exact(q, k, v)
+        slow = hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention, return_weights=True)[0]
+    assert fast.dtype == torch.float64 and (fast - slow).abs().max() < 1e-12
+
+
+# --- issue 23, item 17: the op validates its arguments -------------------------------------------------------------
+
+
+def _op_call(name: str, **changes):
+    q, k, v = qkv()
+    if name == "fna_attention":
+        return lambda: hf_fna.fna_attention(q, k, v, **{"num_landmarks": 6, **changes})
+    if name == "nystrom_attention":
+        return lambda: hf_fna.nystrom_attention(q, k, v, **{"landmarks": torch.arange(6).expand(2, 6), **changes})
+    features = q.mean(dim=1)
+    if name == "select_landmarks":
+        return lambda: hf_fna.select_landmarks(**{"features": features, "num_landmarks": 6, **changes})
+    return lambda: hf_fna.farthest_point_sampling(**{"features": features, "num_landmarks": 6, **changes})
+
+
+@pytest.mark.parametrize(
+    ("op", "changes", "error", "expected"),
+    [
+        ("fna_attention", {"num_landmarks": 2.5}, TypeError, r"num_landmarks=2\.5 is a float; expected an integer"),
+        ("fna_attention", {"num_landmarks": None}, TypeError, r"num_landmarks=None is a NoneType; expected an int"),
+        ("fna_attention", {"num_landmarks": 0}, ValueError, r"num_landmarks=0 is out of range; expected an integer >="),
+        ("fna_attention", {"seed": 2**64}, ValueError, r"seed=18446744073709551616 is out of range; expected an .*\["),
+        ("fna_attention", {"num_special_tokens": -2}, ValueError, r"num_special_tokens=-2 is out of range; expected"),
+        ("fna_attention", {"sampling": "grid"}, ValueError, r"sampling='grid' is not supported; accepted values: fps"),
+        ("fna_attention", {"landmarks": torch.tensor([[0, 1, 12]] * 2)}, ValueError, r"index 12; .* \[0, 11\]"),
+        ("fna_attention", {"landmarks": torch.tensor([[0, -1, 2]] * 2)}, ValueError, r"index -1; .* \[0, 11\]"),
+        ("fna_attention", {"landmarks": torch.zeros(2, 3)}, TypeError, r"landmarks is a torch\.float32 tensor; exp"),
+        ("fna_attention", {"landmarks": torch.arange(3)}, ValueError, r"landmarks has shape \(3,\); expected \[B, m\]"),
+        ("fna_attention", {"flagged": torch.zeros(2, 5, dtype=torch.bool)}, ValueError, r"flagged has shape \(2, 5\)"),
+        ("fna_attention", {"flagged": torch.zeros(2, 12)}, TypeError, r"flagged is a torch\.float32 tensor; expected"),
+        ("nystrom_attention", {"landmarks": torch.tensor([[0, 99]] * 2)}, ValueError, r"holds index 99; token ind"),
+        ("nystrom_attention", {"landmarks": [[0, 1]] * 2}, TypeError, r"landmarks is a list; expected an integer"),
+        ("nystrom_attention", {"landmarks": torch.arange(4).view(1, 4)}, ValueError, r"shape \(1, 4\); expected \[B"),
+        ("nystrom_attention", {"pinv": "svd"}, ValueError, r"pinv='svd' is not supported; accepted values: newton, e"),
+        ("nystrom_attention", {"dropout_p": 2.0}, ValueError, r"dropout_p=2\.0 is invalid; expected a number in \[0"),
+        ("select_landmarks", {"num_landmarks": 2.5}, TypeError, r"num_landmarks=2\.5 is a float; expected an integer"),
+        ("select_landmarks", {"seed": 2**64}, ValueError, r"seed=18446744073709551616 is out of range"),
+        ("select_landmarks", {"num_special_tokens": -2}, ValueError, r"num_special_tokens=-2 is out of range"),
+        ("select_landmarks", {"valid": torch.ones(2, 12)}, TypeError, r"valid is a torch\.float32 tensor; expected a"),
+        ("farthest_point_sampling", {"features": torch.randn(12, 4)}, ValueError, r"features has shape \(12, 4\); ex"),
+        ("farthest_point_sampling", {"features": torch.ones(1, 12, 4, dtype=torch.long)}, TypeError, r"features is a"),
+        ("farthest_point_sampling", {"guaranteed": torch.ones(2, 11, dtype=torch.bool)}, ValueError, r"guaranteed has"),
+    ],
+)
+def test_op_arguments_are_validated_with_the_value_and_what_is_accepted(op, changes, error, expected):
+    with pytest.raises(error, match=expected):
+        _op_call(op, **changes)()
