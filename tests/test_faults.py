@@ -1,4 +1,5 @@
-"""Faults, bad input and unusual but legitimate use of the library (issue 11, items 1, 2, 4, 5, 6 and 8).
+"""Faults, bad input and unusual but legitimate use of the library (issue 11, items 1, 2, 4, 5, 6 and 8; issue 23,
+items 1-6 and 17-20).
 
 Tiny random models (tests/tiny_families.py), CPU, a few seconds in all. The command-line side of the issue is in
 tests/test_faults_cli.py.
@@ -569,3 +570,86 @@ def _op_call(name: str, **changes):
 def test_op_arguments_are_validated_with_the_value_and_what_is_accepted(op, changes, error, expected):
     with pytest.raises(error, match=expected):
         _op_call(op, **changes)()
+
+
+# --- issue 23, item 6: a model called from a module that does not contain it ---------------------------------------
+
+
+class _Loss(torch.nn.Module):
+    """A loss module that takes the model as an argument (it does not contain it)."""
+
+    def forward(self, model, x):
+        return model(pixel_values=x).last_hidden_state
+
+
+class _Holder(torch.nn.Module):
+    """A wrapper that holds the model outside its registered submodules."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.__dict__["inner"] = model
+
+    def forward(self, x):
+        return self.inner(pixel_values=x).last_hidden_state
+
+
+@pytest.mark.parametrize("caller", ["loss module", "unregistered holder"])
+def test_model_loaded_with_fna_is_planned_when_called_from_a_module_that_does_not_contain_it(tmp_path, caller):
+    model = tiny_dinov2()
+    model.config.fna_config = FNAConfig(layers="all", num_landmarks=8, min_tokens=0).to_dict()
+    model.save_pretrained(tmp_path)
+    expected = hidden(Dinov2Model.from_pretrained(tmp_path, attn_implementation="fna").eval())
+    loaded = Dinov2Model.from_pretrained(tmp_path, attn_implementation="fna").eval()
+    with torch.no_grad():
+        got = _Loss()(loaded, pixels()) if caller == "loss module" else _Holder(loaded)(pixels())
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert hf_fna.last_landmarks(loaded).shape == (2, 8)  # FNA ran, planned on the model itself
+
+
+# --- issue 23, item 1: the layer parser is linear -------------------------------------------------------------------
+
+
+def test_layer_strings_are_parsed_in_linear_time_and_bounded():
+    # Each of these backtracked cubically (1600 spaces: 22 s); 100k characters must not hang.
+    for padding in (1600, 4000):
+        with pytest.raises(ValueError, match=r"group '1 +'\.\.\. \(\d+ characters\) is not 'LAYERS' or 'LAYERS@M'"):
+            FNAConfig(layers="1" + " " * padding + "x@5")
+        with pytest.raises(ValueError, match=r"is invalid; expected a list of layer indices, a slice string"):
+            FNAConfig(layers="1" + " " * padding + "x:")
+    with pytest.raises(ValueError, match=r"\(100004 characters\) is invalid: 100004 characters, more than the 4096"):
+        FNAConfig(layers="1" + " " * 100_000 + "x@5")
+    with pytest.raises(ValueError, match=r"more than the 4096 accepted"):
+        hf_fna.config.parse_layers(["1"] + [" "] * 5000)
+    # What the grammar accepts is unchanged.
+    accepted = {" 6 : ": [6, 7, 8, 9, 10, 11], "4, 5 @ 32": [4, 5], "-4:": [8, 9, 10, 11], ":": list(range(12))}
+    for text, layers in accepted.items():
+        assert FNAConfig(layers=text).resolve(12).fna_layers == layers, text
+    assert [g.num_landmarks for g in FNAConfig(layers="4:6 @256; 6:@64").resolve(12).groups] == [256, 64]
+    for text in ("6:@", "4:6@-1", "4@5@6", "--1:", "1::2", "4,,5@3", "@5", "4:6@2x", "+1:"):
+        with pytest.raises(ValueError, match="is invalid"):
+            FNAConfig(layers=text)
+
+
+# --- issue 23, item 18: model config files and empty slices ---------------------------------------------------------
+
+
+def test_from_pretrained_reads_the_fna_config_entry_of_a_model_config_file(tmp_path):
+    model = tiny_dinov2()
+    settings = FNAConfig(layers="2:", num_landmarks=12, min_tokens=0)
+    model.config.fna_config = settings.to_dict()
+    model.save_pretrained(tmp_path / "with")
+    assert FNAConfig.from_pretrained(tmp_path / "with" / "config.json") == settings
+    tiny_dinov2().save_pretrained(tmp_path / "without")
+    config_file = tmp_path / "without" / "config.json"
+    with pytest.raises(OSError, match=r"config\.json is a model config\.json that carries no `fna_config`") as info:
+        FNAConfig.from_pretrained(config_file)
+    assert str(config_file) in str(info.value) and "unknown" not in str(info.value)
+
+
+@pytest.mark.parametrize("layers", ["3:1", "4:", "-1:-3", "0:2@8;3:1@8"])
+def test_an_empty_slice_is_refused_at_resolve_time(layers):
+    with pytest.raises(ValueError, match=r"selects no layer of a tower with 4 layers \(an empty slice\)") as info:
+        FNAConfig(layers=layers).resolve(4)
+    assert repr(layers.split(";")[-1].split("@")[0]) in str(info.value)
+    with pytest.raises(ValueError, match="an empty slice"):
+        tiny_dinov2(layers=layers)  # apply refuses it before the model changes
