@@ -68,6 +68,41 @@ def photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -
     return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
 
 
+def resolution_problem(size: int, patch: int | None) -> str | None:
+    """What is wrong with a square input of `size` px for a model with patches of `patch` px, or None: smaller than
+    one patch, or not a multiple of the patch (the patch embedding would crop the border silently)."""
+    if not patch or size % patch == 0:
+        return None
+    low = size // patch * patch
+    nearest = ", ".join(str(v) for v in (low, low + patch) if v > 0)
+    kind = "is smaller than" if size < patch else "is not a multiple of"
+    return f"{kind} the patch size {patch}; nearest valid sizes: {nearest}"
+
+
+def torch_device(name: str | None) -> torch.device:
+    """The `--device` of a command (cuda when available, else cpu, by default), checked: a device that cannot hold
+    data (meta) or is not available raises `InputError` naming it."""
+    from ..errors import InputError, first_line
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"--device {name!r} is not a torch device") from error
+    if device.type == "meta":
+        raise InputError(f"--device {name!r} holds no data (shapes only), so nothing can be measured; use cpu or cuda")
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type != "cpu" and (available is None or not available()):
+        raise InputError(f"--device {name!r}: {device.type} is not available on this machine; use cpu")
+    try:  # an index past the device count, a backend built without kernels...
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise InputError(f"--device {name!r} cannot be used: {first_line(error)}") from error
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on an accelerator (CUDA, MPS, XPU...) so that a timer reads its end; no-op on CPU."""
     backend = getattr(torch, device.type, None)
