@@ -380,7 +380,8 @@ class FNAConfig:
             "6:" or "-4:", "all", "none" (exact attention everywhere, e.g. masking only), "auto" (the default
             schedule: FNA in the second half of the layers), or a schedule of groups separated by ";", each
             `LAYERS@M` with its own landmark count and its own selection at its first layer: "4:6@256;6:@64" runs
-            layers 4-5 with 256 landmarks, then selects 64 anew at layer 6 for layers 6 to the end.
+            layers 4-5 with 256 landmarks, then selects 64 anew at layer 6 for layers 6 to the end. At most
+            `MAX_LAYERS_LENGTH` (4096) characters; a slice that selects no layer ("3:1") is refused by `resolve`.
         num_landmarks: landmark tokens per image (m), for every group that names none. Cost is O(N m d) instead of
             O(N^2 d).
         sampling: "fps" (farthest point sampling, picks outlier tokens first), "random" (seeded; the ablation) or
