@@ -616,3 +616,26 @@ def test_mistyped_local_paths_fail_at_once_naming_the_local_path(capsys, monkeyp
     base = ["--repo-id", "user/settings", "--base-model", "facebook/dinov2-small", "--dry-run", "--out", "o"]
     message = _one_line_error(capsys, "push-config", *base, "--config", "my-setings")
     assert "cannot read --config my-setings" in message and str(tmp_path / "my-setings") in message
+
+
+def test_mistyped_dataset_fails_at_once_and_cached_repos_still_pass(capsys, monkeypatch, tiny_dinov2, tmp_path):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from hf_fna.locations import check_local_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--task", "probe", "--model", tiny_dinov2, "--dataset", "my-photos", "--no-progress"]
+    message = _one_line_error(capsys, "eval", *argv)
+    expected = f"could not load the dataset 'my-photos': 'my-photos' does not exist (no such file or folder: {tmp_path}"
+    assert expected in message and "HF_HUB_OFFLINE=1" in message
+    # Offline, a repo the caches hold is left to the libraries, which read their cached copy.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    (tmp_path / "hub" / "models--someone--tiny").mkdir(parents=True)
+    (tmp_path / "datasets" / "someone___some_set").mkdir(parents=True)
+    check_local_path("someone/tiny")
+    check_local_path("someone/SomeSet", kind="dataset")
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        check_local_path("someone/other")

@@ -80,8 +80,19 @@ def _only_local(path: str) -> bool:
 
 
 def _in_hub_cache(repo_id: str, kind: str) -> bool:
-    """Whether the Hub cache holds a folder of this repo (the Hub client can then work from it offline)."""
+    """Whether the Hub cache (or, for a dataset, the `datasets` cache) holds a folder of this repo: the libraries
+    can then work from it offline."""
     from huggingface_hub import constants
 
     folder = f"{kind}s--{repo_id.replace('/', '--')}"
-    return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, folder))
+    if os.path.isdir(os.path.join(constants.HF_HUB_CACHE, folder)):
+        return True
+    if kind != "dataset":
+        return False
+    try:
+        from datasets import config
+        from datasets.naming import camelcase_to_snakecase
+    except ImportError:
+        return False
+    *namespace, name = repo_id.split("/")  # datasets caches "user/SomeSet" as "user___some_set"
+    return os.path.isdir(os.path.join(config.HF_DATASETS_CACHE, "___".join([*namespace, camelcase_to_snakecase(name)])))
