@@ -483,18 +483,45 @@ def test_newton_schulz_of_an_all_zero_kernel_is_zero():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("num_landmarks", [6, 12])
-def test_finite_float32_mask_in_half_precision_attends_as_sdpa(dtype, num_landmarks):
+@pytest.mark.parametrize(("num_landmarks", "pinv"), [(6, "newton"), (12, "newton"), (12, "exact")])
+def test_finite_float32_mask_in_half_precision_attends_as_sdpa(monkeypatch, dtype, num_landmarks, pinv):
     q, k, v = (t.to(dtype) for t in qkv())
     mask = torch.zeros(2, 1, 1, 12)
     mask[0] = -1e9  # every key: SDPA attends uniformly (the mean of V), it does not return 0
+    mask[1, ..., 8:] = -1e9  # some keys: masked
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     mean = v[0].float().mean(dim=-2, keepdim=True).expand(3, 12, 8)
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-3
     torch.testing.assert_close(expected[0].float(), mean, atol=tolerance, rtol=0)
-    got = hf_fna.fna_attention(q, k, v, num_landmarks=num_landmarks, attention_mask=mask)
+    if dtype == torch.bfloat16 and pinv == "exact":
+        return  # bfloat16 holds -1e9, which the float64 reference mode adds exactly: see the test below
+    sdpa = F.scaled_dot_product_attention
+
+    def kernels_need_the_query_dtype(query, key, value, attn_mask=None, **kwargs):
+        # CUDA's memory-efficient kernel refuses a float32 bias with half-precision queries.
+        assert attn_mask is None or attn_mask.dtype in (torch.bool, query.dtype), (attn_mask.dtype, query.dtype)
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", kernels_need_the_query_dtype)
+    got = hf_fna.fna_attention(q, k, v, num_landmarks=num_landmarks, attention_mask=mask, pinv=pinv)
     assert got.dtype == dtype
     torch.testing.assert_close(got[0].float(), mean, atol=tolerance, rtol=0)
+    if pinv == "exact":
+        torch.testing.assert_close(got[1].float(), expected[1].float(), atol=tolerance, rtol=0)
+    exact, _ = hf_fna.exact_attention(q, k, v, key_bias=hf_fna.ops.nystrom.additive_mask(mask, dtype))
+    torch.testing.assert_close(exact.float(), expected.float(), atol=tolerance, rtol=0)
+
+
+def test_reference_mode_adds_a_finite_mask_exactly():
+    # Documented: in float64, -1e9 on every key is a constant shift of the logits (the exact softmax), where SDPA in
+    # float32 rounds the logits away (the mean of V); the float32 minimum swamps float64 too (the mean of V).
+    q, k, v = qkv()
+    for value, uniform in ((-1e9, False), (torch.finfo(torch.float32).min, True)):
+        mask = torch.zeros(2, 1, 1, 12)
+        mask[0] = value
+        got = hf_fna.fna_attention(q, k, v, num_landmarks=12, attention_mask=mask, pinv="exact")
+        expected = v[0].mean(dim=-2, keepdim=True) if uniform else F.scaled_dot_product_attention(q, k, v)[0]
+        torch.testing.assert_close(got[0], expected.expand_as(got[0]), atol=1e-5, rtol=0)
 
 
 # --- issue 23, item 5: float64 stays float64 in sink_keep_self ----------------------------------------------------

@@ -14,10 +14,13 @@ stays float64), because the landmark kernel is ill-conditioned.
 
 Masks follow `scaled_dot_product_attention`: a bool mask (True = attend) or an additive float mask (float32 or the
 query dtype), broadcastable to `[B, H, N, N]` (a 2-D mask is `[N, N]`), and a query whose keys are all masked (False
-or -inf) gets an output of 0. A float32 mask stays float32 with half-precision inputs, as SDPA reads it, so a finite
-value such as -1e9 on every key attends uniformly as in SDPA (the reference mode adds it in float64, where -1e9
-does not swamp the logits: such a row gets the exact softmax). A mask that is the same for every query (padding) is
-honoured in all three softmaxes.
+or -inf) gets an output of 0. A row whose every key carries the same finite minimum attends uniformly (the mean of
+V), as SDPA does when that minimum swamps the logits: finfo(float32).min, or -1e9 in float32 arithmetic. A float32
+mask given with half-precision inputs is cast to their dtype (the kernels of SDPA require it) with finite values
+clamped into its range, so -1e9 on every key becomes float16's minimum, not -inf (a dead row), and attends uniformly
+as SDPA does with the float32 mask. (The reference mode adds a finite mask in float64, where -1e9 on every key of a
+float32 or bfloat16 input is a constant shift of the logits: it returns the exact softmax, SDPA the mean of V.) A
+mask that is the same for every query (padding) is honoured in all three softmaxes.
 Interventions on flagged (massive / artifact) tokens, all O(N):
 - "mask": their logits become -inf (a key bias);
 - "sink": every query's weight on them is zeroed without renormalisation, i.e. their values are zeroed;
@@ -142,18 +145,21 @@ def additive_mask(
 ) -> torch.Tensor | None:
     """An attention mask as a 4-D additive float mask broadcastable to `shape` (`[B, H, Nq, Nk]`).
 
-    Accepts what `scaled_dot_product_attention` accepts: a bool mask (True = attend; False becomes -inf, in `dtype`)
-    or an additive float mask (kept in float32 when `dtype` is narrower); other dtypes (integer 0/1 masks) raise
-    `ValueError`.
+    Accepts what `scaled_dot_product_attention` accepts: a bool mask (True = attend; False becomes -inf) or an
+    additive float mask, returned in `dtype` with finite values clamped into its range; other dtypes (integer 0/1
+    masks) raise `ValueError`.
     """
     if attention_mask is None:
         return None
     mask = _mask_4d(attention_mask, dtype, shape)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    # A float32 mask stays float32 with half-precision queries, as SDPA reads it: cast to float16, -1e9 would become
-    # -inf and its row would read as fully masked (output 0) where SDPA attends (uniformly, -1e9 swamping the logits).
-    return mask.to(torch.promote_types(mask.dtype, dtype))
+    if mask.dtype != dtype:
+        # A plain cast would turn a float32 -1e9 into float16's -inf, and its row into a dead one (output 0) where
+        # SDPA attends: finite values stay finite (clamped to float16's minimum, which `_uniform_rows` then reads).
+        limits = torch.finfo(dtype)
+        mask = torch.where(mask.isfinite(), mask.clamp(limits.min, limits.max), mask)
+    return mask.to(dtype)
 
 
 def key_bias_from_mask(
@@ -199,6 +205,22 @@ def _dead_queries(bias: torch.Tensor | None) -> torch.Tensor | None:
 def _finite(bias: torch.Tensor | None) -> torch.Tensor | None:
     """-inf entries raised to the dtype's minimum, so that a fully masked query yields no NaN on the way."""
     return None if bias is None else bias.clamp_min(torch.finfo(bias.dtype).min)
+
+
+def _uniform_rows(query: torch.Tensor, key_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(query, key_bias)` with the rows whose every key carries the bias dtype's finite minimum made uniform: their
+    queries and biases zeroed, so that every softmax over their keys is uniform.
+
+    SDPA attends uniformly there because the minimum swamps the logits in its arithmetic (finfo(float32).min, or a
+    float32 -1e9); float16's minimum, where a wider mask's -1e9 is clamped to, does not swamp float32 arithmetic, so
+    the uniform rows are made explicit. A mask without such rows is returned unchanged.
+    """
+    if key_bias is None:
+        return query, key_bias
+    uniform = (key_bias == torch.finfo(key_bias.dtype).min).all(dim=-1, keepdim=True)  # [B, H|1, 1, 1]
+    if torch.compiler.is_compiling() or bool(uniform.any()):
+        query, key_bias = query.masked_fill(uniform, 0.0), key_bias.masked_fill(uniform, 0.0)
+    return query, key_bias
 
 
 def _zero_dead(tensor: torch.Tensor | None, dead: torch.Tensor | None) -> torch.Tensor | None:
@@ -292,6 +314,7 @@ def exact_attention(
     check_token_mask("flagged", flagged, query.shape[0], key.shape[2])
     _check_rate_and_scale(dropout_p, scale)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    query, key_bias = _uniform_rows(query, key_bias)
     dead = _dead_queries(key_bias)
     value_used, bias = _prepare_intervention(value, _finite(key_bias), flagged, intervention)
     weights = None
@@ -359,6 +382,7 @@ def nystrom_attention(
     scale = head_dim**-0.5 if scale is None else scale
     if valid is None and key_bias is not None:
         valid = valid_keys(key_bias, per_head=True)  # in the mask's own dtype, before a float64 cast blurs its minimum
+    query, key_bias = _uniform_rows(query, key_bias)  # likewise
     if pinv == "exact":
         check_reference_mode(query, key, value, landmarks, valid)
     if pinv == "exact" and query.dtype != torch.float64:
