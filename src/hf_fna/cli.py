@@ -3,7 +3,8 @@
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
 imported only when their subcommand runs. Expected failures (any `hf_fna.errors.FNAError`: a bad option, a model that
 cannot be loaded, a path that cannot be written) print one line and exit with status 2, without a traceback, and so
-does a missing optional dependency, naming the extra that installs it (`pip install 'hf-fna[eval]'`).
+does a missing optional dependency, naming the extra that installs it (`pip install 'hf-fna[eval]'`); Ctrl-C, at
+start-up as later, prints one line and exits with status 130.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    command = f"hf-fna {argv[0]}" if argv[:1] and argv[0] in SUBCOMMANDS else "hf-fna"
+    try:  # Ctrl-C while the subcommand's imports load (seconds: torch, transformers) is an interruption too
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-fna", description="Fast Nyström Attention for Hugging Face ViTs.")
     parser.add_argument("--version", action="version", version=f"hf-fna {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -58,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     except FNAError as error:
         print(f"hf-fna {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hf-fna {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 def _missing(command: str, error: ImportError) -> int:

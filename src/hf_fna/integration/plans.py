@@ -401,16 +401,21 @@ def _plan_from_call_stack(module: nn.Module) -> LayerPlan:
 
 
 def _outermost_caller_module(module: nn.Module) -> nn.Module | None:
-    """The outermost `nn.Module` on the call stack that contains `module` (the model being run)."""
+    """The outermost `nn.Module` on the call stack that contains `module` (the model being run).
+
+    Modules on the stack that do not contain it are skipped: a loss module that takes the model as an argument, or a
+    wrapper holding it outside its registered submodules, calls the model without being part of it.
+    """
     frame = sys._getframe(1)
     outermost = None
+    checked: set[int] = set()
     while frame is not None:
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, nn.Module) and candidate is not module:
-            outermost = candidate
+        if isinstance(candidate, nn.Module) and candidate is not module and id(candidate) not in checked:
+            checked.add(id(candidate))
+            if any(m is module for m in candidate.modules()):
+                outermost = candidate
         frame = frame.f_back
-    if outermost is None or not any(m is module for m in outermost.modules()):
-        return None
     return outermost
 
 

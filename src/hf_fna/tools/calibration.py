@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from ..config import FNAConfig, schedule_from_landmarks
-from ..integration.towers import interpolation_kwargs, mlp_ratio_of, special_tokens, tower_config, vision_tower
+from ..integration.towers import (
+    interpolation_kwargs,
+    mlp_ratio_of,
+    patch_size,
+    special_tokens,
+    tower_config,
+    vision_tower,
+)
 from ..ops.cost import schedule_flop_bound
 from .measure import (
     IMAGENET_MEAN,
@@ -47,6 +54,7 @@ from .measure import (
     machine_line,
     photo_tensor,
     progress_bar,
+    resolution_problem,
     timed_forward,
 )
 
@@ -300,6 +308,11 @@ def calibrate(
         heldout_pixels = _as_pixels(heldout, resolution, image_mean, image_std, "heldout")
 
     config = tower_config(model.config)
+    for name, batch in (("images", pixels), ("heldout", heldout_pixels)):
+        for side in dict.fromkeys(int(s) for s in batch.shape[-2:]):
+            problem = resolution_problem(side, patch_size(config))
+            if problem:  # the patch embedding would crop silently (or fail below one patch)
+                raise ValueError(f"calibrate({name}=...) got {side} px images: {side} {problem}.")
     num_layers = int(config.num_hidden_layers)
     width = int(config.hidden_size)
     heads = int(config.num_attention_heads)
@@ -585,6 +598,8 @@ def _as_pixels(
 # --- command line: `hf-fna calibrate` ----------------------------------------------------------------------------
 
 BUNDLED_PHOTOS = ("photos", "photos:tune", "photos:report")
+# What `--out` holds, written as one set.
+OUT_FILES = ("fna_config.json", "calibration.json", "measured.json", "README.md", "frontier.png")
 
 
 def add_arguments(parser: Any) -> None:
@@ -631,17 +646,18 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     import io
     import json
-    import os
     import sys
 
-    from ..errors import InputError
-    from .outputs import check_output_folder, write_atomically
+    from ..errors import InputError, first_line
+    from .outputs import check_output_set, write_files_atomically
 
-    if args.limit < 1 or args.batch_size < 1 or args.resolution < 1:
-        raise InputError("--limit, --batch-size and --resolution must be positive integers")
+    for option in ("limit", "batch_size", "resolution", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise InputError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
     if args.out:
-        try:  # before any compute: a folder that cannot be written fails now, not after minutes of passes
-            check_output_folder(args.out)
+        try:  # before any compute: a folder or a file that cannot be written fails now, not after minutes of passes
+            check_output_set(args.out, OUT_FILES)
         except OSError as error:
             raise InputError(f"cannot write to --out {args.out}: {error}") from error
     if args.threads:
@@ -649,6 +665,9 @@ def run(args: Any) -> int:
     base_model = _base_model(args)
     device = device_from_option(args.device)
     model, model_name, model_path = _load_model(args.model)
+    problem = resolution_problem(args.resolution, patch_size(tower_config(model.config)))
+    if problem:  # the patch embedding would crop the image silently, or fail below one patch
+        raise InputError(f"--resolution {args.resolution} {problem}")
     model.to(device)
     mean, std = image_normalisation(model_path)
     images = _load_images(args.images, args)[: args.limit]
@@ -713,7 +732,9 @@ def run(args: Any) -> int:
         "(fidelity to exact attention against the FLOP bound of the speed-up); the chosen one is marked.\n\n"
         f"![frontier](frontier.png)\n\n{report.markdown()}\n"
     )
-    files = {
+    png = io.BytesIO()  # rendered in memory: PIL cannot save to a file opened from a descriptor
+    report.plot(png)
+    files: dict[str, str | bytes] = {
         "fna_config.json": report.config.to_json_string(),
         "calibration.json": json.dumps(
             {"command": command, "machine": machine, "images": args.images, **report.to_dict()}, indent=2
@@ -721,17 +742,16 @@ def run(args: Any) -> int:
         + "\n",
         "measured.json": json.dumps(measured, indent=2) + "\n",
         "README.md": card,
+        "frontier.png": png.getvalue(),
     }
-    try:
-        for name, text in files.items():
-            write_atomically(os.path.join(args.out, name), lambda f, text=text: f.write(text))
-        png = io.BytesIO()  # rendered in memory: PIL cannot save to a file opened from a descriptor
-        report.plot(png)
-        write_atomically(os.path.join(args.out, "frontier.png"), lambda f: f.write(png.getvalue()), binary=True)
+    try:  # the set as one: a failure leaves the folder's earlier files, never a mix of old and new
+        paths = write_files_atomically(args.out, files)
     except OSError as error:
-        raise InputError(f"cannot write to --out {args.out}: {error}") from error
-    for name in [*files, "frontier.png"]:
-        print(f"wrote {os.path.join(args.out, name)}")
+        raise InputError(
+            f"the report above is complete, but nothing was written to --out {args.out}: {first_line(error)}"
+        ) from error
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 
@@ -755,7 +775,8 @@ def _load_model(name: str | None) -> tuple[nn.Module, str, str]:
     """The model (its `fna` towers ready), a name for reports, and the folder or Hub id it came from."""
     from transformers import AutoModel
 
-    from ..errors import InputError
+    from ..errors import InputError, first_line
+    from ..locations import check_local_path
 
     if name is None:
         from ..assets import dinov2_small
@@ -765,17 +786,30 @@ def _load_model(name: str | None) -> tuple[nn.Module, str, str]:
     else:
         path, label = name, name
     try:
+        check_local_path(path)
         return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label, path
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load --model {name}: {str(error).splitlines()[0]}") from error
+    except Exception as error:  # OSError, ValueError, RecursionError, HTTP errors...: all mean "cannot load this"
+        raise InputError(f"cannot load --model {name}: {first_line(error)}") from error
+
+
+def _open_image(path: str) -> Any:
+    """An image file as RGB; one that cannot be decoded raises `InputError` naming it."""
+    from PIL import Image
+
+    from ..errors import InputError, first_line
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise InputError(f"--images: cannot read {path}: {first_line(error, with_type=True)}") from error
 
 
 def _load_images(source: str, args: Any) -> list[Any]:
     import os
 
-    from PIL import Image
-
     from ..errors import InputError
+    from ..locations import check_local_path
 
     if source in BUNDLED_PHOTOS:
         from ..assets import photos
@@ -786,10 +820,11 @@ def _load_images(source: str, args: Any) -> list[Any]:
         names = sorted(n for n in os.listdir(source) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
         if not names:
             raise InputError(f"--images {source}: the folder holds no .png/.jpg/.jpeg/.webp/.bmp file")
-        return [Image.open(os.path.join(source, n)).convert("RGB") for n in names]
+        return [_open_image(os.path.join(source, name)) for name in names]
     import datasets
 
     try:
+        check_local_path(source, kind="dataset")
         data = datasets.load_dataset(source, split=args.split)
     except Exception as error:  # the Hub and datasets raise many types; all mean the same to the user
         raise InputError(f"--images {source}: not a folder, a bundled set or a loadable dataset: {error}") from error

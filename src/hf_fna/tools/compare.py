@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from ..integration.towers import (
     tower_config,
     vision_tower,
 )
+from ..locations import check_local_path
 from ..ops.cost import schedule_flop_bound
 from .arguments import add_fna_arguments, fna_overrides
 from .measure import (
@@ -57,7 +59,7 @@ from .measure import (
     quiet_loading,
     timed_forward,
 )
-from .outputs import check_output_file, write_atomically, write_json_atomically
+from .outputs import check_distinct_outputs, check_output_file, write_atomically, write_json_atomically
 from .probe import probe_accuracy
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
@@ -68,6 +70,9 @@ DEFAULT_PROBE_IMAGES = 20
 PROBE_DATASETS = {"digits": "scikit-learn digits", "fashion_mnist": "Fashion-MNIST"}
 DEFAULT_PROBE_DATASET = "digits"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The most patches per image `--resolutions` accepts (4x the op benchmark's largest sequence): 3584 px at patch 14,
+# where one exact attention layer of DINOv2-small already takes minutes on a CPU.
+MAX_PATCHES = 65536
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(map(str, DEFAULT_RESOLUTIONS)),
         help="comma-separated square input sizes in pixels (default: %(default)s); each must be a "
         "multiple of the patch size, otherwise the command stops and names the nearest valid sizes "
-        "(images are never silently resized to another size)",
+        f"(images are never silently resized to another size), with at most {MAX_PATCHES} patches per image",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -158,9 +163,10 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
     """
     from transformers import AutoModel
 
-    looks_local = os.path.isabs(model_id) or model_id.startswith(".") or model_id.count("/") > 1
-    if looks_local and not os.path.isdir(model_id):
-        raise InputError(f"cannot load model {model_id!r}: no such folder")
+    try:
+        check_local_path(model_id)
+    except OSError as error:
+        raise InputError(f"cannot load model {model_id!r}: {error}") from None
     try:
         with quiet_loading():  # no weight-loading reports or bars around the table
             exact = AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
@@ -188,17 +194,23 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
 
 
 def parse_resolutions(text: str, patch_size: int) -> list[int]:
-    """Parse `--resolutions`; each must be a positive multiple of the patch size.
+    """Parse `--resolutions`; each must be a positive multiple of the patch size, with at most `MAX_PATCHES` patches.
 
     Raises:
-        InputError: naming the nearest valid sizes.
+        InputError: naming the nearest valid sizes, or the largest size accepted.
     """
     out = []
+    largest = math.isqrt(MAX_PATCHES) * patch_size
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) <= 0:
+        if not part.isdecimal() or int(part) <= 0:
             raise InputError(f"--resolutions expects positive integers separated by commas; got {text!r}")
         size = int(part)
+        if size > largest:  # the images alone would not fit in memory, let alone exact attention over their tokens
+            raise InputError(
+                f"resolution {size} is too large: at most {MAX_PATCHES} patches per image are measured, {largest} px "
+                f"at patch size {patch_size}"
+            )
         if size % patch_size:
             low = (size // patch_size) * patch_size
             nearest = ", ".join(str(v) for v in (low, low + patch_size) if v > 0)
@@ -457,6 +469,10 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Try the `--json` and `--plot` paths before minutes of compute depend on them."""
+    try:
+        check_distinct_outputs({"--json": args.json, "--plot": args.plot})
+    except OutputPathError as error:
+        raise InputError(str(error)) from None
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             try:
@@ -521,7 +537,13 @@ def run(args: argparse.Namespace) -> int:
 
     rows = []
     for size in resolutions:
-        rows.append(measure_resolution(pair, inputs, size, args.batch_size, device, dtype, not args.no_progress))
+        try:
+            rows.append(measure_resolution(pair, inputs, size, args.batch_size, device, dtype, not args.no_progress))
+        except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+            raise InputError(
+                f"out of memory at {size} px with --batch-size {args.batch_size} "
+                f"({first_line(error, with_type=True)}); lower --resolutions or --batch-size"
+            ) from None
     num_layers = int(pair.tower_config.num_hidden_layers)
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 

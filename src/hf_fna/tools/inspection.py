@@ -36,8 +36,14 @@ from ..config import FNAConfig, parse_layers
 from ..errors import AssetError, InputError, OutputPathError, first_line
 from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
 from .arguments import add_fna_arguments
-from .measure import quiet_loading
-from .outputs import check_output_file, check_output_folder, write_atomically, write_json_atomically
+from .measure import device_from_option, quiet_loading
+from .outputs import (
+    check_distinct_outputs,
+    check_output_file,
+    check_output_folder,
+    write_atomically,
+    write_json_atomically,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -99,8 +105,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     num_landmarks = FNAConfig().num_landmarks if args.num_landmarks is None else args.num_landmarks
     if args.resolution < 1 or num_landmarks < 1 or args.max_tokens < 1:
         raise InputError("--resolution, --num-landmarks and --max-tokens must be positive integers")
@@ -117,8 +121,14 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(args.json)
     except OutputPathError as e:
         raise InputError(str(e)) from None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_from_option(args.device)
     image, image_name = load_image(args.image)
+    paths = figure_paths(Path(args.out), image_name, args.resolution)
+    figures = {f"the {name} figure": str(path) for name, path in paths.items()}
+    try:
+        check_distinct_outputs({"--json": args.json, **figures})
+    except OutputPathError as e:
+        raise InputError(str(e)) from None
     with _step("loading the model"):
         model_path = args.model or _default_model()
         model, processor = load_vision_model(model_path, device)
@@ -227,7 +237,7 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
         try:
             check_local_path(name_or_path)
             config = AutoConfig.from_pretrained(name_or_path)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, RecursionError) as e:  # RecursionError: a config.json nested too deep
             raise InputError(f"cannot load model {name_or_path}: {first_line(e, with_type=True)}") from e
         tower = tower_config(config)
         if not all(hasattr(tower, a) for a in ("patch_size", "num_hidden_layers", "num_attention_heads")):
@@ -440,15 +450,20 @@ def inspect_image(
         try:
             with _step("drawing figures"):
                 norm_maps = [_norm_map(states, special, grid) for states in hidden_states]
-                stem = f"{image_name}_{resolution}"
-                result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], out / f"{stem}_norms.png")
+                paths = figure_paths(out, image_name, resolution)
+                result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], paths["norm maps"])
                 picture = display_image(processor, pixel_values)
-                landmarks_png = out / f"{stem}_landmarks.png"
                 norm_map = norm_maps[chosen_layers[0]]
-                result.figures["landmarks"] = plot_landmarks(result, picture, norm_map, landmarks_png)
+                result.figures["landmarks"] = plot_landmarks(result, picture, norm_map, paths["landmarks"])
         except OSError as e:
             raise FigureError(f"cannot write the figures into {out}: {first_line(e, with_type=True)}", result) from e
     return result
+
+
+def figure_paths(out: Path, image_name: str, resolution: int) -> dict[str, Path]:
+    """Where `inspect_image` writes its two figures in `out`."""
+    stem = f"{image_name}_{resolution}"
+    return {"norm maps": out / f"{stem}_norms.png", "landmarks": out / f"{stem}_landmarks.png"}
 
 
 def _norm_map(states: torch.Tensor, special: int, grid: tuple[int, int]) -> Any:

@@ -56,12 +56,13 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 def device_from_option(name: str | None, option: str = "--device") -> torch.device:
-    """The torch device a command-line option names; CUDA when available, else the CPU, without one.
+    """The torch device a command-line option names, checked; CUDA when available, else the CPU, without one.
 
     Raises:
-        InputError: not a torch device, or CUDA asked for on a machine without it.
+        InputError: not a torch device, a device that cannot hold data (meta), one that is not available here, or
+            one that fails to take a tensor (an index past the device count...), naming it.
     """
-    from ..errors import InputError
+    from ..errors import InputError, first_line
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,8 +70,16 @@ def device_from_option(name: str | None, option: str = "--device") -> torch.devi
         device = torch.device(name)
     except RuntimeError as error:
         raise InputError(f"{option} {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"{option} {name!r}: CUDA is not available on this machine")
+    if device.type == "meta":
+        raise InputError(f"{option} {name!r} holds no data (shapes only), so nothing can be measured; use cpu or cuda")
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type != "cpu" and (available is None or not available()):
+        raise InputError(f"{option} {name!r}: {device.type} is not available on this machine; use cpu")
+    try:  # an index past the device count, a backend built without kernels...
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise InputError(f"{option} {name!r} cannot be used: {first_line(error)}") from error
     return device
 
 
@@ -113,6 +122,17 @@ def photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
     return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
+
+
+def resolution_problem(size: int, patch: int | None) -> str | None:
+    """What is wrong with a square input of `size` px for a model with patches of `patch` px, or None: smaller than
+    one patch, or not a multiple of the patch (the patch embedding would crop the border silently)."""
+    if not patch or size % patch == 0:
+        return None
+    low = size // patch * patch
+    nearest = ", ".join(str(v) for v in (low, low + patch) if v > 0)
+    kind = "is smaller than" if size < patch else "is not a multiple of"
+    return f"{kind} the patch size {patch}; nearest valid sizes: {nearest}"
 
 
 def synchronize(device: torch.device) -> None:

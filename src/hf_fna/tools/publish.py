@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from ..config import FNA_CONFIG_NAME, FNAConfig, field_help
+from ..config import FNA_CONFIG_NAME, FNAConfig, field_help, read_json
 from ..errors import InputError, first_line
 from .arguments import add_fna_arguments, fna_overrides
+from .outputs import check_output_set, write_files_atomically
 
 MODEL_CARD_NAME = "README.md"
 TAGS = ("fna", "vision", "nystrom-attention", "hf-fna")
@@ -172,11 +172,18 @@ def write_config_folder(
     measured: dict[str, Any] | None = None,
     repo_id: str | None = None,
 ) -> list[str]:
-    """Write `fna_config.json` and the model card `README.md` into `folder` (created if needed); return their paths."""
-    config_path = fna_config.save_pretrained(folder)
-    card_path = os.path.join(folder, MODEL_CARD_NAME)
-    Path(card_path).write_text(model_card(fna_config, base_model, measured, repo_id), encoding="utf-8")
-    return [config_path, card_path]
+    """Write `fna_config.json` and the model card `README.md` into `folder` (created if needed) as one set; return
+    their paths. A failure (a target that is a folder, a full disk) leaves the folder's earlier files, never a new
+    config beside an old card.
+
+    Raises:
+        OutputPathError: the folder or one of the two files cannot be written.
+    """
+    files = {
+        FNA_CONFIG_NAME: fna_config.to_json_string(),
+        MODEL_CARD_NAME: model_card(fna_config, base_model, measured, repo_id),
+    }
+    return write_files_atomically(os.fspath(folder), files)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -222,7 +229,7 @@ def _load_measured(path: str | None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        measured = json.loads(Path(path).read_text(encoding="utf-8"))
+        measured = read_json(path)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read --measured {path}: {first_line(e)}") from e
     if not isinstance(measured, dict):
@@ -237,6 +244,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--dry-run needs --out DIR, the folder to write the files into")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out} is a file; give a folder to write {FNA_CONFIG_NAME} and README.md into")
+    if args.out:
+        try:  # every target, before anything is read or written
+            check_output_set(args.out, [FNA_CONFIG_NAME, MODEL_CARD_NAME])
+        except OSError as e:
+            raise InputError(f"cannot write to --out {args.out}: {e}") from None
     fna_config = _load_fna_config(args)
     measured = _load_measured(args.measured)
     try:
