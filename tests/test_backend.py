@@ -144,7 +144,8 @@ def test_siglip_text_padding_mask_is_honoured():
     config._attn_implementation = "fna"
     model = Dinov2Model(config).eval()
     plan_model(model)
-    attention = model.encoder.layer[0].attention
+    # The module that dispatches through AttentionInterface (Dinov2SelfAttention before transformers 5.13).
+    attention = next(m for m in model.encoder.layer[0].modules() if layer_plan(m) is not None)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
     keep = torch.ones(2, 9, dtype=torch.bool)
@@ -265,7 +266,10 @@ def test_changing_batch_size_grad_modes_and_checkpointing(tmp_path):
     for checkpointing in (False, True):
         model.zero_grad()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model(**inputs).last_hidden_state.square().mean().backward()
         grads.append(model.layers[2].attention.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -144,3 +144,103 @@ def test_an_unreachable_target_chooses_exact_attention_and_says_why(real_dinov2)
     report = hf_fna.calibrate(real_dinov2, photos, target=0.99999, resolution=224, candidates=(16,), progress=False)
     assert not report.met_target and report.config.layers == "none" and report.chosen["schedule"] == "none"
     assert "No measured schedule reached patch_cosine >= 0.99999" in report.notes[0] and "layer" in report.notes[0]
+
+
+def test_no_schedule_faster_than_exact_chooses_exact_attention_with_the_default_min_tokens(tiny_dinov2):
+    # 16 px inputs: 17 tokens, where every schedule's FLOP bound is below 1 although the loose target is met.
+    small = pixels()[:, :, :16, :16]
+    report = hf_fna.calibrate(tiny_dinov2, small, target=0.5, candidates=(8,), batch_size=2, progress=False)
+    assert report.tokens == 17 and report.met_target
+    assert all(row["predicted_speedup"] < 1.0 for row in report.frontier if row["schedule"] != "none")
+    assert report.config.layers == "none" and report.chosen["schedule"] == "none"
+    assert report.config.min_tokens == hf_fna.FNAConfig().min_tokens  # FNA is not forced below its break-even
+    assert "none is faster than exact attention at 17 tokens" in report.notes[0]
+
+
+def test_a_full_clip_model_calibrates_its_vision_tower(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64)
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = CLIPModel(CLIPConfig(vision_config=dict(vision, patch_size=4), text_config=text, projection_dim=16)).eval()
+    report = hf_fna.calibrate(model, pixels(), target=0.5, candidates=(8, 32), batch_size=2, progress=False)
+    assert report.tokens == 257 and report.config.layers == "0:4@8"
+    assert hf_fna.FNAConfig.from_model_config(model.config.vision_config).layers == "0:4@8"
+    assert model.config.vision_config._attn_implementation == "fna"
+    assert model.config.text_config._attn_implementation != "fna"
+
+
+def test_progress_bar_honours_tqdm_disable_and_transformers_switch(tiny_dinov2, monkeypatch, capsys):
+    from transformers.utils import logging as hf_logging
+
+    small = pixels()[:, :, :16, :16]
+
+    def bar_drawn() -> bool:
+        hf_fna.calibrate(tiny_dinov2, small, target=0.5, candidates=(8,), batch_size=4)
+        return "calibrating" in capsys.readouterr().err
+
+    assert bar_drawn()
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert not bar_drawn()
+    monkeypatch.delenv("TQDM_DISABLE")
+    hf_logging.disable_progress_bar()
+    try:
+        assert not bar_drawn()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_cli_calibrates_a_local_clip_with_its_processor_statistics_and_invents_no_base_model(
+    tmp_path, capsys, monkeypatch
+):
+    """`hf-fna calibrate` on a tiny CLIPModel folder with a CLIPImageProcessor: the vision tower receives pixels
+    normalised with CLIP's mean and std (not ImageNet's); 17 tokens make exact attention the choice; the card of a
+    local model names no base model."""
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32)
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model_dir, image_dir, out = tmp_path / "clip", tmp_path / "images", tmp_path / "out"
+    config = CLIPConfig(vision_config=dict(vision, patch_size=8), text_config=text, projection_dim=16)
+    CLIPModel(config).save_pretrained(model_dir)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(model_dir)
+    image_dir.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 32), (128, 64, 200)).save(image_dir / f"{i}.png")
+
+    seen = []
+    from transformers.models.clip import modeling_clip
+
+    original = modeling_clip.CLIPVisionEmbeddings.forward
+
+    def recording(self, pixel_values, *args, **kwargs):  # the pixels that reach the vision tower
+        seen.append(pixel_values.detach().clone())
+        return original(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_clip.CLIPVisionEmbeddings, "forward", recording)
+    argv = ["calibrate", "--model", str(model_dir), "--images", str(image_dir), "--resolution", "32", "--target", "0.5"]
+    code = main([*argv, "--candidates", "8", "--device", "cpu", "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
+    expected = (torch.tensor([128, 64, 200]) / 255 - mean) / std
+    torch.testing.assert_close(seen[0][0, :, 5, 5], expected, atol=1e-5, rtol=0)
+    assert "calibrating" not in captured.err  # --no-progress
+    assert "chosen: layers='none'" in captured.out
+    assert hf_fna.FNAConfig.from_pretrained(str(out)).layers == "none"
+    card = (out / "README.md").read_text()
+    assert "base_model" not in card and "huggingface.co/" not in card
+    assert str(model_dir) in card and "its Hub id is unknown" in card
+    assert main(["calibrate", "--model", str(model_dir), "--device", "tpu:9"]) == 2
+    assert "--device 'tpu:9'" in capsys.readouterr().err
+
+    # The Python API defaults to the same statistics, found from the model's name_or_path.
+    seen.clear()
+    photos = [Image.open(image_dir / f"{i}.png") for i in range(4)]
+    model = AutoModel.from_pretrained(model_dir)
+    hf_fna.calibrate(model, photos, target=0.5, resolution=32, candidates=(8,), progress=False)
+    torch.testing.assert_close(seen[0][0, :, 5, 5], expected, atol=1e-5, rtol=0)

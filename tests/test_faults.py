@@ -1,4 +1,5 @@
-"""Faults, bad input and unusual but legitimate use of the library (issue 11, items 1, 2, 4, 5, 6 and 8).
+"""Faults, bad input and unusual but legitimate use of the library (issue 11, items 1, 2, 4, 5, 6 and 8; issue 23,
+items 1-6 and 17-20).
 
 Tiny random models (tests/tiny_families.py), CPU, a few seconds in all. The command-line side of the issue is in
 tests/test_faults_cli.py.
@@ -242,16 +243,18 @@ def test_many_newton_iterations_converge_to_the_exact_pseudo_inverse():
     assert distance(40) < 1e-6
 
 
-def test_reference_mode_refuses_fewer_landmarks_than_tokens_and_training():
+def test_reference_mode_refuses_fewer_landmarks_than_tokens_training_and_backward():
+    # Issue 23, item 19: a forward pass with autograd on is allowed (a model's weights require gradients even in
+    # eval()); what is refused is training mode and a backward pass that reaches the exact pseudo-inverse.
     q, k, v = qkv()
     with pytest.raises(hf_fna.errors.ReferenceModeError, match="needs every unmasked token as a landmark"):
         hf_fna.fna_attention(q, k, v, num_landmarks=8, pinv="exact")
     q.requires_grad_(True)
-    with pytest.raises(hf_fna.errors.ReferenceModeError, match="cannot be trained through"):
-        hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
-    with torch.no_grad():
-        got = hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
+    got = hf_fna.fna_attention(q, k, v, num_landmarks=q.shape[2], pinv="exact")
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=0)
+    with pytest.raises(hf_fna.errors.ReferenceModeError, match="pinv='exact' cannot be differentiated"):
+        got.sum().backward()
+    assert q.grad is None
 
     model = tiny_dinov2(layers="all", num_landmarks=8, min_tokens=0, pinv="exact")
     with pytest.raises(ValueError, match="needs every unmasked token as a landmark, got 8 landmarks for 17 tokens"):
@@ -261,7 +264,32 @@ def test_reference_mode_refuses_fewer_landmarks_than_tokens_and_training():
     with pytest.raises(ValueError, match="cannot be trained through"):
         model(pixel_values=pixels())
     model.eval()
-    assert hidden(model).isfinite().all()
+    assert torch.is_grad_enabled()
+    output = model(pixel_values=pixels()).last_hidden_state  # the plain `model.eval(); model(x)` of the issue
+    torch.testing.assert_close(output.detach(), hidden(tiny_dinov2()), atol=1e-5, rtol=0)
+    with pytest.raises(hf_fna.errors.ReferenceModeError, match="cannot be differentiated"):
+        output.sum().backward()
+
+
+def test_reference_mode_with_every_token_a_landmark_is_as_close_as_eager_to_sdpa():
+    # Issue 23, item 20: near-uniform attention (a random ViT, pixels in [0, 1)) makes the 226 x 226 kernel
+    # condition number about 2e15; the default cut of torch.linalg.pinv left the result 1e-4 off exact attention.
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=60, patch_size=4
+    )
+    torch.manual_seed(0)
+    sdpa = ViTModel(config, add_pooling_layer=False).eval()
+    eager, reference = copy.deepcopy(sdpa), copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    FNAConfig(layers="all", num_landmarks=226, min_tokens=0, pinv="exact").apply(reference)
+    x = torch.rand(2, 3, 60, 60, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = sdpa(pixel_values=x).last_hidden_state
+        eager_error = (eager(pixel_values=x).last_hidden_state - expected).abs().max()
+        reference_error = (reference(pixel_values=x).last_hidden_state - expected).abs().max()
+    assert eager_error < 2e-6 and reference_error < 2e-6, (eager_error, reference_error)
 
 
 def test_compare_refuses_the_reference_mode_with_fewer_landmarks_than_tokens(tmp_path, capsys):
@@ -392,3 +420,263 @@ def test_backend_with_a_mask_broadcast_over_the_batch():
                 if name.endswith("relative_position_bias_table"):
                     table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(1)))
     torch.testing.assert_close(hidden(model), hidden(exact), atol=1e-5, rtol=0)
+
+
+# --- issue 23, item 2: random sampling does not depend on the batch ----------------------------------------------
+
+
+def test_random_landmarks_of_a_sample_do_not_depend_on_its_batch_neighbours():
+    valid = torch.ones(4, 40, dtype=torch.bool)
+    valid[1, 30:] = False
+    batch = hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3)
+    for row in range(4):
+        alone = hf_fna.random_sampling(40, 8, 1, valid=valid[row : row + 1], seed=3)
+        assert torch.equal(batch[row], alone[0]), row
+    assert (batch[1] < 30).all()
+    assert torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3))  # still seeded
+    assert not torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=4))
+
+    model = tiny_dinov2(layers="all", num_landmarks=8, min_tokens=0, sampling="random")
+    x = pixels(batch=4)
+    with torch.no_grad():
+        together = model(pixel_values=x).last_hidden_state
+        for row in range(4):
+            alone = model(pixel_values=x[row : row + 1]).last_hidden_state
+            torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=0)
+
+
+# --- issue 23, item 3: a fully masked sample has finite gradients --------------------------------------------------
+
+
+@pytest.mark.parametrize("num_landmarks", [6, 12])
+@pytest.mark.parametrize("case", ["fully masked sample, bool", "fully masked sample, float -inf"])
+def test_fully_masked_sample_has_finite_gradients_and_leaves_its_neighbour_alone(case, num_landmarks):
+    q, k, v = qkv()
+    mask = _masks(2, 12)[case]
+    weights = torch.linspace(-1, 1, q.numel()).view_as(q)
+
+    def gradients(rows: slice):
+        states = [t[rows].clone().requires_grad_(True) for t in (q, k, v)]
+        out = hf_fna.fna_attention(*states, num_landmarks=num_landmarks, attention_mask=mask[rows])
+        (out * weights[rows]).sum().backward()
+        return out, [t.grad for t in states]
+
+    out, grads = gradients(slice(0, 2))
+    assert out[0].abs().max() == 0
+    for grad in grads:
+        assert grad.isfinite().all()
+        assert grad[0].abs().max() == 0  # the output of a dead sample does not depend on its inputs, as in SDPA
+    _, alone = gradients(slice(1, 2))
+    for grad, expected in zip(grads, alone, strict=True):
+        torch.testing.assert_close(grad[1:], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_newton_schulz_of_an_all_zero_kernel_is_zero():
+    kernel = torch.zeros(2, 5, 5, requires_grad=True)
+    pinv = hf_fna.newton_schulz_pinv(kernel)
+    assert torch.equal(pinv, torch.zeros(2, 5, 5))
+    pinv.sum().backward()
+    assert kernel.grad.isfinite().all()
+
+
+# --- issue 23, item 4: a finite float32 mask in half precision ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("num_landmarks", "pinv"), [(6, "newton"), (12, "newton"), (12, "exact")])
+def test_finite_float32_mask_in_half_precision_attends_as_sdpa(monkeypatch, dtype, num_landmarks, pinv):
+    q, k, v = (t.to(dtype) for t in qkv())
+    mask = torch.zeros(2, 1, 1, 12)
+    mask[0] = -1e9  # every key: SDPA attends uniformly (the mean of V), it does not return 0
+    mask[1, ..., 8:] = -1e9  # some keys: masked
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    mean = v[0].float().mean(dim=-2, keepdim=True).expand(3, 12, 8)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(expected[0].float(), mean, atol=tolerance, rtol=0)
+    if dtype == torch.bfloat16 and pinv == "exact":
+        return  # bfloat16 holds -1e9, which the float64 reference mode adds exactly: see the test below
+    sdpa = F.scaled_dot_product_attention
+
+    def kernels_need_the_query_dtype(query, key, value, attn_mask=None, **kwargs):
+        # CUDA's memory-efficient kernel refuses a float32 bias with half-precision queries.
+        assert attn_mask is None or attn_mask.dtype in (torch.bool, query.dtype), (attn_mask.dtype, query.dtype)
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", kernels_need_the_query_dtype)
+    got = hf_fna.fna_attention(q, k, v, num_landmarks=num_landmarks, attention_mask=mask, pinv=pinv)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got[0].float(), mean, atol=tolerance, rtol=0)
+    if pinv == "exact":
+        torch.testing.assert_close(got[1].float(), expected[1].float(), atol=tolerance, rtol=0)
+    exact, _ = hf_fna.exact_attention(q, k, v, key_bias=hf_fna.ops.nystrom.additive_mask(mask, dtype))
+    torch.testing.assert_close(exact.float(), expected.float(), atol=tolerance, rtol=0)
+
+
+def test_reference_mode_adds_a_finite_mask_exactly():
+    # Documented: in float64, -1e9 on every key is a constant shift of the logits (the exact softmax), where SDPA in
+    # float32 rounds the logits away (the mean of V); the float32 minimum swamps float64 too (the mean of V).
+    q, k, v = qkv()
+    for value, uniform in ((-1e9, False), (torch.finfo(torch.float32).min, True)):
+        mask = torch.zeros(2, 1, 1, 12)
+        mask[0] = value
+        got = hf_fna.fna_attention(q, k, v, num_landmarks=12, attention_mask=mask, pinv="exact")
+        expected = v[0].mean(dim=-2, keepdim=True) if uniform else F.scaled_dot_product_attention(q, k, v)[0]
+        torch.testing.assert_close(got[0], expected.expand_as(got[0]), atol=1e-5, rtol=0)
+
+
+# --- issue 23, item 5: float64 stays float64 in sink_keep_self ----------------------------------------------------
+
+
+@pytest.mark.parametrize("intervention", ["mask", "sink", "sink_keep_self"])
+def test_interventions_pass_gradcheck_in_float64(intervention):
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=generator, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    flagged = torch.zeros(1, 6, dtype=torch.bool)
+    flagged[0, [1, 4]] = True
+    landmarks = torch.tensor([[1, 4, 0, 2]])
+
+    def exact(q, k, v):
+        return hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention)[0]
+
+    def nystrom(q, k, v):
+        return hf_fna.nystrom_attention(q, k, v, landmarks, flagged=flagged, intervention=intervention)[0]
+
+    assert torch.autograd.gradcheck(exact, (q, k, v))
+    assert torch.autograd.gradcheck(nystrom, (q, k, v))
+    # The O(N) correction equals the quadratic reference in float64 precision, not float32's.
+    with torch.no_grad():
+        fast = exact(q, k, v)
+        slow = hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention, return_weights=True)[0]
+    assert fast.dtype == torch.float64 and (fast - slow).abs().max() < 1e-12
+
+
+# --- issue 23, item 17: the op validates its arguments -------------------------------------------------------------
+
+
+def _op_call(name: str, **changes):
+    q, k, v = qkv()
+    if name == "fna_attention":
+        return lambda: hf_fna.fna_attention(q, k, v, **{"num_landmarks": 6, **changes})
+    if name == "nystrom_attention":
+        return lambda: hf_fna.nystrom_attention(q, k, v, **{"landmarks": torch.arange(6).expand(2, 6), **changes})
+    features = q.mean(dim=1)
+    if name == "select_landmarks":
+        return lambda: hf_fna.select_landmarks(**{"features": features, "num_landmarks": 6, **changes})
+    return lambda: hf_fna.farthest_point_sampling(**{"features": features, "num_landmarks": 6, **changes})
+
+
+@pytest.mark.parametrize(
+    ("op", "changes", "error", "expected"),
+    [
+        ("fna_attention", {"num_landmarks": 2.5}, TypeError, r"num_landmarks=2\.5 is a float; expected an integer"),
+        ("fna_attention", {"num_landmarks": None}, TypeError, r"num_landmarks=None is a NoneType; expected an int"),
+        ("fna_attention", {"num_landmarks": 0}, ValueError, r"num_landmarks=0 is out of range; expected an integer >="),
+        ("fna_attention", {"seed": 2**64}, ValueError, r"seed=18446744073709551616 is out of range; expected an .*\["),
+        ("fna_attention", {"num_special_tokens": -2}, ValueError, r"num_special_tokens=-2 is out of range; expected"),
+        ("fna_attention", {"sampling": "grid"}, ValueError, r"sampling='grid' is not supported; accepted values: fps"),
+        ("fna_attention", {"landmarks": torch.tensor([[0, 1, 12]] * 2)}, ValueError, r"index 12; .* \[0, 11\]"),
+        ("fna_attention", {"landmarks": torch.tensor([[0, -1, 2]] * 2)}, ValueError, r"index -1; .* \[0, 11\]"),
+        ("fna_attention", {"landmarks": torch.zeros(2, 3)}, TypeError, r"landmarks is a torch\.float32 tensor; exp"),
+        ("fna_attention", {"landmarks": torch.arange(3)}, ValueError, r"landmarks has shape \(3,\); expected \[B, m\]"),
+        ("fna_attention", {"flagged": torch.zeros(2, 5, dtype=torch.bool)}, ValueError, r"flagged has shape \(2, 5\)"),
+        ("fna_attention", {"flagged": torch.zeros(2, 12)}, TypeError, r"flagged is a torch\.float32 tensor; expected"),
+        ("nystrom_attention", {"landmarks": torch.tensor([[0, 99]] * 2)}, ValueError, r"holds index 99; token ind"),
+        ("nystrom_attention", {"landmarks": [[0, 1]] * 2}, TypeError, r"landmarks is a list; expected an integer"),
+        ("nystrom_attention", {"landmarks": torch.arange(4).view(1, 4)}, ValueError, r"shape \(1, 4\); expected \[B"),
+        ("nystrom_attention", {"pinv": "svd"}, ValueError, r"pinv='svd' is not supported; accepted values: newton, e"),
+        ("nystrom_attention", {"dropout_p": 2.0}, ValueError, r"dropout_p=2\.0 is invalid; expected a number in \[0"),
+        ("select_landmarks", {"num_landmarks": 2.5}, TypeError, r"num_landmarks=2\.5 is a float; expected an integer"),
+        ("select_landmarks", {"seed": 2**64}, ValueError, r"seed=18446744073709551616 is out of range"),
+        ("select_landmarks", {"num_special_tokens": -2}, ValueError, r"num_special_tokens=-2 is out of range"),
+        ("select_landmarks", {"valid": torch.ones(2, 12)}, TypeError, r"valid is a torch\.float32 tensor; expected a"),
+        ("farthest_point_sampling", {"features": torch.randn(12, 4)}, ValueError, r"features has shape \(12, 4\); ex"),
+        ("farthest_point_sampling", {"features": torch.ones(1, 12, 4, dtype=torch.long)}, TypeError, r"features is a"),
+        ("farthest_point_sampling", {"guaranteed": torch.ones(2, 11, dtype=torch.bool)}, ValueError, r"guaranteed has"),
+    ],
+)
+def test_op_arguments_are_validated_with_the_value_and_what_is_accepted(op, changes, error, expected):
+    with pytest.raises(error, match=expected):
+        _op_call(op, **changes)()
+
+
+# --- issue 23, item 6: a model called from a module that does not contain it ---------------------------------------
+
+
+class _Loss(torch.nn.Module):
+    """A loss module that takes the model as an argument (it does not contain it)."""
+
+    def forward(self, model, x):
+        return model(pixel_values=x).last_hidden_state
+
+
+class _Holder(torch.nn.Module):
+    """A wrapper that holds the model outside its registered submodules."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.__dict__["inner"] = model
+
+    def forward(self, x):
+        return self.inner(pixel_values=x).last_hidden_state
+
+
+@pytest.mark.parametrize("caller", ["loss module", "unregistered holder"])
+def test_model_loaded_with_fna_is_planned_when_called_from_a_module_that_does_not_contain_it(tmp_path, caller):
+    model = tiny_dinov2()
+    model.config.fna_config = FNAConfig(layers="all", num_landmarks=8, min_tokens=0).to_dict()
+    model.save_pretrained(tmp_path)
+    expected = hidden(Dinov2Model.from_pretrained(tmp_path, attn_implementation="fna").eval())
+    loaded = Dinov2Model.from_pretrained(tmp_path, attn_implementation="fna").eval()
+    with torch.no_grad():
+        got = _Loss()(loaded, pixels()) if caller == "loss module" else _Holder(loaded)(pixels())
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert hf_fna.last_landmarks(loaded).shape == (2, 8)  # FNA ran, planned on the model itself
+
+
+# --- issue 23, item 1: the layer parser is linear -------------------------------------------------------------------
+
+
+def test_layer_strings_are_parsed_in_linear_time_and_bounded():
+    # Each of these backtracked cubically (1600 spaces: 22 s); 100k characters must not hang.
+    for padding in (1600, 4000):
+        with pytest.raises(ValueError, match=r"group '1 +'\.\.\. \(\d+ characters\) is not 'LAYERS' or 'LAYERS@M'"):
+            FNAConfig(layers="1" + " " * padding + "x@5")
+        with pytest.raises(ValueError, match=r"is invalid; expected a list of layer indices, a slice string"):
+            FNAConfig(layers="1" + " " * padding + "x:")
+    with pytest.raises(ValueError, match=r"\(100004 characters\) is invalid: 100004 characters, more than the 4096"):
+        FNAConfig(layers="1" + " " * 100_000 + "x@5")
+    with pytest.raises(ValueError, match=r"more than the 4096 accepted"):
+        hf_fna.config.parse_layers(["1"] + [" "] * 5000)
+    # What the grammar accepts is unchanged.
+    accepted = {" 6 : ": [6, 7, 8, 9, 10, 11], "4, 5 @ 32": [4, 5], "-4:": [8, 9, 10, 11], ":": list(range(12))}
+    for text, layers in accepted.items():
+        assert FNAConfig(layers=text).resolve(12).fna_layers == layers, text
+    assert [g.num_landmarks for g in FNAConfig(layers="4:6 @256; 6:@64").resolve(12).groups] == [256, 64]
+    for text in ("6:@", "4:6@-1", "4@5@6", "--1:", "1::2", "4,,5@3", "@5", "4:6@2x", "+1:"):
+        with pytest.raises(ValueError, match="is invalid"):
+            FNAConfig(layers=text)
+
+
+# --- issue 23, item 18: model config files and empty slices ---------------------------------------------------------
+
+
+def test_from_pretrained_reads_the_fna_config_entry_of_a_model_config_file(tmp_path):
+    model = tiny_dinov2()
+    settings = FNAConfig(layers="2:", num_landmarks=12, min_tokens=0)
+    model.config.fna_config = settings.to_dict()
+    model.save_pretrained(tmp_path / "with")
+    assert FNAConfig.from_pretrained(tmp_path / "with" / "config.json") == settings
+    tiny_dinov2().save_pretrained(tmp_path / "without")
+    config_file = tmp_path / "without" / "config.json"
+    with pytest.raises(OSError, match=r"config\.json is a model config\.json that carries no `fna_config`") as info:
+        FNAConfig.from_pretrained(config_file)
+    assert str(config_file) in str(info.value) and "unknown" not in str(info.value)
+
+
+@pytest.mark.parametrize("layers", ["3:1", "4:", "-1:-3", "0:2@8;3:1@8"])
+def test_an_empty_slice_is_refused_at_resolve_time(layers):
+    with pytest.raises(ValueError, match=r"selects no layer of a tower with 4 layers \(an empty slice\)") as info:
+        FNAConfig(layers=layers).resolve(4)
+    assert repr(layers.split(";")[-1].split("@")[0]) in str(info.value)
+    with pytest.raises(ValueError, match="an empty slice"):
+        tiny_dinov2(layers=layers)  # apply refuses it before the model changes

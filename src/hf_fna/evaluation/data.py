@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import assets
 from ..errors import InputError, first_line
+from ..locations import check_local_path
 
 BUILTIN_PREFIX = "hf_fna:"
 # Usual names of the integer class column, tried in order when no --label-column is given.
@@ -200,6 +201,10 @@ def _load_source(source: str, splits: Sequence[str]) -> Any:
             raise InputError(
                 f"could not read the dataset folder {source!r}: {first_line(error, with_type=True)}"
             ) from error
+    try:  # a mistyped local folder fails now, naming it, instead of after minutes of Hub retries
+        check_local_path(source, kind="dataset")
+    except OSError as error:
+        raise InputError(f"could not load the dataset {source!r}: {error}") from None
     loaded = {}
     for split in dict.fromkeys(splits):
         try:

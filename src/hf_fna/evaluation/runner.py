@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import reprlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 
 from ..config import FNAConfig
-from ..errors import InputError, OutputPathError, ReferenceModeError
+from ..errors import InputError, OutputPathError, ReferenceModeError, first_line
 from ..integration.towers import patch_size, special_tokens, tower_config
-from ..tools.measure import model_folder, quiet_loading, synchronize
-from ..tools.outputs import check_output_file
+from ..tools.measure import model_folder, progress_bar, quiet_loading, synchronize
+from ..tools.outputs import check_distinct_outputs, check_output_file
 from .modeling import (
     EXACT,
     FNA,
@@ -99,10 +100,8 @@ class Runner:
         return self.accelerator.prepare_data_loader(loader)
 
     def _progress(self, loader: Iterable, description: str) -> Iterable:
-        from tqdm.auto import tqdm
-
         show = self.settings.show_progress and self.accelerator.is_local_main_process
-        return tqdm(loader, desc=description, disable=not show)
+        return progress_bar(loader, show=show, desc=description)
 
     def _forward(self, variant: str, step: Callable, inputs: dict[str, torch.Tensor]) -> tuple[dict, float]:
         self.switch.use(variant)
@@ -244,6 +243,9 @@ _REFERENCE_KEYS = (
 )  # fmt: skip
 
 
+REFERENCE_FORMAT = "hf_fna.exact_reference/1"
+
+
 @dataclass
 class ExactReference:
     """Exact-attention outputs and timings recorded by `hf-fna eval --save-exact`, replayed by `--reference`."""
@@ -265,7 +267,7 @@ def save_reference(path: str, settings: EvalSettings, runner: Runner, recorded: 
     import tempfile
 
     payload = {
-        "format": "hf_fna.exact_reference/1",
+        "format": REFERENCE_FORMAT,
         "fingerprint": reference_fingerprint(settings, runner.accelerator.num_processes),
         "log": runner.exact_log,
         "recorded": json.loads(json.dumps(recorded, default=str)),  # plain values: torch.load(weights_only=True)
@@ -289,11 +291,16 @@ def load_reference(path: str, settings: EvalSettings, num_processes: int) -> Exa
     Raises:
         InputError: an unreadable file, or settings that differ (each named with both values).
     """
-    try:
+    try:  # weights_only: a file holding code is refused (UnpicklingError), never run
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        fingerprint, log = payload["fingerprint"], payload["log"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as error:
-        raise InputError(f"could not read --reference {path!r} (written by --save-exact?): {error}") from error
+    except Exception as error:  # OSError, EOFError, RuntimeError (not a zip), UnpicklingError (bytes, code)...
+        raise InputError(
+            f"could not read --reference {path!r} (written by --save-exact?): {first_line(error, with_type=True)}"
+        ) from error
+    problem = _reference_problem(payload)
+    if problem is not None:
+        raise InputError(f"--reference {path!r} is not a file written by --save-exact: {problem}")
+    fingerprint, log = payload["fingerprint"], payload["log"]
     expected = reference_fingerprint(settings, num_processes)
     differences = [
         f"{key}={fingerprint.get(key)!r} there, {value!r} here" for key, value in expected.items()
@@ -302,6 +309,31 @@ def load_reference(path: str, settings: EvalSettings, num_processes: int) -> Exa
     if differences:
         raise InputError(f"--reference {path!r} was recorded with other settings: {'; '.join(differences)}")
     return ExactReference(path, fingerprint, log, payload.get("recorded", {}))
+
+
+def _reference_problem(payload: Any) -> str | None:
+    """What makes a loaded `--reference` payload unusable, or None: its layout is checked before anything reads it."""
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}, not a dict"
+    if payload.get("format") != REFERENCE_FORMAT:
+        return f"its format is {payload.get('format')!r}, expected {REFERENCE_FORMAT!r}"
+    expected = {"fingerprint": dict, "log": list, "recorded": dict}
+    for key, kind in expected.items():
+        if not isinstance(payload.get(key, {}), kind) or (key != "recorded" and key not in payload):
+            return f"its {key!r} is a {type(payload.get(key)).__name__}, expected a {kind.__name__}"
+    steps = ("batch", "timing", "extract")
+    for entry in payload["log"]:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] in steps):
+            return f"its log holds {reprlib.repr(entry)}, expected (step, value) pairs with step one of {steps}"
+        if entry[0] == "timing" and not (
+            isinstance(entry[1], (tuple, list)) and len(entry[1]) == 2 and all(_is_number(v) for v in entry[1])
+        ):
+            return f"its timing step holds {reprlib.repr(entry[1])}, expected (seconds, samples)"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --- the whole run -------------------------------------------------------------------------------------------------
@@ -316,11 +348,17 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
         InputError: bad input (unknown task, a model that cannot do the task, missing columns, empty split...).
     """
     settings.check()
-    if settings.output:
-        try:
-            check_output_file(settings.output)
-        except OutputPathError as error:
-            raise InputError(f"--output: {error}") from None
+    outputs = {"--output": settings.output, "--save-exact": settings.save_exact}
+    try:  # before any compute: a path that cannot be written fails now, not after the run
+        check_distinct_outputs({**outputs, "--reference": settings.reference})
+        for option, path in outputs.items():
+            if path:
+                try:
+                    check_output_file(path)
+                except OutputPathError as error:
+                    raise OutputPathError(f"{option}: {error}") from None
+    except OutputPathError as error:
+        raise InputError(str(error)) from None
     task = importlib.import_module(TASKS[settings.task])
     model_path = model_folder(settings.model)
     config = load_config(model_path)
@@ -349,20 +387,23 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
             f"exact attention was not run: its outputs and timing are replayed from {settings.reference} ({recorded}); "
             "the speed-up compares two runs, so it holds only if both ran on the same, equally loaded machine"
         )
-    error = None
+    failures = []
     if runner.accelerator.is_main_process:
         print(result.to_markdown())  # first: a report that cannot be written must not take the table with it
-        if settings.save_exact and reference is None:
-            keys = ("finished", "machine", "device", "versions")
-            save_reference(settings.save_exact, settings, runner, {k: result.settings[k] for k in keys})
-        if settings.output:
+        if settings.output:  # each output is tried even when the other fails
             try:
                 write_json_atomically(settings.output, result.to_dict())
             except OSError as failure:
-                error = f"the table above is complete, but --output {settings.output} could not be written: {failure}"
+                failures.append(f"--output {settings.output} could not be written: {failure}")
+        if settings.save_exact and reference is None:
+            keys = ("finished", "machine", "device", "versions")
+            try:
+                save_reference(settings.save_exact, settings, runner, {k: result.settings[k] for k in keys})
+            except (OSError, RuntimeError) as failure:  # torch.save reports some write errors as RuntimeError
+                failures.append(f"--save-exact {settings.save_exact} could not be written: {failure}")
     runner.accelerator.wait_for_everyone()
-    if error is not None:
-        raise InputError(error)
+    if failures:
+        raise InputError(f"the table above is complete, but {'; '.join(failures)}")
     return result
 
 

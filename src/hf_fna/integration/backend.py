@@ -1,7 +1,8 @@
 """The `fna` attention backend for Transformers: the attention function and its registration.
 
-`import hf_fna` registers `fna_attention_forward` in `AttentionInterface` and the SDPA mask builder in
-`AttentionMaskInterface` (without it, models would receive no padding or causal mask at all). The function looks up
+`import hf_fna` registers `fna_attention_forward` in `AttentionInterface` and its mask builder (`masks.fna_mask`: no
+mask or a key mask for bidirectional attention, SDPA's masks otherwise) in `AttentionMaskInterface` (without one,
+models would receive no padding or causal mask at all). The function looks up
 the plan of the calling module (`plans`: its tower, layer and settings) and runs FNA or exact attention there.
 
 Landmarks are chosen at the first layer of each selection group (by default one group: the first FNA layer of a
@@ -32,6 +33,7 @@ from ..ops.nystrom import (
     valid_keys,
 )
 from ..ops.sinks import attention_probabilities, detect_attention_sinks, strongest_tokens
+from .masks import fna_mask, is_traced
 from .plans import (
     ATTENTION_NAME,
     REASON_MASK,
@@ -207,7 +209,9 @@ def _decide(plan: LayerPlan, tokens: int, per_key: bool, valid: torch.Tensor | N
         return False, f"{tokens} tokens < min_tokens={fna_config.min_tokens}" + (
             f" / num_landmarks={group.num_landmarks}" if group.num_landmarks > fna_config.min_tokens else ""
         )
-    if valid is not None and int(valid.sum(dim=-1).min()) < group.num_landmarks:
+    # Under torch.export the count cannot be read; Nyström attention then handles such a sample itself (its masked
+    # and repeated landmarks take no part, so every real token is a landmark).
+    if valid is not None and not is_traced(valid) and int(valid.sum(dim=-1).min()) < group.num_landmarks:
         # A padded sample with fewer real tokens than landmarks would need duplicate landmarks.
         plan.tower_plan.warn_once(REASON_PADDING, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}")
         return False, f"fewer unpadded tokens than num_landmarks={group.num_landmarks}"
@@ -353,9 +357,10 @@ def _flags_for(
 
 
 def register() -> None:
-    """Register the `fna` backend in Transformers' `AttentionInterface` and `AttentionMaskInterface`."""
+    """Register the `fna` backend in Transformers' `AttentionInterface` and its mask builder (`masks.fna_mask`) in
+    `AttentionMaskInterface`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, fna_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, fna_mask)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .plans import LayerPlan, layer_plan, plan_model, tower_plans
+from .plans import ATTENTION_NAME, LayerPlan, layer_plan, plan_model, tower_plans
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,12 @@ def explain(model: nn.Module) -> Explanation:
     """Per tower and layer: FNA or exact attention, and why (see the module docstring).
 
     A model loaded with `attn_implementation="fna"` that has not run yet is planned here, as its first forward
-    pass would plan it. Towers that run another attention implementation (a CLIP text tower, a language model) are
-    not listed.
+    pass would plan it. Towers that run another attention implementation (a CLIP text tower, a language model, a
+    model switched with `set_attn_implementation("sdpa")` or inside `hf_fna.exact(model)`) are not listed.
     """
     plans = _layer_plans(model)
-    if not plans:
-        plan_model(model)
+    if not plans and not any(layer_plan(module) is not None for module in model.modules()):
+        plan_model(model)  # never planned; a model switched away from fna keeps its plans for when it comes back
         plans = _layer_plans(model)
     reports = []
     for plan in sorted(plans, key=lambda p: (p.tower_plan.name, p.index)):
@@ -87,8 +87,14 @@ def explain(model: nn.Module) -> Explanation:
 
 
 def _layer_plans(model: nn.Module) -> list[LayerPlan]:
-    plans = (layer_plan(module) for module in model.modules())
-    return [plan for plan in plans if plan is not None]
+    """The plans of the attention modules that run `fna` now (a module switched to another implementation, e.g. by
+    `set_attn_implementation("sdpa")` or `hf_fna.exact`, keeps its plan but is not listed)."""
+    plans = []
+    for module in model.modules():
+        plan = layer_plan(module)
+        if plan is not None and getattr(module.config, "_attn_implementation", None) == ATTENTION_NAME:
+            plans.append(plan)
+    return plans
 
 
 def last_landmarks(model: nn.Module) -> torch.Tensor | None:

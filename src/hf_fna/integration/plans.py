@@ -16,6 +16,7 @@ warns, once per model and reason, when a layer configured for FNA falls back to 
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..config import FNAConfig, LayerGroup, set_model_applier
+from ..config import FNA_CONFIG_NAME, FNAConfig, LayerGroup, set_model_applier
 from ..ops.sinks import detect_high_norm_tokens, detect_massive_tokens
 from .towers import (
     TOWER_CONFIG_NAMES,
@@ -265,12 +266,75 @@ def _add_norm_hook(tower_plan: TowerPlan, block: nn.Module) -> None:
 NormGapDetector = NormDetector  # its earlier name: models pickled with `torch.save(model)` before the rename load
 
 
+def model_path(root: nn.Module) -> str | None:
+    """The folder or Hub repo id the model under `root` was loaded from (`config.name_or_path` of its outermost
+    `PreTrainedModel`), or None for a model built from a config."""
+    from transformers import PreTrainedModel
+
+    for module in root.modules():
+        if isinstance(module, PreTrainedModel):
+            path = getattr(module.config, "_name_or_path", "") or ""
+            if path:
+                return str(path)
+    return None
+
+
+def settings_file(path: str | None) -> tuple[FNAConfig, str] | None:
+    """The `fna_config.json` beside a model's weights: in the local folder `path`, or in the Hub repo `path` (the
+    Hub's cache first; nothing is fetched in offline mode). None when there is none or it cannot be fetched.
+
+    Raises:
+        ValueError: the file exists but is not a valid `fna_config.json` (named).
+    """
+    if not path:
+        return None
+    if os.path.isdir(path):
+        candidate = os.path.join(path, FNA_CONFIG_NAME)
+        return (FNAConfig.from_json_file(candidate), candidate) if os.path.isfile(candidate) else None
+    if os.path.exists(path) or os.path.isabs(path):
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        candidate = hf_hub_download(path, FNA_CONFIG_NAME)
+    except HFValidationError:
+        return None  # not a repo id either
+    except Exception as error:  # absent from the repo, offline, no network: the defaults apply
+        logger.info(f"hf_fna: no {FNA_CONFIG_NAME} for {path!r} ({type(error).__name__}); using the defaults.")
+        return None
+    return FNAConfig.from_json_file(candidate), f"{path}/{FNA_CONFIG_NAME}"
+
+
+def _settings_from_file(root: nn.Module) -> None:
+    """Give the vision tower of `root` the settings of `fna_config.json` beside its weights when its config carries
+    no `fna_config` (the lookup order: the config attribute, then that file, then the defaults). The settings are
+    written onto the tower's config, so that `explain`, `save_pretrained` and later passes see them."""
+    from transformers import PreTrainedModel
+
+    model = next((m for m in root.modules() if isinstance(m, PreTrainedModel)), None)
+    if model is None:
+        return
+    name = tower_config_name(model.config)
+    config = model.config if name is None else getattr(model.config, name)
+    if getattr(config, "_attn_implementation", None) != ATTENTION_NAME or getattr(config, "fna_config", None):
+        return
+    found = settings_file(model_path(root))
+    if found is not None:
+        fna_config, source = found
+        config.fna_config = fna_config.to_dict()
+        logger.info(f"hf_fna: {type(config).__name__} runs FNA with the settings of {source}.")
+
+
 def plan_model(root: nn.Module) -> int:
     """Map every attention module under `root` whose tower runs `fna` to its tower plan and layer index.
 
-    Returns the number of attention modules planned. Raises `ValueError` naming the config for an invalid
-    `fna_config` (out-of-range layers included), before any plan of `root` changes.
+    A vision tower whose config carries no `fna_config` first takes the settings of the `fna_config.json` beside the
+    model's weights, if there is one (`settings_file`). Returns the number of attention modules planned. Raises
+    `ValueError` naming the config for an invalid `fna_config` (out-of-range layers included), or the file for an
+    invalid `fna_config.json`, before any plan of `root` changes.
     """
+    _settings_from_file(root)
     tower_plans_by_config: dict[int, TowerPlan] = {}
     layers: list[tuple[str, nn.Module, TowerPlan, int]] = []
     for name, module in root.named_modules():  # resolve every tower first: a bad config changes nothing
@@ -286,17 +350,27 @@ def plan_model(root: nn.Module) -> int:
             tower_plans_by_config[id(config)] = plan_tower(config, _config_name(getattr(root, "config", None), config))
         layers.append((name, module, tower_plans_by_config[id(config)], index))
     with _PLAN_LOCK:
-        for module in root.modules():
-            previous = _PLANS.pop(module, None)
-            if previous is not None:
-                for hook in previous.tower_plan.hooks:
-                    hook.remove()
+        _drop_plans(root)
         for name, module, tower_plan, index in layers:
             _PLANS[module] = LayerPlan(tower_plan, index)
             masking = tower_plan.fna_config.masking
             if masking.enabled and masking.detect in NORM_DETECTORS and index == tower_plan.detect_layer:
                 _add_norm_hook(tower_plan, root.get_submodule(_block_name(name)))
     return len(layers)
+
+
+def drop_plans(root: nn.Module) -> None:
+    """Remove the plans of the attention modules under `root` and the hooks they registered (`hf_fna.remove`)."""
+    with _PLAN_LOCK:
+        _drop_plans(root)
+
+
+def _drop_plans(root: nn.Module) -> None:
+    for module in root.modules():
+        previous = _PLANS.pop(module, None)
+        if previous is not None:
+            for hook in previous.tower_plan.hooks:
+                hook.remove()
 
 
 def _block_name(attention_name: str) -> str:
@@ -340,16 +414,21 @@ def _plan_from_call_stack(module: nn.Module) -> LayerPlan:
 
 
 def _outermost_caller_module(module: nn.Module) -> nn.Module | None:
-    """The outermost `nn.Module` on the call stack that contains `module` (the model being run)."""
+    """The outermost `nn.Module` on the call stack that contains `module` (the model being run).
+
+    Modules on the stack that do not contain it are skipped: a loss module that takes the model as an argument, or a
+    wrapper holding it outside its registered submodules, calls the model without being part of it.
+    """
     frame = sys._getframe(1)
     outermost = None
+    checked: set[int] = set()
     while frame is not None:
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, nn.Module) and candidate is not module:
-            outermost = candidate
+        if isinstance(candidate, nn.Module) and candidate is not module and id(candidate) not in checked:
+            checked.add(id(candidate))
+            if any(m is module for m in candidate.modules()):
+                outermost = candidate
         frame = frame.f_back
-    if outermost is None or not any(m is module for m in outermost.modules()):
-        return None
     return outermost
 
 

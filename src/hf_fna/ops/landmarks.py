@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
+from .checks import check_choice, check_features, check_int, check_seed, check_token_mask
+
 # Distances that order the picks: picked tokens below any real distance, invalid tokens below everything.
 _PICKED = torch.finfo(torch.float32).min
 _INVALID = float("-inf")
@@ -67,10 +69,13 @@ def farthest_point_sampling(
     Returns:
         `[B, m]` int64 token indices; guaranteed tokens come first.
     """
+    check_features("features", features)
     batch, num_tokens, channels = features.shape
     _check_count(num_landmarks, num_tokens)
-    _check_choice("start", start, FPS_STARTS)
-    _check_choice("implementation", implementation, FPS_IMPLEMENTATIONS)
+    check_token_mask("guaranteed", guaranteed, batch, num_tokens)
+    check_token_mask("valid", valid, batch, num_tokens)
+    check_choice("FPS start", start, FPS_STARTS)
+    check_choice("FPS implementation", implementation, FPS_IMPLEMENTATIONS)
     if implementation == "auto":
         on_cpu = features.device.type == "cpu" and not torch.compiler.is_compiling()
         implementation = "numpy" if on_cpu else "torch"
@@ -120,20 +125,20 @@ def farthest_point_sampling(
             num_landmarks,
             seed_with_guaranteed,
         )
-    picks = torch.empty(num_landmarks, batch, dtype=torch.long, device=features.device)
+    # Functional ops, no `out=`: `torch.export` with a dynamic batch would otherwise specialise the batch size.
+    picks = []
     for i in range(num_landmarks):
-        pick = picks[i]
-        torch.argmax(distance, dim=-1, out=pick)
+        pick = torch.argmax(distance, dim=-1)
         if forced is not None:
-            torch.where(forced_count > i, forced[:, i], pick, out=pick)
-        torch.where(start_step == i, start_index, pick, out=pick)
+            pick = torch.where(forced_count > i, forced[:, i], pick)
+        pick = torch.where(start_step == i, start_index, pick)
         centre = centres.gather(1, pick.view(batch, 1, 1).expand(batch, 1, channels + 2))
         new_distance = torch.bmm(centre, points).view(batch, num_tokens)
         if forced is not None and not seed_with_guaranteed:
-            new_distance.masked_fill_((forced_count > i).unsqueeze(-1), _UNSEEN)
-        torch.minimum(distance, new_distance, out=distance)
-        distance.scatter_(1, pick.view(batch, 1), _PICKED)
-    return picks.t().contiguous()
+            new_distance = new_distance.masked_fill((forced_count > i).unsqueeze(-1), _UNSEEN)
+        distance = torch.minimum(distance, new_distance).scatter(1, pick.view(batch, 1), _PICKED)
+        picks.append(pick)
+    return torch.stack(picks, dim=1)
 
 
 def _start_index(norms: torch.Tensor, eligible: torch.Tensor | None, start: str) -> torch.Tensor:
@@ -266,20 +271,28 @@ def random_sampling(
 ) -> torch.Tensor:
     """Pick `num_landmarks` tokens per sample uniformly at random (the ablation baseline of the paper).
 
-    A fixed `seed` makes the choice deterministic for a given input shape. Guaranteed tokens come first, in index
-    order; invalid tokens are never picked.
+    Every sample draws from its own generator seeded with `seed`, so a sample's landmarks depend on `seed`, the
+    sequence length and its own guaranteed and valid tokens only, never on its batch neighbours or its position in
+    the batch. Guaranteed tokens come first, in index order; invalid tokens are never picked.
 
     Returns:
         `[B, m]` int64 token indices.
     """
+    check_int("num_tokens", num_tokens, 1)
     _check_count(num_landmarks, num_tokens)
+    check_int("batch_size", batch_size, 1)
+    check_seed(seed)
+    check_token_mask("guaranteed", guaranteed, batch_size, num_tokens)
+    check_token_mask("valid", valid, batch_size, num_tokens)
     if valid is not None:
         device = valid.device
     elif guaranteed is not None:
         device = guaranteed.device
     device = torch.device(device or "cpu")
     generator = torch.Generator(device=device).manual_seed(seed)
-    score = torch.rand(batch_size, num_tokens, generator=generator, device=device)
+    # One draw, shared by every row: each row is what a batch of one would draw (`torch.rand(B, N)` would give
+    # row i the i-th draw, so the landmarks of a sample would change with its position in the batch).
+    score = torch.rand(1, num_tokens, generator=generator, device=device).expand(batch_size, num_tokens)
     if guaranteed is not None:
         # Guaranteed tokens score above 1, the lowest index highest.
         order = torch.arange(num_tokens, 0, -1, device=device, dtype=score.dtype) / num_tokens
@@ -310,14 +323,24 @@ def select_landmarks(
         seed: seed of random sampling.
         start: where "fps" starts (`SELECTION_STARTS`): "special" (the guaranteed tokens seed the distances),
             "first" (FPS over the other tokens from the first of them, as "quickfps" does) or "centroid".
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong kind or value, named with what is accepted.
     """
+    check_features("features", features)
     batch, num_tokens, _ = features.shape
+    if method not in SAMPLING_METHODS:
+        raise ValueError(
+            f"Landmark sampling method {method!r} is not supported; accepted values: {', '.join(SAMPLING_METHODS)}."
+        )
+    check_int("num_special_tokens", num_special_tokens, 0)
+    check_seed(seed)
     if num_special_tokens > 0:
         special = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
         special[:, :num_special_tokens] = True
         guaranteed = special if guaranteed is None else guaranteed | special
     if method == "fps":
-        _check_choice("start", start, SELECTION_STARTS)
+        check_choice("start", start, SELECTION_STARTS)
         return farthest_point_sampling(
             features,
             num_landmarks,
@@ -331,20 +354,12 @@ def select_landmarks(
             features, num_landmarks, guaranteed=guaranteed, valid=valid, seed_with_guaranteed=False,
             implementation="quickfps",
         )  # fmt: skip
-    if method == "random":
-        return random_sampling(
-            num_tokens, num_landmarks, batch, guaranteed=guaranteed, valid=valid, seed=seed, device=features.device
-        )
-    raise ValueError(
-        f"Landmark sampling method {method!r} is not supported; accepted values: {', '.join(SAMPLING_METHODS)}."
+    return random_sampling(
+        num_tokens, num_landmarks, batch, guaranteed=guaranteed, valid=valid, seed=seed, device=features.device
     )
 
 
-def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"FPS {name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
-
-
 def _check_count(num_landmarks: int, num_tokens: int) -> None:
-    if not 1 <= num_landmarks <= num_tokens:
+    check_int("num_landmarks", num_landmarks, 1)
+    if num_landmarks > num_tokens:
         raise ValueError(f"num_landmarks={num_landmarks} must lie in [1, {num_tokens}] for {num_tokens} tokens.")

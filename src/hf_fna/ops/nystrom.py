@@ -8,12 +8,19 @@ With queries/keys/values `[B, H, N, d]`, landmark indices `idx` `[B, m]` and sca
     out = softmax(s Q kp^T) vp         [B, H, N, d]                                (SDPA)
 
 which is the Nyström form softmax(Q kp^T) A^+ softmax(qp K^T) V at cost O(N m d). With every token a landmark and
-an exact pseudo-inverse it equals exact attention. A, its pseudo-inverse and vp are computed in float32 whatever
-the model dtype, because the landmark kernel is ill-conditioned.
+an exact pseudo-inverse it equals exact attention (`pinv="exact"`, the reference mode, computes the whole chain in
+float64, `exact_pinv`). A, its pseudo-inverse and vp are computed in float32 whatever the model dtype (float64
+stays float64), because the landmark kernel is ill-conditioned.
 
 Masks follow `scaled_dot_product_attention`: a bool mask (True = attend) or an additive float mask (float32 or the
 query dtype), broadcastable to `[B, H, N, N]` (a 2-D mask is `[N, N]`), and a query whose keys are all masked (False
-or -inf) gets an output of 0. A mask that is the same for every query (padding) is honoured in all three softmaxes.
+or -inf) gets an output of 0. A row whose every key carries the same finite minimum attends uniformly (the mean of
+V), as SDPA does when that minimum swamps the logits: finfo(float32).min, or -1e9 in float32 arithmetic. A float32
+mask given with half-precision inputs is cast to their dtype (the kernels of SDPA require it) with finite values
+clamped into its range, so -1e9 on every key becomes float16's minimum, not -inf (a dead row), and attends uniformly
+as SDPA does with the float32 mask. (The reference mode adds a finite mask in float64, where -1e9 on every key of a
+float32 or bfloat16 input is a constant shift of the logits: it returns the exact softmax, SDPA the mean of V.) A
+mask that is the same for every query (padding) is honoured in all three softmaxes.
 Interventions on flagged (massive / artifact) tokens, all O(N):
 - "mask": their logits become -inf (a key bias);
 - "sink": every query's weight on them is zeroed without renormalisation, i.e. their values are zeroed;
@@ -23,11 +30,14 @@ Interventions on flagged (massive / artifact) tokens, all O(N):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import ReferenceModeError
-from .landmarks import select_landmarks
+from .checks import check_choice, check_indices, check_int, check_seed, check_token_mask
+from .landmarks import SAMPLING_METHODS, select_landmarks
 
 # What happens to the keys of flagged massive/artifact tokens (see `exact_attention`).
 INTERVENTIONS = ("none", "mask", "sink", "sink_keep_self")
@@ -51,7 +61,11 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
     a = a.reshape(-1, shape[-1], shape[-1])
     identity = torch.eye(shape[-1], device=a.device, dtype=a.dtype)
     seven, fifteen, thirteen = 7 * identity, 15 * identity, 3.25 * identity
-    z = a.transpose(-1, -2) / a.sum(dim=-2).amax(dim=-1)[:, None, None]
+    # An all-zero kernel (a fully masked sample) gets Z = 0, its exact pseudo-inverse, instead of 0 / 0 = NaN, which
+    # the backward pass would carry into every gradient of the batch. A softmax kernel's largest column sum is >= 1:
+    # its numbers do not change.
+    scale = a.sum(dim=-2).amax(dim=-1)
+    z = a.transpose(-1, -2) / scale.masked_fill(scale == 0, 1.0)[:, None, None]
     for _ in range(iterations):
         az = torch.bmm(a, z)
         # The identity terms and the factor 1/4 ride on the matrix products (baddbmm) instead of separate passes.
@@ -61,7 +75,7 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
 
 
 def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int = 6) -> torch.Tensor:
-    """Pseudo-inverse of the landmark kernel A: "newton" (default) or "exact" (`torch.linalg.pinv`)."""
+    """Pseudo-inverse of the landmark kernel A: "newton" (default) or "exact" (`exact_pinv`)."""
     if method == "newton":
         valid = isinstance(iterations, int) and not isinstance(iterations, bool)
         if not valid or not 1 <= iterations <= MAX_PINV_ITERATIONS:
@@ -71,8 +85,33 @@ def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int 
             )
         return newton_schulz_pinv(matrix, iterations)
     if method == "exact":
-        return torch.linalg.pinv(matrix)
+        return exact_pinv(matrix)
     raise ValueError(f"pinv={method!r} is not supported; accepted values: newton, exact.")
+
+
+def exact_pinv(matrix: torch.Tensor) -> torch.Tensor:
+    """The pseudo-inverse of the reference mode: `torch.linalg.pinv` with singular values below sqrt(eps) of the
+    largest cut (1.5e-8 in float64).
+
+    With every token a landmark the kernel is the attention matrix itself, whose condition number reaches 1e15 and
+    more when attention is nearly uniform. `torch.linalg.pinv`'s default cut (about N eps) keeps directions whose
+    rounding errors it then amplifies by up to 1 / (N eps): 1e-4 off exact attention on a 4-layer ViT with 226
+    tokens. Cutting at sqrt(eps) bounds both the amplified rounding and the dropped part by about 1e-8: the same
+    model then matches exact attention to 7e-7, as close as eager and SDPA attention agree (8e-7).
+
+    The result refuses to be differentiated: a backward pass through it raises `ReferenceModeError`.
+    """
+    inverse = torch.linalg.pinv(matrix, rtol=torch.finfo(matrix.dtype).eps ** 0.5)
+    if inverse.requires_grad:
+        inverse.register_hook(_refuse_gradient)
+    return inverse
+
+
+def _refuse_gradient(_gradient: torch.Tensor) -> None:
+    raise ReferenceModeError(
+        "pinv='exact' cannot be differentiated: gradients through the exact pseudo-inverse of the ill-conditioned "
+        "landmark kernel explode. Its forward pass runs with autograd on; for gradients use pinv='newton'."
+    )
 
 
 # --- masks ---------------------------------------------------------------------------------------------------------
@@ -107,13 +146,19 @@ def additive_mask(
     """An attention mask as a 4-D additive float mask broadcastable to `shape` (`[B, H, Nq, Nk]`).
 
     Accepts what `scaled_dot_product_attention` accepts: a bool mask (True = attend; False becomes -inf) or an
-    additive float mask; other dtypes (integer 0/1 masks) raise `ValueError`.
+    additive float mask, returned in `dtype` with finite values clamped into its range; other dtypes (integer 0/1
+    masks) raise `ValueError`.
     """
     if attention_mask is None:
         return None
     mask = _mask_4d(attention_mask, dtype, shape)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    if mask.dtype != dtype:
+        # A plain cast would turn a float32 -1e9 into float16's -inf, and its row into a dead one (output 0) where
+        # SDPA attends: finite values stay finite (clamped to float16's minimum, which `_uniform_rows` then reads).
+        limits = torch.finfo(dtype)
+        mask = torch.where(mask.isfinite(), mask.clamp(limits.min, limits.max), mask)
     return mask.to(dtype)
 
 
@@ -146,7 +191,7 @@ def valid_keys(key_bias: torch.Tensor | None, per_head: bool = False) -> torch.T
     """
     if key_bias is None:
         return None
-    bias = key_bias.float()
+    bias = key_bias.to(torch.promote_types(key_bias.dtype, torch.float32))
     threshold = bias.amax(dim=-1, keepdim=True) + torch.finfo(key_bias.dtype).min / 2  # -inf for such a row
     valid = (bias > threshold)[:, :, 0, :]
     return valid if per_head else valid.all(dim=1)
@@ -160,6 +205,22 @@ def _dead_queries(bias: torch.Tensor | None) -> torch.Tensor | None:
 def _finite(bias: torch.Tensor | None) -> torch.Tensor | None:
     """-inf entries raised to the dtype's minimum, so that a fully masked query yields no NaN on the way."""
     return None if bias is None else bias.clamp_min(torch.finfo(bias.dtype).min)
+
+
+def _uniform_rows(query: torch.Tensor, key_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(query, key_bias)` with the rows whose every key carries the bias dtype's finite minimum made uniform: their
+    queries and biases zeroed, so that every softmax over their keys is uniform.
+
+    SDPA attends uniformly there because the minimum swamps the logits in its arithmetic (finfo(float32).min, or a
+    float32 -1e9); float16's minimum, where a wider mask's -1e9 is clamped to, does not swamp float32 arithmetic, so
+    the uniform rows are made explicit. A mask without such rows is returned unchanged.
+    """
+    if key_bias is None:
+        return query, key_bias
+    uniform = (key_bias == torch.finfo(key_bias.dtype).min).all(dim=-1, keepdim=True)  # [B, H|1, 1, 1]
+    if torch.compiler.is_compiling() or bool(uniform.any()):
+        query, key_bias = query.masked_fill(uniform, 0.0), key_bias.masked_fill(uniform, 0.0)
+    return query, key_bias
 
 
 def _zero_dead(tensor: torch.Tensor | None, dead: torch.Tensor | None) -> torch.Tensor | None:
@@ -210,13 +271,14 @@ def _keep_self_correction(
     positions = flagged.float().topk(max(count, 1), dim=-1).indices
     present = flagged.gather(1, positions)
     gather = positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
-    q_f, k_f, v_f = (t.gather(2, gather).float() for t in (query, key, value))
-    logits = scale * q_f @ key.float().transpose(-1, -2)
+    precise = torch.promote_types(query.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+    q_f, k_f, v_f = (t.gather(2, gather).to(precise) for t in (query, key, value))
+    logits = scale * q_f @ key.to(precise).transpose(-1, -2)
     if key_bias is not None:
-        logits = logits + key_bias.float()
+        logits = logits + key_bias.to(precise)
     self_logit = scale * (q_f * k_f).sum(-1)
     if key_bias is not None:
-        self_logit = self_logit + key_bias.float().expand(-1, query.shape[1], -1, -1)[:, :, 0, :].gather(
+        self_logit = self_logit + key_bias.to(precise).expand(-1, query.shape[1], -1, -1)[:, :, 0, :].gather(
             2, positions[:, None, :].expand(-1, query.shape[1], -1)
         )
     p_self = (self_logit - logits.logsumexp(dim=-1)).exp()
@@ -248,14 +310,19 @@ def exact_attention(
 
     Uses `scaled_dot_product_attention` unless `return_weights` asks for the (quadratic) attention matrix.
     """
+    _check_states(query, key, value, "exact_attention")
+    check_token_mask("flagged", flagged, query.shape[0], key.shape[2])
+    _check_rate_and_scale(dropout_p, scale)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    query, key_bias = _uniform_rows(query, key_bias)
     dead = _dead_queries(key_bias)
     value_used, bias = _prepare_intervention(value, _finite(key_bias), flagged, intervention)
     weights = None
     if return_weights:
-        logits = scale * query.float() @ key.float().transpose(-1, -2)
+        precise = torch.promote_types(query.dtype, torch.float32)
+        logits = scale * query.to(precise) @ key.to(precise).transpose(-1, -2)
         if bias is not None:
-            logits = logits + bias.float()
+            logits = logits + bias.to(precise)
         weights = logits.softmax(dim=-1)
         if flagged is not None and intervention in ("sink", "sink_keep_self"):
             kept = weights * flagged[:, None, None, :]
@@ -263,7 +330,7 @@ def exact_attention(
             if intervention == "sink_keep_self":
                 weights = weights + torch.diag_embed(torch.diagonal(kept, dim1=-2, dim2=-1))
         weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
-        output = (weights @ value.float()).to(value.dtype)
+        output = (weights @ value.to(precise)).to(value.dtype)
         return _zero_dead(output, dead), _zero_dead(weights.to(query.dtype), dead)
     output = F.scaled_dot_product_attention(query, key, value_used, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     if flagged is not None and intervention == "sink_keep_self":
@@ -297,11 +364,25 @@ def nystrom_attention(
     backend make them so): their columns then act through the landmark kernel exactly as in exact attention.
     Dropout (training) applies to the queries' weights over the landmarks. `return_weights` also returns the
     approximate `[B, H, N, N]` attention matrix, which is quadratic in N.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong kind, shape or value (landmark indices outside [0, N), a
+            `flagged` or `valid` mask that is not a bool mask over the tokens...), named with what is accepted.
+        ReferenceModeError: `pinv="exact"` with fewer landmarks than unmasked tokens (at once), or a backward pass
+            through `pinv="exact"` (when it runs).
     """
+    _check_states(query, key, value, "nystrom_attention")
+    batch, num_tokens = query.shape[0], key.shape[2]
+    landmarks = check_indices("landmarks", landmarks, batch, num_tokens)
+    check_token_mask("flagged", flagged, batch, num_tokens)
+    check_token_mask("valid", valid, batch, num_tokens, per_head=True)
+    check_choice("pinv", pinv, PINV_METHODS)
+    _check_rate_and_scale(dropout_p, scale)
     head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     if valid is None and key_bias is not None:
         valid = valid_keys(key_bias, per_head=True)  # in the mask's own dtype, before a float64 cast blurs its minimum
+    query, key_bias = _uniform_rows(query, key_bias)  # likewise
     if pinv == "exact":
         check_reference_mode(query, key, value, landmarks, valid)
     if pinv == "exact" and query.dtype != torch.float64:
@@ -381,13 +462,14 @@ def check_reference_mode(
     landmarks: torch.Tensor,
     valid: torch.Tensor | None = None,
 ) -> None:
-    """Refuse what `pinv="exact"` cannot do: it reproduces exact attention only with every unmasked token a landmark,
-    and only without gradients.
+    """Refuse what `pinv="exact"` cannot do: it reproduces exact attention only with every unmasked token a landmark.
+
+    A forward pass with autograd on is allowed (a model's weights require gradients even in `eval()`); the backward
+    pass through the exact pseudo-inverse is what `exact_pinv` refuses, when it runs.
 
     Raises:
         ReferenceModeError: fewer landmarks than unmasked tokens (the exact pseudo-inverse of a partial landmark
-            kernel is not an approximation of attention), or a pass that records gradients (through the
-            ill-conditioned kernel they explode).
+            kernel is not an approximation of attention).
     """
     unmasked = None if valid is None else valid if valid.dim() == 2 else valid.any(dim=1)  # unmasked in some head
     tokens = key.shape[2] if unmasked is None else int(unmasked.sum(dim=-1).max())
@@ -396,11 +478,26 @@ def check_reference_mode(
             f"pinv='exact' is the reference mode: it needs every unmasked token as a landmark, got "
             f"{landmarks.shape[-1]} landmarks for {tokens} tokens; use pinv='newton' to approximate attention."
         )
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        raise ReferenceModeError(
-            "pinv='exact' cannot be trained through: gradients through the exact pseudo-inverse of the "
-            "ill-conditioned landmark kernel explode; use pinv='newton', or run the reference under torch.no_grad()."
+
+
+def _check_states(query: Any, key: Any, value: Any, caller: str) -> None:
+    """query/key/value: floating `[B, H, N, d]` tensors with equal B, H, N (and equal d for query and key)."""
+    states = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in states):
+        kinds = ", ".join(str(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in states)
+        raise TypeError(f"{caller} expects floating-point query/key/value tensors; got {kinds}.")
+    if query.dim() != 4 or key.shape != query.shape[:3] + key.shape[3:] or value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            f"{caller} expects query/key/value of shape [B, H, N, d] with equal B, H, N; got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
         )
+
+
+def _check_rate_and_scale(dropout_p: Any, scale: Any) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p={dropout_p!r} is invalid; expected a number in [0, 1].")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale={scale!r} is a {type(scale).__name__}; expected a number or None (d ** -0.5).")
 
 
 def _first_occurrences(landmarks: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -482,16 +579,18 @@ def fna_attention(
 
     Raises:
         ValueError: a mask that differs between queries (e.g. causal), a mask SDPA would refuse (integer dtype, a
-            shape not broadcastable to `[B, H, N, N]`), or a bad option value; `ReferenceModeError` for
-            `pinv="exact"` with fewer landmarks than unmasked tokens or with gradients.
+            shape not broadcastable to `[B, H, N, N]`), or a bad option value; `TypeError` for an argument of the
+            wrong kind (`num_landmarks=2.5`, float `landmarks`); `ReferenceModeError` for `pinv="exact"` with fewer
+            landmarks than unmasked tokens, or when a backward pass reaches `pinv="exact"`.
     """
-    if query.dim() != 4 or key.shape != query.shape[:3] + key.shape[3:] or value.shape[:3] != key.shape[:3]:
-        raise ValueError(
-            f"fna_attention expects query/key/value of shape [B, H, N, d] with equal B, H, N; got "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
-        )
+    _check_states(query, key, value, "fna_attention")
     if sampling_features not in ("q", "k"):
         raise ValueError(f"sampling_features={sampling_features!r} is not supported here; accepted values: q, k.")
+    check_int("num_landmarks", num_landmarks, 1)
+    check_int("num_special_tokens", num_special_tokens, 0)
+    check_choice("sampling", sampling, SAMPLING_METHODS)
+    check_seed(seed)
+    check_token_mask("flagged", flagged, query.shape[0], key.shape[2])
     key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, (*query.shape[:3], key.shape[2]))
     if not per_key:
         raise ValueError(

@@ -15,7 +15,8 @@ layers leaves speed where layers are easy and loses fidelity where they are hard
    (c) the fastest schedule that meets the target is extended greedily: the two layers before it become a group of
    their own with more landmarks, while the target holds;
    consecutive layers with the same m form one selection group;
-4. keeps the fastest measured schedule whose fidelity meets the target (FLOP bound, or measured speed when asked);
+4. keeps the fastest measured schedule whose fidelity meets the target (FLOP bound, or measured speed when asked),
+   and exact attention when none of those is faster than exact attention (a speed-up of 1.0x or less);
 5. reports the chosen schedule's fidelity on images held out from calibration.
 
 For a 12-layer model and 3 candidates that is about 1 + 36 + 4 + 12 + 4 + 2 forward passes of the calibration batch;
@@ -35,16 +36,27 @@ import torch
 from torch import nn
 
 from ..config import FNAConfig, schedule_from_landmarks
-from ..integration.towers import mlp_ratio_of, special_tokens, tower_config
+from ..integration.towers import (
+    interpolation_kwargs,
+    mlp_ratio_of,
+    patch_size,
+    special_tokens,
+    tower_config,
+    vision_tower,
+)
 from ..ops.cost import schedule_flop_bound
 from .measure import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    device_from_option,
+    image_normalisation,
     machine_info,
     machine_line,
     model_description,
     model_folder,
     photo_tensor,
+    progress_bar,
+    resolution_problem,
     timed_forward,
 )
 
@@ -119,18 +131,36 @@ class CalibrationReport:
         return "\n".join(lines)
 
     def plot(self, path: str | IO[bytes]) -> None:
-        """Write a PNG (to a path or a binary file): fidelity against predicted speed-up for every measured
-        schedule, the chosen one marked."""
-        import matplotlib
+        """Write a PNG (to a path or a binary file) of `figure()`."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        try:
+            fig.savefig(path, dpi=120, format="png")
+        finally:
+            plt.close(fig)
+
+    def figure(self) -> Any:
+        """Fidelity against predicted speed-up for every measured schedule: each point numbered (labels placed so
+        that none overlaps another), the schedules listed by number beside the plot, the chosen one marked, a
+        dashed line at the target and a dotted one at exact attention (1.0x)."""
+        try:
+            import matplotlib
+        except ImportError as error:
+            raise ImportError(
+                "CalibrationReport.plot needs matplotlib: pip install 'hf-fna[plots]'", name="matplotlib"
+            ) from error
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        rows = self.frontier
-        ax.scatter([r["predicted_speedup"] for r in rows], [r["fidelity"] for r in rows], label="measured")
+        rows = sorted(self.frontier, key=lambda r: (-r["predicted_speedup"], -r["fidelity"]))
+        fig = plt.figure(figsize=(10, 5))
+        ax = fig.add_axes((0.08, 0.11, 0.52, 0.8))
+        xs, ys = [r["predicted_speedup"] for r in rows], [r["fidelity"] for r in rows]
+        ax.scatter(xs, ys, label="measured", zorder=3)
         ax.scatter(
-            [r["predicted_speedup"] for r in rows],
+            xs,
             [r["predicted_fidelity"] for r in rows],
             facecolors="none",
             edgecolors="gray",
@@ -141,18 +171,63 @@ class CalibrationReport:
         if self.heldout:
             heldout = self.heldout["fidelity"]
             ax.scatter([chosen["predicted_speedup"]], [heldout], marker="x", color="red", label="chosen, held out")
-        for r in rows:
-            ax.annotate(r["schedule"], (r["predicted_speedup"], r["fidelity"]), fontsize=6)
-        ax.axhline(self.target, color="red", lw=0.8, ls="--")
+        ax.axhline(self.target, color="red", lw=0.8, ls="--", label=f"target {self.target:g}")
+        ax.axvline(1.0, color="black", lw=0.8, ls=":", label="exact attention (1.0x)")
         ax.set(
             xlabel="speed-up bound (FLOP model)",
             ylabel=f"{self.metric} to exact attention",
             title=f"FNA calibration frontier: {self.tokens} tokens, {self.calibration_images} images",
         )
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120, format="png")
-        plt.close(fig)
+        low, high = ax.get_xlim()
+        ax.set_xlim(min(low, 0.95), max(high, 1.05))
+        ax.set_ylim(*ax.get_ylim())  # fixed before the labels are placed in display coordinates
+        ax.legend(fontsize=7, loc="lower left")
+        _place_labels(ax, list(zip(xs, ys, strict=True)), [str(i) for i in range(1, len(rows) + 1)])
+        listing = [
+            f"{i:>2}  {r['schedule']}" + ("  (chosen)" if r.get("chosen") else "") for i, r in enumerate(rows, 1)
+        ]
+        size = 7 if len(listing) <= 30 else max(4, 7 * 30 / len(listing))
+        fig.text(0.62, 0.91, "schedules (point number, FNAConfig.layers)", fontsize=8, va="top", weight="bold")
+        fig.text(0.62, 0.87, "\n".join(listing), fontsize=size, va="top", family="monospace")
+        return fig
+
+
+# Where a point's label may go, in points from the point: beside it first, then on rings further out (with a leader
+# line back to the point).
+_NEAR_OFFSETS = ((3, 3), (3, -9), (-9, 3), (-9, -9))
+_RING_OFFSETS = tuple(
+    (radius * dx, radius * dy)
+    for radius in (12, 18, 24, 30, 36)
+    for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))
+)
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float]], labels: list[str]) -> list[Any]:
+    """Annotate each point with its label at the first offset where the label overlaps neither a label placed before
+    nor another point (the last offset is taken when none is free); returns the annotations."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    half = 4.0 * ax.figure.dpi / 72  # a marker's half width, in pixels
+    centres = [ax.transData.transform(point) for point in points]
+    markers = [Bbox.from_extents(x - half, y - half, x + half, y + half) for x, y in centres]
+    placed: list[Any] = []
+    annotations = []
+    for index, (point, label) in enumerate(zip(points, labels, strict=True)):
+        obstacles = placed + [box for j, box in enumerate(markers) if j != index]
+        for offset in (*_NEAR_OFFSETS, *_RING_OFFSETS):
+            leader = {"arrowstyle": "-", "lw": 0.4, "color": "gray"} if offset in _RING_OFFSETS else None
+            annotation = ax.annotate(
+                label, point, xytext=offset, textcoords="offset points", fontsize=7, arrowprops=leader
+            )
+            box = Text.get_window_extent(annotation, renderer)  # the text alone, without its leader line
+            if not any(box.overlaps(other) for other in obstacles) or offset == _RING_OFFSETS[-1]:
+                break
+            annotation.remove()
+        placed.append(box)
+        annotations.append(annotation)
+    return annotations
 
 
 def calibrate(
@@ -174,13 +249,19 @@ def calibrate(
 ) -> CalibrationReport:
     """Find the fastest FNA schedule of `model` whose fidelity to exact attention meets `target` on `images`.
 
-    The model is left with the chosen settings applied (`report.config.apply(model)` on a fresh copy does the same).
+    Exact attention (`layers="none"`) is chosen when no measured schedule meets the target, and when none that meets
+    it is faster than exact attention (FLOP bound, or measured speed-up with `measure_speed`, of 1.0x or less, as at
+    224 px on small models). The model is left with the chosen settings applied (`report.config.apply(model)` on a
+    fresh copy does the same).
 
     Args:
-        model: a vision model loaded with Transformers whose output has `last_hidden_state` (ViT, DINOv2,
-            CLIPVisionModel, SiglipVisionModel, ...) and whose attention dispatches through `AttentionInterface`.
+        model: a vision model loaded with Transformers whose attention dispatches through `AttentionInterface`: a
+            vision transformer (ViT, DINOv2, CLIPVisionModel, ...) or a model with a vision tower (a full
+            `CLIPModel`, SigLIP, LLaVA), whose tower is calibrated, as `FNAConfig.apply` targets it. It runs on
+            the device it is on.
         images: `[B, 3, H, W]` pixel values, or PIL images (resized to `resolution`, shorter side then centre crop,
-            and normalised with `image_mean`/`image_std`, ImageNet's by default).
+            and normalised with `image_mean`/`image_std`; by default those of the image processor saved with the
+            model, `AutoImageProcessor` of `model.name_or_path`, and ImageNet's when it has none).
         target: the fidelity to reach, in `metric` units (mean over images).
         metric: "patch_cosine" (mean cosine of the non-special output tokens), "token_cosine" (all tokens) or
             "cls_cosine" (the first token).
@@ -194,7 +275,9 @@ def calibrate(
         batch_size: images per forward pass.
         num_special_tokens: leading tokens left out of "patch_cosine"; by default read from the model config.
         seed: seed of the default held-out split.
-        progress: show a progress bar.
+        progress: show a progress bar (also hidden by `TQDM_DISABLE=1` and
+            `transformers.utils.logging.disable_progress_bar()`).
+        image_mean, image_std: normalisation of PIL images (default: see `images`).
 
     Returns:
         A `CalibrationReport` (`report.config` is the chosen `FNAConfig`).
@@ -202,8 +285,6 @@ def calibrate(
     Raises:
         ValueError: bad `target`, `metric`, `candidates`, or images that do not make a batch.
     """
-    from tqdm.auto import tqdm
-
     if metric not in METRICS:
         raise ValueError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
     if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
@@ -213,6 +294,11 @@ def calibrate(
         raise ValueError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
 
     began = time.perf_counter()
+    if image_mean is None or image_std is None:
+        source = getattr(model.config, "_name_or_path", "") or ""
+        found_mean, found_std = image_normalisation(source) if source else (IMAGENET_MEAN, IMAGENET_STD)
+        image_mean = found_mean if image_mean is None else image_mean
+        image_std = found_std if image_std is None else image_std
     pixels = _as_pixels(images, resolution, image_mean, image_std, "images")
     if heldout is None:
         if len(pixels) < 2:
@@ -224,12 +310,19 @@ def calibrate(
         heldout_pixels = _as_pixels(heldout, resolution, image_mean, image_std, "heldout")
 
     config = tower_config(model.config)
+    for name, batch in (("images", pixels), ("heldout", heldout_pixels)):
+        for side in dict.fromkeys(int(s) for s in batch.shape[-2:]):
+            problem = resolution_problem(side, patch_size(config))
+            if problem:  # the patch embedding would crop silently (or fail below one patch)
+                raise ValueError(f"calibrate({name}=...) got {side} px images: {side} {problem}.")
     num_layers = int(config.num_hidden_layers)
     width = int(config.hidden_size)
     heads = int(config.num_attention_heads)
     mlp_ratio = mlp_ratio_of(config)
     special = special_tokens(config, num_special_tokens).leading
     model.eval()
+    encoder = vision_tower(model)  # a full CLIPModel takes input_ids too: its vision tower maps pixels to tokens
+    encoder_kwargs = interpolation_kwargs(encoder)
 
     passes = 0
 
@@ -240,7 +333,10 @@ def calibrate(
         device = next(model.parameters()).device
         with torch.inference_mode():
             return torch.cat(
-                [model(pixel_values=b.to(device)).last_hidden_state.float().cpu() for b in batch.split(batch_size)]
+                [
+                    encoder(pixel_values=b.to(device), **encoder_kwargs).last_hidden_state.float().cpu()
+                    for b in batch.split(batch_size)
+                ]
             )
 
     def fidelity(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -258,7 +354,7 @@ def calibrate(
     # Passes: the reference (done), the sensitivities, the knapsack's schedules, about log2(L) suffixes per m, a few
     # extensions and the held-out pair; the total is corrected once the search ends.
     planned = 2 + num_layers * len(tried) + max_schedules + len(tried) * math.ceil(math.log2(num_layers + 1)) + 4
-    bar = tqdm(total=planned, initial=1, desc="calibrating", disable=not progress)
+    bar = progress_bar(total=planned, initial=1, desc="calibrating", show=progress)
 
     sensitivity: dict[int, dict[int, float]] = {}
     slack = 1.0 - target
@@ -278,7 +374,7 @@ def calibrate(
 
     timing: dict[str, float] = {}
     if measure_speed:
-        timing["none"] = _seconds_per_pass(model, exact, pixels[:batch_size])
+        timing["none"] = _seconds_per_pass(model, encoder, encoder_kwargs, exact, pixels[:batch_size])
     frontier: list[dict[str, Any]] = []
     measured: dict[str, dict[str, Any]] = {}
 
@@ -298,7 +394,8 @@ def calibrate(
                 "worst_image_fidelity": float(scores.min()),
             }
             if measure_speed:
-                row["measured_speedup"] = timing["none"] / _seconds_per_pass(model, fna_config, pixels[:batch_size])
+                seconds = _seconds_per_pass(model, encoder, encoder_kwargs, fna_config, pixels[:batch_size])
+                row["measured_speedup"] = timing["none"] / seconds
             measured[name] = row
             frontier.append(row)
             bar.update(1)
@@ -346,8 +443,9 @@ def calibrate(
     notes: list[str] = []
     speed_key = "measured_speedup" if measure_speed else "predicted_speedup"
     meeting = [row for row in frontier if row["fidelity"] >= target]
-    if meeting:
-        best = max(meeting, key=lambda row: row[speed_key])
+    faster = [row for row in meeting if row[speed_key] > 1.0]
+    if faster:
+        best = max(faster, key=lambda row: row[speed_key])
     else:
         best = {
             "schedule": "none",
@@ -357,15 +455,24 @@ def calibrate(
             "fidelity": 1.0,
             "worst_image_fidelity": 1.0,
         }
+        if meeting:
+            bound = max(row[speed_key] for row in meeting)
+            kind = "measured speed-up" if measure_speed else "FLOP bound"
+            notes.append(
+                f"{len(meeting)} measured schedule(s) reached {metric} >= {target}, but none is faster than exact "
+                f"attention at {tokens} tokens (best {kind} {bound:.2f}x). Exact attention is chosen."
+            )
+        else:
+            notes.append(
+                f"No measured schedule reached {metric} >= {target}; the most faithful reached "
+                f"{max(row['fidelity'] for row in frontier):.4f}. Exact attention is chosen. The layers it could not "
+                f"afford are those with the largest single-layer loss: {_hardest_layers(sensitivity)}."
+            )
         frontier.append(best)
-        notes.append(
-            f"No measured schedule reached {metric} >= {target}; the most faithful reached "
-            f"{max(row['fidelity'] for row in frontier):.4f}. Exact attention is chosen. The layers it could not "
-            f"afford are those with the largest single-layer loss: {_hardest_layers(sensitivity)}."
-        )
     best["chosen"] = True
-    # FNA runs from the calibrated length on, and never below the default break-even unless calibrated there.
-    min_tokens = min(FNAConfig().min_tokens, tokens)
+    # FNA runs from the calibrated length on, and never below the default break-even unless a schedule faster than
+    # exact attention was calibrated there; exact attention keeps the default.
+    min_tokens = FNAConfig().min_tokens if best["schedule"] == "none" else min(FNAConfig().min_tokens, tokens)
     if tokens < FNAConfig().min_tokens and best["schedule"] != "none":
         notes.append(
             f"{tokens} tokens is below the default min_tokens={FNAConfig().min_tokens}, where FNA measured slower than "
@@ -457,13 +564,15 @@ def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) ->
     return ", ".join(f"layer {layer} (loss {loss[layer]:.3f} at best)" for layer in hardest)
 
 
-def _seconds_per_pass(model: nn.Module, fna_config: FNAConfig, batch: torch.Tensor) -> float:
-    """The faster of two timed passes after a warm-up, with `fna_config` applied."""
+def _seconds_per_pass(
+    model: nn.Module, encoder: nn.Module, kwargs: dict[str, Any], fna_config: FNAConfig, batch: torch.Tensor
+) -> float:
+    """The faster of two timed passes of `encoder` (the vision tower) after a warm-up, with `fna_config` applied."""
     fna_config.apply(model)
     batch = batch.to(next(model.parameters()).device)
     with torch.inference_mode():
-        timed_forward(model, batch, {})  # warm-up
-        return min(timed_forward(model, batch, {})[1] for _ in range(2))
+        timed_forward(encoder, batch, kwargs)  # warm-up
+        return min(timed_forward(encoder, batch, kwargs)[1] for _ in range(2))
 
 
 def _as_pixels(
@@ -491,6 +600,8 @@ def _as_pixels(
 # --- command line: `hf-fna calibrate` ----------------------------------------------------------------------------
 
 BUNDLED_PHOTOS = ("photos", "photos:tune", "photos:report")
+# What `--out` holds, written as one set.
+OUT_FILES = ("fna_config.json", "calibration.json", "measured.json", "README.md", "frontier.png")
 
 
 def add_arguments(parser: Any) -> None:
@@ -519,7 +630,15 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--measure-speed", action="store_true", help="time the schedules and choose by measured speed")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--base-model", help="Hub id named in the model card (default: --model)")
+    parser.add_argument("--device", help="torch device to calibrate on (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (TQDM_DISABLE=1 also hides it)"
+    )
+    parser.add_argument(
+        "--base-model",
+        help="Hub id of the model, named in the model card (default: --model when it is a Hub id; the card of a "
+        "local model names no base model)",
+    )
     parser.add_argument(
         "--out",
         help="folder to write fna_config.json, calibration.json, measured.json, frontier.png and a model card "
@@ -530,22 +649,30 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     import io
     import json
-    import os
     import sys
 
-    from ..errors import InputError
-    from .outputs import check_output_folder, write_atomically
+    from ..errors import InputError, first_line
+    from .outputs import check_output_set, write_files_atomically
 
-    if args.limit < 1 or args.batch_size < 1 or args.resolution < 1:
-        raise InputError("--limit, --batch-size and --resolution must be positive integers")
+    for option in ("limit", "batch_size", "resolution", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise InputError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
     if args.out:
-        try:  # before any compute: a folder that cannot be written fails now, not after minutes of passes
-            check_output_folder(args.out)
+        try:  # before any compute: a folder or a file that cannot be written fails now, not after minutes of passes
+            check_output_set(args.out, OUT_FILES)
         except OSError as error:
             raise InputError(f"cannot write to --out {args.out}: {error}") from error
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, model_name = _load_model(args.model)
+    base_model = _base_model(args)
+    device = device_from_option(args.device)
+    model, model_name, model_path = _load_model(args.model)
+    problem = resolution_problem(args.resolution, patch_size(tower_config(model.config)))
+    if problem:  # the patch embedding would crop the image silently, or fail below one patch
+        raise InputError(f"--resolution {args.resolution} {problem}")
+    model.to(device)
+    mean, std = image_normalisation(model_path)
     images = _load_images(args.images, args)[: args.limit]
     heldout_source = args.heldout_images or ("photos:report" if args.images == "photos:tune" else None)
     heldout = _load_images(heldout_source, args) if heldout_source else None
@@ -560,11 +687,14 @@ def run(args: Any) -> int:
             candidates=args.candidates,
             measure_speed=args.measure_speed,
             batch_size=args.batch_size,
+            progress=not args.no_progress,
+            image_mean=mean,
+            image_std=std,
         )
     except ValueError as error:
         raise InputError(str(error)) from error
 
-    machine = machine_info("cpu" if next(model.parameters()).device.type == "cpu" else "cuda")
+    machine = machine_info(device)
     command = "hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
     chosen = report.chosen
     print(machine_line(machine))
@@ -590,7 +720,7 @@ def run(args: Any) -> int:
         "machine": machine_line(machine),
         "model": model_name,
         "input": f"{report.resolution} x {report.resolution} px ({report.tokens} tokens)",
-        "calibration images": f"{report.calibration_images} ({args.images})",
+        "calibration images": f"{report.calibration_images} ({args.images}), normalised with mean {mean}, std {std}",
         f"{args.metric} on the calibration images": f"{chosen['fidelity']:.4f}",
         f"{args.metric} on {report.heldout['images']} held-out images": (
             f"{report.heldout['fidelity']:.4f} (worst image {report.heldout['worst_image_fidelity']:.4f})"
@@ -599,13 +729,15 @@ def run(args: Any) -> int:
     }
     if "measured_speedup" in chosen:
         measured["measured speed-up (calibration batch)"] = f"{chosen['measured_speedup']:.2f}x"
-    card = model_card(report.config, args.base_model or model_name, measured)
+    card = model_card(report.config, base_model, measured, model_name=model_name)
     card += (
         "\n## Calibration frontier\n\nEvery schedule `hf-fna calibrate` measured on the calibration images "
         "(fidelity to exact attention against the FLOP bound of the speed-up); the chosen one is marked.\n\n"
         f"![frontier](frontier.png)\n\n{report.markdown()}\n"
     )
-    files = {
+    png = io.BytesIO()  # rendered in memory: PIL cannot save to a file opened from a descriptor
+    report.plot(png)
+    files: dict[str, str | bytes] = {
         "fna_config.json": report.config.to_json_string(),
         "calibration.json": json.dumps(
             {"command": command, "machine": machine, "images": args.images, **report.to_dict()}, indent=2
@@ -613,39 +745,77 @@ def run(args: Any) -> int:
         + "\n",
         "measured.json": json.dumps(measured, indent=2) + "\n",
         "README.md": card,
+        "frontier.png": png.getvalue(),
     }
-    try:
-        for name, text in files.items():
-            write_atomically(os.path.join(args.out, name), lambda f, text=text: f.write(text))
-        png = io.BytesIO()  # rendered in memory: PIL cannot save to a file opened from a descriptor
-        report.plot(png)
-        write_atomically(os.path.join(args.out, "frontier.png"), lambda f: f.write(png.getvalue()), binary=True)
+    try:  # the set as one: a failure leaves the folder's earlier files, never a mix of old and new
+        paths = write_files_atomically(args.out, files)
     except OSError as error:
-        raise InputError(f"cannot write to --out {args.out}: {error}") from error
-    for name in [*files, "frontier.png"]:
-        print(f"wrote {os.path.join(args.out, name)}")
+        raise InputError(
+            f"the report above is complete, but nothing was written to --out {args.out}: {first_line(error)}"
+        ) from error
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 
-def _load_model(name: str | None) -> tuple[nn.Module, str]:
+def _base_model(args: Any) -> str | None:
+    """The Hub id the model card names: `--base-model`, else `--model` when it names a Hub repo rather than a folder,
+    or the Hub model a bundled model's weights come from (`hf_fna:clip-b16`: openai/clip-vit-base-patch16); None for a
+    local folder (the card then names no base model)."""
+    import os
+
+    from ..assets import MODEL_PREFIX, bundled_model_info
+    from ..errors import InputError
+    from .publish import check_repo_id
+
+    if args.base_model is not None:
+        check_repo_id("--base-model", args.base_model)
+        return args.base_model
+    if args.model is None or args.model.startswith(MODEL_PREFIX):
+        try:
+            return bundled_model_info(args.model or f"{MODEL_PREFIX}dinov2-small").base_model
+        except ValueError as error:
+            raise InputError(f"--model: {error}") from None
+    if os.path.exists(args.model):
+        return None
+    check_repo_id("--model", args.model)
+    return args.model
+
+
+def _load_model(name: str | None) -> tuple[nn.Module, str, str]:
+    """The model (its `fna` towers ready), a name for reports, and the folder or Hub id it came from."""
     from transformers import AutoModel
 
-    from ..errors import InputError
+    from ..errors import InputError, first_line
+    from ..locations import check_local_path
 
     path = model_folder(name)
     label = model_description(name)
     try:
-        return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load --model {name}: {str(error).splitlines()[0]}") from error
+        check_local_path(path)
+        return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label, path
+    except Exception as error:  # OSError, ValueError, RecursionError, HTTP errors...: all mean "cannot load this"
+        raise InputError(f"cannot load --model {name}: {first_line(error)}") from error
+
+
+def _open_image(path: str) -> Any:
+    """An image file as RGB; one that cannot be decoded raises `InputError` naming it."""
+    from PIL import Image
+
+    from ..errors import InputError, first_line
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise InputError(f"--images: cannot read {path}: {first_line(error, with_type=True)}") from error
 
 
 def _load_images(source: str, args: Any) -> list[Any]:
     import os
 
-    from PIL import Image
-
     from ..errors import InputError
+    from ..locations import check_local_path
 
     if source in BUNDLED_PHOTOS:
         from ..assets import photos
@@ -656,10 +826,11 @@ def _load_images(source: str, args: Any) -> list[Any]:
         names = sorted(n for n in os.listdir(source) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
         if not names:
             raise InputError(f"--images {source}: the folder holds no .png/.jpg/.jpeg/.webp/.bmp file")
-        return [Image.open(os.path.join(source, n)).convert("RGB") for n in names]
+        return [_open_image(os.path.join(source, name)) for name in names]
     import datasets
 
     try:
+        check_local_path(source, kind="dataset")
         data = datasets.load_dataset(source, split=args.split)
     except Exception as error:  # the Hub and datasets raise many types; all mean the same to the user
         raise InputError(f"--images {source}: not a folder, a bundled set or a loadable dataset: {error}") from error

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,19 +46,21 @@ from ..integration.towers import (
     tower_config,
     vision_tower,
 )
+from ..locations import check_local_path
 from ..ops.cost import schedule_flop_bound
 from .arguments import add_fna_arguments, fna_overrides
 from .measure import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    device_from_option,
+    image_normalisation,
     machine_info,
     machine_line,
     model_folder,
     photo_tensor,
+    progress_bar,
     quiet_loading,
     timed_forward,
 )
-from .outputs import check_output_file, write_atomically, write_json_atomically
+from .outputs import check_distinct_outputs, check_output_file, write_atomically, write_json_atomically
 from .probe import probe_accuracy
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
@@ -68,6 +71,9 @@ DEFAULT_PROBE_IMAGES = 20
 PROBE_DATASETS = {"digits": "scikit-learn digits", "fashion_mnist": "Fashion-MNIST"}
 DEFAULT_PROBE_DATASET = "digits"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The most patches per image `--resolutions` accepts (4x the op benchmark's largest sequence): 3584 px at patch 14,
+# where one exact attention layer of DINOv2-small already takes minutes on a CPU.
+MAX_PATCHES = 65536
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(map(str, DEFAULT_RESOLUTIONS)),
         help="comma-separated square input sizes in pixels (default: %(default)s); each must be a "
         "multiple of the patch size, otherwise the command stops and names the nearest valid sizes "
-        "(images are never silently resized to another size)",
+        f"(images are never silently resized to another size), with at most {MAX_PATCHES} patches per image",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -159,9 +165,10 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
     """
     from transformers import AutoModel
 
-    looks_local = os.path.isabs(model_id) or model_id.startswith(".") or model_id.count("/") > 1
-    if looks_local and not os.path.isdir(model_id):
-        raise InputError(f"cannot load model {model_id!r}: no such folder")
+    try:
+        check_local_path(model_id)
+    except OSError as error:
+        raise InputError(f"cannot load model {model_id!r}: {error}") from None
     try:
         with quiet_loading():  # no weight-loading reports or bars around the table
             exact = AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
@@ -180,38 +187,32 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
     patch = patch_size(config)
     if patch is None:
         raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
-    mean, std = _normalisation(model_id)
+    mean, std = image_normalisation(model_id)
     kwargs = interpolation_kwargs(encoders[0])
     return LoadedPair(encoders[0], encoders[1], config, fna_config, patch, mean, std, kwargs)
-
-
-def _normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of the model's image processor, ImageNet's when it has none."""
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(model_id)
-        mean, std = processor.image_mean, processor.image_std
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    except Exception:
-        return IMAGENET_MEAN, IMAGENET_STD
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
 
 
 def parse_resolutions(text: str, patch_size: int) -> list[int]:
-    """Parse `--resolutions`; each must be a positive multiple of the patch size.
+    """Parse `--resolutions`; each must be a positive multiple of the patch size, with at most `MAX_PATCHES` patches.
 
     Raises:
-        InputError: naming the nearest valid sizes.
+        InputError: naming the nearest valid sizes, or the largest size accepted.
     """
     out = []
+    largest = math.isqrt(MAX_PATCHES) * patch_size
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) <= 0:
+        if not part.isdecimal() or int(part) <= 0:
             raise InputError(f"--resolutions expects positive integers separated by commas; got {text!r}")
         size = int(part)
+        if size > largest:  # the images alone would not fit in memory, let alone exact attention over their tokens
+            raise InputError(
+                f"resolution {size} is too large: at most {MAX_PATCHES} patches per image are measured, {largest} px "
+                f"at patch size {patch_size}"
+            )
         if size % patch_size:
             low = (size // patch_size) * patch_size
             nearest = ", ".join(str(v) for v in (low, low + patch_size) if v > 0)
@@ -268,7 +269,7 @@ def load_inputs(
                 index = _stratified(labels, count)
                 subsets.append(([data[split][int(i)]["image"] for i in index], labels[index]))
             (train, train_labels), (test, test_labels) = subsets
-    except (AssetError, ImportError) as error:
+    except AssetError as error:  # a missing package (ImportError) is reported by `hf-fna` with its extra
         raise InputError(str(error).splitlines()[0]) from error
     return Inputs(photos, train, test, train_labels, test_labels)
 
@@ -293,8 +294,6 @@ def measure_resolution(
     progress: bool,
 ) -> dict[str, Any]:
     """Run both models on every input at `size` px; return the row of the table."""
-    from tqdm.auto import tqdm
-
     mean, std = torch.tensor(pair.mean).view(3, 1, 1), torch.tensor(pair.std).view(3, 1, 1)
     items = (
         [("photo", image) for image in inputs.photos]
@@ -310,7 +309,7 @@ def measure_resolution(
         warm = torch.stack([photo_tensor(image, size, mean, std) for _, image in batches[0]]).to(device, dtype)
         for model in (pair.exact, pair.fna):
             model(pixel_values=warm, **pair.forward_kwargs)
-        bar = tqdm(batches, desc=f"{size} px", unit="batch", disable=not progress, leave=False)
+        bar = progress_bar(batches, show=progress, desc=f"{size} px", unit="batch", leave=False)
         for batch in bar:
             pixels = torch.stack([photo_tensor(image, size, mean, std) for _, image in batch]).to(device, dtype)
             outputs = {}
@@ -400,6 +399,18 @@ def markdown_table(rows: list[dict[str, Any]], num_layers: int) -> str:
 
 def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     """Speed-up (with its FLOP bound) and fidelity against resolution, as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(rows, title)
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def plot_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """The figure of `write_plot`: speed-up panel (measured where FNA ran, the FLOP bound, resolutions that fell back
+    to exact attention marked on the 1.0x line) and fidelity panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -407,10 +418,28 @@ def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
     sizes = [r["resolution"] for r in rows]
     fig, (speed, fidelity) = plt.subplots(1, 2, figsize=(10, 4))
-    speed.plot(sizes, [r["speedup"] for r in rows], "o-", label="measured")
+    # A resolution where no layer ran FNA (it fell back to exact attention) has no FNA speed-up to show: its ratio
+    # times exact attention against itself. It is marked on the exact line instead.
+    ran = [r for r in rows if r["fna_layers"]]
+    fell_back = [r for r in rows if not r["fna_layers"]]
+    if ran:
+        speed.plot([r["resolution"] for r in ran], [r["speedup"] for r in ran], "o-", label="measured (FNA ran)")
     speed.plot(sizes, [r["flop_bound"] for r in rows], "s--", label="FLOP bound")
-    speed.axhline(1.0, color="gray", lw=0.8)
+    if fell_back:
+        speed.plot(
+            [r["resolution"] for r in fell_back],
+            [1.0] * len(fell_back),
+            "x",
+            color="black",
+            markersize=9,
+            label="fell back to exact attention (no FNA layer)",
+        )
+        for r in fell_back:
+            speed.annotate("exact (fallback)", (r["resolution"], 1.0), xytext=(6, -12), textcoords="offset points",
+                           fontsize=8)  # fmt: skip
+    speed.axhline(1.0, color="gray", lw=0.8, label="exact attention (1.0x)")
     speed.set(xlabel="resolution (px)", ylabel="speed-up fna / exact", title="throughput")
+    speed.margins(y=0.12)
     speed.legend()
     for key, label in (("cls_cosine", "CLS cosine"), ("patch_cosine", "mean patch cosine")):
         values = [r[key] for r in rows]
@@ -420,25 +449,10 @@ def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     fidelity.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 # --- the command ------------------------------------------------------------------------------------------------
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise InputError(f"--device {name!r} is not a torch device") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name!r}: CUDA is not available on this machine")
-    return device
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -457,6 +471,10 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Try the `--json` and `--plot` paths before minutes of compute depend on them."""
+    try:
+        check_distinct_outputs({"--json": args.json, "--plot": args.plot})
+    except OutputPathError as error:
+        raise InputError(str(error)) from None
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             try:
@@ -504,7 +522,7 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device, dtype = _device(args.device), DTYPES[args.dtype]
+    device, dtype = device_from_option(args.device), DTYPES[args.dtype]
     model_id = model_folder(args.model)
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)
@@ -514,7 +532,13 @@ def run(args: argparse.Namespace) -> int:
 
     rows = []
     for size in resolutions:
-        rows.append(measure_resolution(pair, inputs, size, args.batch_size, device, dtype, not args.no_progress))
+        try:
+            rows.append(measure_resolution(pair, inputs, size, args.batch_size, device, dtype, not args.no_progress))
+        except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+            raise InputError(
+                f"out of memory at {size} px with --batch-size {args.batch_size} "
+                f"({first_line(error, with_type=True)}); lower --resolutions or --batch-size"
+            ) from None
     num_layers = int(pair.tower_config.num_hidden_layers)
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 

@@ -11,9 +11,10 @@ One image goes through the model twice:
 2. with `FNAConfig(layers=..., num_landmarks=..., min_tokens=0)` applied, reading the landmark tokens chosen at the
    first FNA layer (`hf_fna.last_landmarks`).
 
-Figures (matplotlib, Agg): `<image>_<res>_norms.png`, the patch-token norm map of every layer on one log colour
-scale, flagged tokens marked; `<image>_<res>_landmarks.png`, the landmarks in pick order on the model's input
-image and on the norm map of the tokens entering the first FNA layer. Special tokens (CLS, registers) are always
+Figures (matplotlib, Agg): `<image>_<res>_norms.png`, the patch-token norm map of every layer, each on its own log
+colour scale (a massive token stands out within its layer whatever the layer's overall norm), flagged tokens
+marked; `<image>_<res>_landmarks.png`, the landmarks in pick order on the model's input image and on the norm map
+of the tokens entering the first FNA layer. Special tokens (CLS, registers) are always
 landmarks; they are listed, not drawn.
 """
 
@@ -35,8 +36,14 @@ from ..config import FNAConfig, parse_layers
 from ..errors import AssetError, InputError, OutputPathError, first_line
 from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
 from .arguments import add_fna_arguments
-from .measure import model_folder, quiet_loading
-from .outputs import check_output_file, check_output_folder, write_atomically, write_json_atomically
+from .measure import device_from_option, model_folder, quiet_loading
+from .outputs import (
+    check_distinct_outputs,
+    check_output_file,
+    check_output_folder,
+    write_atomically,
+    write_json_atomically,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -101,8 +108,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     num_landmarks = FNAConfig().num_landmarks if args.num_landmarks is None else args.num_landmarks
     if args.resolution < 1 or num_landmarks < 1 or args.max_tokens < 1:
         raise InputError("--resolution, --num-landmarks and --max-tokens must be positive integers")
@@ -119,8 +124,14 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(args.json)
     except OutputPathError as e:
         raise InputError(str(e)) from None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_from_option(args.device)
     image, image_name = load_image(args.image)
+    paths = figure_paths(Path(args.out), image_name, args.resolution)
+    figures = {f"the {name} figure": str(path) for name, path in paths.items()}
+    try:
+        check_distinct_outputs({"--json": args.json, **figures})
+    except OutputPathError as e:
+        raise InputError(str(e)) from None
     with _step("loading the model"):
         model_path = model_folder(args.model)
         model, processor = load_vision_model(model_path, device)
@@ -218,7 +229,7 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
         try:
             check_local_path(name_or_path)
             config = AutoConfig.from_pretrained(name_or_path)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, RecursionError) as e:  # RecursionError: a config.json nested too deep
             raise InputError(f"cannot load model {name_or_path}: {first_line(e, with_type=True)}") from e
         tower = tower_config(config)
         if not all(hasattr(tower, a) for a in ("patch_size", "num_hidden_layers", "num_attention_heads")):
@@ -431,15 +442,20 @@ def inspect_image(
         try:
             with _step("drawing figures"):
                 norm_maps = [_norm_map(states, special, grid) for states in hidden_states]
-                stem = f"{image_name}_{resolution}"
-                result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], out / f"{stem}_norms.png")
+                paths = figure_paths(out, image_name, resolution)
+                result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], paths["norm maps"])
                 picture = display_image(processor, pixel_values)
-                landmarks_png = out / f"{stem}_landmarks.png"
                 norm_map = norm_maps[chosen_layers[0]]
-                result.figures["landmarks"] = plot_landmarks(result, picture, norm_map, landmarks_png)
+                result.figures["landmarks"] = plot_landmarks(result, picture, norm_map, paths["landmarks"])
         except OSError as e:
             raise FigureError(f"cannot write the figures into {out}: {first_line(e, with_type=True)}", result) from e
     return result
+
+
+def figure_paths(out: Path, image_name: str, resolution: int) -> dict[str, Path]:
+    """Where `inspect_image` writes its two figures in `out`."""
+    stem = f"{image_name}_{resolution}"
+    return {"norm maps": out / f"{stem}_norms.png", "landmarks": out / f"{stem}_landmarks.png"}
 
 
 def _norm_map(states: torch.Tensor, special: int, grid: tuple[int, int]) -> Any:
@@ -491,21 +507,31 @@ def _pyplot() -> Any:
 
 
 def plot_norm_maps(result: Inspection, norm_maps: list[Any], path: Path) -> str:
-    """One panel per layer: patch-token norms on the patch grid, one log colour scale; flagged tokens marked."""
+    """Write `norm_maps_figure` as a PNG; returns the path."""
+    return _save(norm_maps_figure(result, norm_maps), path, dpi=100)
+
+
+def norm_maps_figure(result: Inspection, norm_maps: list[Any]) -> Any:
+    """One panel per layer: patch-token norms on the patch grid, each layer on its own log colour scale (from its
+    smallest to its largest patch norm, both in the panel's title), so that the structure within a layer shows
+    whatever the layer's overall norm; flagged tokens marked."""
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm, Normalize
 
     plt = _pyplot()
     count = len(norm_maps)
     cols = min(count, math.ceil(math.sqrt(count * 4 / 3)))
     rows = math.ceil(count / cols)
-    vmin = max(float(min(m.min() for m in norm_maps)), 1e-6)
-    vmax = max(float(max(m.max() for m in norm_maps)), vmin * 1.01)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 2.3 * rows + 0.6), squeeze=False)
-    image = None
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1.2, 2.5 * rows + 0.8), squeeze=False)
     for ax, report, norms in zip(axes.flat, result.layers, norm_maps, strict=False):
-        image = ax.imshow(norms, norm=LogNorm(vmin=vmin, vmax=vmax), cmap="viridis", interpolation="nearest")
-        ax.set_title(f"layer {report.layer}  max/med {report.norms['max_over_median']:.1f}", fontsize=8)
+        low = max(float(norms.min()), 1e-6)
+        high = max(float(norms.max()), low * 1.01)
+        ax.imshow(norms, norm=LogNorm(vmin=low, vmax=high), cmap="viridis", interpolation="nearest")
+        ax.set_title(
+            f"layer {report.layer}: {low:.3g} to {high:.3g}\nmax/median {report.norms['max_over_median']:.1f}",
+            fontsize=7,
+        )
         if report.massive:
             r, c = np.asarray(report.massive).T
             ax.scatter(c, r, marker="s", s=40, facecolors="none", edgecolors="red", linewidths=1.2)
@@ -517,12 +543,16 @@ def plot_norm_maps(result: Inspection, norm_maps: list[Any], path: Path) -> str:
     for ax in axes.flat[count:]:
         ax.axis("off")
     fig.suptitle(
-        f"{Path(result.model).name} | {result.image} {result.input_size[0]}x{result.input_size[1]} | patch-token norm"
-        " per layer (red square: norm_gap, white x: attention sink)",
+        f"{Path(result.model).name} | {result.image} {result.input_size[0]}x{result.input_size[1]} | patch-token L2 "
+        "norm per layer, each layer on its own log colour scale (its range in the panel title)\n"
+        "red square: massive token (norm_gap), white x: attention sink",
         fontsize=9,
     )
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="L2 norm (log scale)")
-    return _save(fig, path, dpi=100)
+    scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="viridis")
+    bar = fig.colorbar(scale, ax=axes.ravel().tolist(), shrink=0.8, ticks=[0.0, 1.0])
+    bar.ax.set_yticklabels(["layer's min", "layer's max"], fontsize=7)
+    bar.set_label("L2 norm, log scale per layer", fontsize=8)
+    return fig
 
 
 def plot_landmarks(result: Inspection, picture: Any, norm_map: Any, path: Path) -> str:

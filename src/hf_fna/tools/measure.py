@@ -89,6 +89,62 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+def device_from_option(name: str | None, option: str = "--device") -> torch.device:
+    """The torch device a command-line option names, checked; CUDA when available, else the CPU, without one.
+
+    Raises:
+        InputError: not a torch device, a device that cannot hold data (meta), one that is not available here, or
+            one that fails to take a tensor (an index past the device count...), naming it.
+    """
+    from ..errors import InputError, first_line
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"{option} {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "meta":
+        raise InputError(f"{option} {name!r} holds no data (shapes only), so nothing can be measured; use cpu or cuda")
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type != "cpu" and (available is None or not available()):
+        raise InputError(f"{option} {name!r}: {device.type} is not available on this machine; use cpu")
+    try:  # an index past the device count, a backend built without kernels...
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise InputError(f"{option} {name!r} cannot be used: {first_line(error)}") from error
+    return device
+
+
+def image_normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the image processor saved with a model (`AutoImageProcessor`), ImageNet's when it has none."""
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_id)
+        mean, std = processor.image_mean, processor.image_std
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except Exception:  # no processor, or one without normalisation statistics
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+def progress_shown(requested: bool = True) -> bool:
+    """Whether a progress bar is drawn: asked for, and switched off neither by `TQDM_DISABLE` (tqdm's own switch) nor
+    by `transformers.utils.logging.disable_progress_bar()`."""
+    from transformers.utils import logging as hf_logging
+
+    disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(requested) and not disabled and hf_logging.is_progress_bar_enabled()
+
+
+def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> Any:
+    """A `tqdm` progress bar, drawn only where `progress_shown(show)`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not progress_shown(show), **kwargs)
+
+
 def photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Resize the shorter side to `size` (bicubic), centre-crop `size` x `size`, normalise."""
     from PIL import Image
@@ -100,6 +156,17 @@ def photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
     return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
+
+
+def resolution_problem(size: int, patch: int | None) -> str | None:
+    """What is wrong with a square input of `size` px for a model with patches of `patch` px, or None: smaller than
+    one patch, or not a multiple of the patch (the patch embedding would crop the border silently)."""
+    if not patch or size % patch == 0:
+        return None
+    low = size // patch * patch
+    nearest = ", ".join(str(v) for v in (low, low + patch) if v > 0)
+    kind = "is smaller than" if size < patch else "is not a multiple of"
+    return f"{kind} the patch size {patch}; nearest valid sizes: {nearest}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -122,16 +189,20 @@ def timed_forward(model: nn.Module, pixels: torch.Tensor, kwargs: dict[str, Any]
 def quiet_loading(reports: bool = True, progress_bars: bool = True) -> Iterator[None]:
     """Silence Transformers' loading reports (`reports`) and the progress bars of Transformers and datasets
     (`progress_bars`) while models and data load; the previous settings come back afterwards."""
-    import datasets
     from transformers.utils import logging as hf_logging
 
+    try:
+        import datasets
+    except ImportError:  # an optional dependency (the eval extra): nothing of it to silence
+        datasets = None
     verbosity = hf_logging.get_verbosity()
-    shown = hf_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+    shown = hf_logging.is_progress_bar_enabled(), datasets is not None and not datasets.are_progress_bars_disabled()
     if reports:
         hf_logging.set_verbosity_error()
     if progress_bars:
         hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+        if datasets is not None:
+            datasets.disable_progress_bars()
     try:
         yield
     finally:

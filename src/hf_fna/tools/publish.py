@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from ..config import FNA_CONFIG_NAME, FNAConfig, field_help
+from ..config import FNA_CONFIG_NAME, FNAConfig, field_help, read_json
 from ..errors import InputError, first_line
 from .arguments import add_fna_arguments, fna_overrides
+from .outputs import check_output_set, write_files_atomically
 
 MODEL_CARD_NAME = "README.md"
 TAGS = ("fna", "vision", "nystrom-attention", "hf-fna")
@@ -32,7 +32,7 @@ def _settings_rows(fna_config: FNAConfig) -> list[tuple[str, Any]]:
     return rows
 
 
-def _front_matter(base_model: str) -> str:
+def _front_matter(base_model: str | None) -> str:
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(library_name="transformers", base_model=base_model, tags=list(TAGS))
@@ -44,26 +44,42 @@ def _cell(value: Any) -> str:
 
 
 def model_card(
-    fna_config: FNAConfig, base_model: str, measured: dict[str, Any] | None = None, repo_id: str | None = None
+    fna_config: FNAConfig,
+    base_model: str | None,
+    measured: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
 ) -> str:
     """A Hub model card (`README.md`) for FNA settings of `base_model`.
 
     Args:
         fna_config: the settings; every field appears in the settings table.
-        base_model: Hub id of the model the settings are for (the card's `base_model` metadata).
+        base_model: Hub id of the model the settings are for (the card's `base_model` metadata); None for a model
+            that is not on the Hub (a local folder): the card then links to no model and names no base model.
         measured: figures measured with these settings, as `{"command": ..., "machine": ..., name: value, ...}`;
             without it the card carries a "Recommended settings, not measured" notice.
         repo_id: the repo the card will live in, for the usage snippet (default: a placeholder).
+        model_name: how the card describes the model when `base_model` is None (e.g. "a DINOv2-small fine-tuned for
+            saliency"); never used as a Hub id.
 
     Raises:
         ValueError: `measured` lacks its command or machine, or holds no figure.
     """
     repo = repo_id or "<this-repo>"
+    if base_model is None:
+        title = model_name or "a local model"
+        described = (
+            f"{title} (a local model: its Hub id is unknown, so this card names no base model; pass `--base-model` "
+            "to `hf-fna calibrate` or `hf-fna push-config` to name one)"
+        )
+        model_ref = "<the model these settings were calibrated for>"
+    else:
+        title, described, model_ref = base_model, f"[`{base_model}`](https://huggingface.co/{base_model})", base_model
     lines = [
         _front_matter(base_model),
-        f"# Fast Nyström Attention settings for {base_model}",
+        f"# Fast Nyström Attention settings for {title}",
         "",
-        f"Settings of Fast Nyström Attention (FNA) for [`{base_model}`](https://huggingface.co/{base_model}), for the "
+        f"Settings of Fast Nyström Attention (FNA) for {described}, for the "
         "`hf-fna` plugin of Transformers. FNA replaces exact attention in the chosen layers by a Nyström "
         "approximation built on landmark tokens picked by farthest point sampling; it needs no training. This "
         f"repository holds settings only (`{FNA_CONFIG_NAME}`): the weights are those of the base model.",
@@ -74,7 +90,7 @@ def model_card(
         'import hf_fna  # registers attn_implementation="fna"',
         "from transformers import AutoModel",
         "",
-        f'model = AutoModel.from_pretrained("{base_model}")',
+        f'model = AutoModel.from_pretrained("{model_ref}")',
         f'hf_fna.FNAConfig.from_pretrained("{repo}").apply(model)  # FNA with the settings below',
         "```",
         "",
@@ -85,7 +101,7 @@ def model_card(
         'model = AutoModel.from_pretrained("<model-repo-with-fna_config>", attn_implementation="fna")',
         "```",
         "",
-        f'`AutoModel.from_pretrained("{base_model}", attn_implementation="fna")` alone runs FNA with the default '
+        f'`AutoModel.from_pretrained("{model_ref}", attn_implementation="fna")` alone runs FNA with the default '
         "settings, not these.",
         "",
         "## Settings",
@@ -98,7 +114,7 @@ def model_card(
         f"| `{name}` | `{json.dumps(value)}` | {_cell(helps.get(name, ''))} |"
         for name, value in _settings_rows(fna_config)
     ]
-    lines += ["", *_acting_section(fna_config), "", *_measured_section(base_model, measured), ""]
+    lines += ["", *_acting_section(fna_config), "", *_measured_section(base_model or model_ref, measured), ""]
     return "\n".join(lines)
 
 
@@ -156,11 +172,18 @@ def write_config_folder(
     measured: dict[str, Any] | None = None,
     repo_id: str | None = None,
 ) -> list[str]:
-    """Write `fna_config.json` and the model card `README.md` into `folder` (created if needed); return their paths."""
-    config_path = fna_config.save_pretrained(folder)
-    card_path = os.path.join(folder, MODEL_CARD_NAME)
-    Path(card_path).write_text(model_card(fna_config, base_model, measured, repo_id), encoding="utf-8")
-    return [config_path, card_path]
+    """Write `fna_config.json` and the model card `README.md` into `folder` (created if needed) as one set; return
+    their paths. A failure (a target that is a folder, a full disk) leaves the folder's earlier files, never a new
+    config beside an old card.
+
+    Raises:
+        OutputPathError: the folder or one of the two files cannot be written.
+    """
+    files = {
+        FNA_CONFIG_NAME: fna_config.to_json_string(),
+        MODEL_CARD_NAME: model_card(fna_config, base_model, measured, repo_id),
+    }
+    return write_files_atomically(os.fspath(folder), files)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -176,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_fna_arguments(parser)  # instead of --config
 
 
-def _check_repo_id(option: str, value: str) -> None:
+def check_repo_id(option: str, value: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -206,7 +229,7 @@ def _load_measured(path: str | None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        measured = json.loads(Path(path).read_text(encoding="utf-8"))
+        measured = read_json(path)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read --measured {path}: {first_line(e)}") from e
     if not isinstance(measured, dict):
@@ -215,12 +238,17 @@ def _load_measured(path: str | None) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_repo_id("--repo-id", args.repo_id)
-    _check_repo_id("--base-model", args.base_model)
+    check_repo_id("--repo-id", args.repo_id)
+    check_repo_id("--base-model", args.base_model)
     if args.dry_run and not args.out:
         raise InputError("--dry-run needs --out DIR, the folder to write the files into")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out} is a file; give a folder to write {FNA_CONFIG_NAME} and README.md into")
+    if args.out:
+        try:  # every target, before anything is read or written
+            check_output_set(args.out, [FNA_CONFIG_NAME, MODEL_CARD_NAME])
+        except OSError as e:
+            raise InputError(f"cannot write to --out {args.out}: {e}") from None
     fna_config = _load_fna_config(args)
     measured = _load_measured(args.measured)
     try:
