@@ -262,6 +262,8 @@ def _attend(
             intervention=intervention,
             return_weights=output_attentions,
             valid=valid,
+            # CLS and registers are landmarks: their exact attention is at hand, and it keeps the pooled output exact.
+            exact_rows=plan.tower_plan.special.mask(query.shape[0], query.shape[2], query.device),
         )
     bias = key_bias if full_mask is None else additive_mask(full_mask, query.dtype)
     return exact_attention(
