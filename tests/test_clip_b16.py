@@ -185,3 +185,16 @@ def test_fna_at_448px_is_faithful_on_report_photos(clip_path: str, exact_model) 
     embeds = F.cosine_similarity(got.image_embeds, expected.image_embeds, dim=-1)
     assert patch >= 0.95, patch
     assert embeds.min() >= 0.95, embeds
+
+
+def test_inspect_shows_the_massive_tokens_by_its_short_name(tmp_path, capsys) -> None:
+    from hf_fna.cli import main
+
+    report = tmp_path / "report.json"
+    code = main(["inspect", "--model", "hf_fna:clip-b16", "--image", "astronaut", "--resolution", "224",
+                 "--out", str(tmp_path), "--json", str(report)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    layers = json.loads(report.read_text())["layers"]
+    assert all(layer["massive"] == [] for layer in layers[:5])  # layer k's output enters layer k + 1
+    assert len(layers[7]["massive"]) >= 4 and layers[7]["norms"]["max_over_median"] > 15
+    assert "massive (norm_ratio)" in capsys.readouterr().out
