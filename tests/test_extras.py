@@ -56,6 +56,8 @@ SCRIPT = textwrap.dedent(
     with torch.no_grad():
         model(pixel_values=torch.randn(2, 3, 32, 32))
     out["ran_fna"] = hf_fna.explain(model).ran_fna()
+    with open(f"{folder}/photo.png", "wb") as f:  # an image file for calibrate --images: reading it needs pillow
+        f.write(b"not decoded: pillow is missing first")
     report = hf_fna.calibrate(model, torch.randn(4, 3, 32, 32), target=0.5, candidates=(8,), progress=False)
     out["calibrated"] = report.config.layers
     out["codes"] = [
