@@ -9,7 +9,10 @@ patch tokens entering the detection layer whose L2 norm exceeds 10x the median t
   query's attention (mean over queries and images), and each token's incoming attention as a multiple of the uniform
   share 1/N, for the massive tokens and for the tail of tokens at 5-10x the median;
 - precision and recall of `norm_ratio` (`detect_high_norm_tokens`), `norm_gap` (`detect_massive_tokens`) and
-  `attention` (`detect_attention_sinks`) at their default settings, against the ground truth, pooled over images.
+  `attention` (`detect_attention_sinks`) at their default settings, against the ground truth, pooled over images;
+- how farthest point sampling sees them: the mean cosine between the head-mean queries (the FPS features) of two
+  massive tokens, and of two other patch tokens, and how many massive tokens 64 landmarks chosen at that layer
+  include (FPS from the special tokens, from the first token, and random).
 
 Nothing is timed, so it can run on a busy machine.
 
@@ -29,6 +32,7 @@ from common import command_line, machine_info, write_results
 from tqdm.auto import tqdm
 
 from hf_fna import MaskingConfig
+from hf_fna.ops.landmarks import select_landmarks
 from hf_fna.ops.sinks import (
     attention_probabilities,
     detect_attention_sinks,
@@ -37,6 +41,7 @@ from hf_fna.ops.sinks import (
 )
 
 MASSIVE_RATIO = 10.0
+LANDMARKS = 64
 TAIL_RATIO = 5.0
 RECORD_ATTENTION = "hf_fna_bench_record"  # SDPA that also records the head-averaged probabilities of one module
 _recorded: dict[str, Any] = {}
@@ -48,6 +53,7 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
     if module is _recorded.get("module"):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         _recorded["probabilities"] = attention_probabilities(query, key, scale)
+        _recorded["features"] = query.mean(dim=1).float()  # what FPS measures distances on (sampling_features="q")
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.resolutions:
         ratios, truth, flags = [], [], {"norm_ratio": [], "norm_gap": [], "attention": []}
         share, incoming_massive, incoming_tail = [], [], []
+        similarity: dict[str, list[float]] = {"massive": [], "other": []}
+        picked: dict[str, list[int]] = {"fps (special)": [], "fps (first)": [], "random": []}
         for image in tqdm(images, desc=f"{size} px", leave=False):
             pixels = photo_tensor(image, size, mean, std)[None]
             with torch.inference_mode():
@@ -130,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
             tail[:special] = False
             incoming_massive += received[true].tolist()
             incoming_tail += received[tail].tolist()
+            features = torch.nn.functional.normalize(_recorded["features"][0], dim=-1)
+            others = ~true
+            others[:special] = False
+            for name, members in (("massive", true), ("other", others)):
+                chosen = features[members][:256]  # a bounded sample of pairs
+                if len(chosen) > 1:
+                    pairs = chosen @ chosen.T
+                    similarity[name].append(float(pairs[~torch.eye(len(chosen), dtype=torch.bool)].mean()))
+            for name, (method, start) in {
+                "fps (special)": ("fps", "special"), "fps (first)": ("fps", "first"), "random": ("random", "special")
+            }.items():  # fmt: skip
+                landmarks = select_landmarks(
+                    _recorded["features"], min(LANDMARKS, tokens), method, special, start=start
+                )
+                picked[name].append(int(true[landmarks[0]].sum()))
         counts = [int(t.sum()) for t in truth]
         row = {
             "resolution": size,
@@ -143,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             "incoming_over_uniform_tail": _median(incoming_tail),
             "tail_tokens": len(incoming_tail),
             "detectors": {name: precision_recall(found, truth) for name, found in flags.items()},
+            "query_cosine": {name: sum(v) / len(v) if v else None for name, v in similarity.items()},
+            "massive_among_landmarks": {name: sum(v) for name, v in picked.items()},
+            "landmarks": min(LANDMARKS, tokens),
         }
         rows.append(row)
         print(f"{size} px: {row['massive_per_image']} massive tokens per image; {row['detectors']}", file=sys.stderr)
@@ -175,6 +201,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['resolution']} | {r['tokens']} | {count['mean']:.1f} ({count['min']}-{count['max']}) "
             f"| {share['mean']:.0%} ({share['min']:.0%}-{share['max']:.0%}) | {massive} | {tail} | "
             + " | ".join(f"{d['precision']:.2f} / {d['recall']:.2f}" for d in detectors)
+            + " |"
+        )
+    lines += [
+        "",
+        f"FPS features (head-mean queries) at the detection layer; {rows[0]['landmarks']} landmarks chosen there:",
+        "",
+    ]
+    names = list(rows[0]["massive_among_landmarks"])
+    lines += [
+        "| px | query cosine, two massive tokens | two other patches | massive tokens | "
+        + " | ".join(f"picked by {n}" for n in names)
+        + " |",
+        "|---:|---:|---:|---:|" + "---:|" * len(names),
+    ]
+    for r in rows:
+        cosine = r["query_cosine"]
+        massive = "-" if cosine["massive"] is None else f"{cosine['massive']:.2f}"
+        total = round(r["massive_per_image"]["mean"] * r["images"])
+        lines.append(
+            f"| {r['resolution']} | {massive} | {cosine['other']:.2f} | {total} | "
+            + " | ".join(str(r["massive_among_landmarks"][n]) for n in names)
             + " |"
         )
     lines += ["", "max/median token norm per hidden state (state k enters layer k):", ""]
