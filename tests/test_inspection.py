@@ -99,7 +99,7 @@ def test_tiny_dinov2_table_figures_and_json(tiny_dinov2, image_file, tmp_path, c
 
 
 def test_massive_tokens_flagged_at_their_patch(tiny_dinov2, image_file, tmp_path, capsys, monkeypatch):
-    """A token scaled up from layer 1 on is flagged by norm_gap in layers 1-3 at its (row, col), nowhere else."""
+    """A token scaled up from layer 1 on is flagged by norm_ratio in layers 1-3 at its (row, col), nowhere else."""
     row, col, grid = 2, 5, 8
     token = 1 + row * grid + col  # after CLS
     load = inspection.load_vision_model

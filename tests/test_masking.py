@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_fna import FNAConfig, MaskingConfig, detect_attention_sinks, detect_massive_tokens, exact_attention
+from hf_fna import (
+    FNAConfig,
+    MaskingConfig,
+    detect_attention_sinks,
+    detect_high_norm_tokens,
+    detect_massive_tokens,
+    exact_attention,
+)
 from hf_fna.integration.plans import layer_plan, tower_plans
 from hf_fna.ops.nystrom import nystrom_attention
 from tiny_families import family
@@ -66,6 +73,36 @@ def test_detect_massive_tokens_by_norm_gap():
     plain = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(1))
     assert not detect_massive_tokens(plain, num_special_tokens=1).any()
     assert detect_massive_tokens(hidden, num_special_tokens=1, max_tokens=1)[0].sum() <= 1
+
+
+def test_detect_high_norm_tokens_by_ratio_to_the_median():
+    hidden = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(0))
+    norms = hidden.norm(dim=-1, keepdim=True)
+    hidden[0, [4, 9, 20]] *= 12 * norms[0].median() / norms[0, [4, 9, 20]]  # 12x the median norm
+    hidden[0, 30] *= 8 * norms[0].median() / norms[0, 30]  # 8x: below the threshold
+    hidden[1, 17] *= 30
+    hidden[:, 0] *= 200  # CLS: never flagged
+    flags = detect_high_norm_tokens(hidden, num_special_tokens=1)
+    assert flags[0].nonzero().flatten().tolist() == [4, 9, 20]
+    assert flags[1].nonzero().flatten().tolist() == [17]
+    assert detect_high_norm_tokens(hidden, min_ratio=7.0, num_special_tokens=1)[0].nonzero().flatten().tolist() == [
+        4, 9, 20, 30,
+    ]  # fmt: skip
+    strongest = detect_high_norm_tokens(hidden, num_special_tokens=1, max_tokens=1)
+    assert strongest.sum(dim=-1).tolist() == [1, 1] and strongest[1, 17]
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 17] = False  # padding is never flagged
+    assert not detect_high_norm_tokens(hidden, num_special_tokens=1, valid=valid)[1].any()
+    plain = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(1))
+    assert not detect_high_norm_tokens(plain, num_special_tokens=1).any()
+
+
+def test_norm_gap_finds_more_massive_tokens_than_max_tokens_and_ignores_gaps_among_small_norms():
+    hidden = torch.randn(1, 60, 16, generator=torch.Generator().manual_seed(0))
+    hidden[0, 1:13] *= 50  # twelve massive tokens: the cut is found over all tokens, then capped
+    hidden[0, 40:] *= 1e-4  # a wide gap among the smallest norms says nothing about massive tokens
+    assert detect_massive_tokens(hidden, num_special_tokens=1)[0].nonzero().flatten().tolist() == list(range(1, 13))
+    assert detect_massive_tokens(hidden, num_special_tokens=1, max_tokens=8)[0].sum() == 8
 
 
 def test_detect_attention_sinks_iteratively():
@@ -138,16 +175,21 @@ def test_masking_layer_errors(tmp_path):
     with pytest.raises(ValueError, match="from_layer=1 precedes detect_layer=2"):
         FNAConfig(masking=MaskingConfig(intervention="mask", detect_layer=2, from_layer=1)).apply(model)
     with pytest.raises(ValueError, match="detect_layer=0 with detect='norm_gap'"):
+        FNAConfig(masking=MaskingConfig(intervention="mask", detect="norm_gap", detect_layer=0)).apply(model)
+    with pytest.raises(ValueError, match="detect_layer=0 with detect='norm_ratio' would read the patch embeddings"):
         FNAConfig(masking=MaskingConfig(intervention="mask", detect_layer=0, from_layer=0)).apply(model)
     with pytest.raises(ValueError, match=r"masking.detect_layer contains layer 9, out of range"):
         FNAConfig(masking=MaskingConfig(intervention="mask", detect_layer=9, from_layer=9)).apply(model)
 
 
-def test_default_masking_layers_are_the_middle_of_the_tower(tmp_path):
+def test_default_masking_layers_are_two_thirds_of_the_tower(tmp_path):
     fam = family("dinov2")
     model = fam.model_class(fam.config).eval()
+    assert fam.config.num_hidden_layers == 4
     FNAConfig(layers="none", masking=MaskingConfig(intervention="sink")).apply(model)
     tower = layer_plan(model.encoder.layer[0].attention).tower_plan
-    assert (tower.detect_layer, tower.from_layer) == (2, 2)
+    assert (tower.detect_layer, tower.from_layer) == (3, 3)  # round(4 * 2 / 3)
+    assert FNAConfig(masking=MaskingConfig(intervention="sink")).resolve(12).detect_layer == 8
+    assert FNAConfig(masking=MaskingConfig(intervention="sink")).resolve(24).detect_layer == 16
     with torch.no_grad():
         assert torch.isfinite(model(**fam.make_inputs(1)).last_hidden_state).all()

@@ -82,3 +82,44 @@ def test_bad_inputs():
         fna_attention(q, k, v, num_landmarks=8, sampling_features="hidden")
     with pytest.raises(ValueError, match="pinv='svd' is not supported; accepted values: newton, exact"):
         fna_attention(q, k, v, num_landmarks=8, pinv="svd")
+
+
+def test_exact_rows_of_landmark_queries_are_their_exact_attention():
+    q, k, v = qkv(tokens=60)
+    landmarks = torch.stack([torch.arange(0, 60, 4), torch.arange(1, 60, 4)])  # 15 landmarks, token 0 in sample 0 only
+    exact_rows = torch.zeros(2, 60, dtype=torch.bool)
+    exact_rows[:, :2] = True  # token 1 is not a landmark of sample 0, token 0 not one of sample 1
+    plain, _ = nystrom_attention(q, k, v, landmarks)
+    got, weights = nystrom_attention(q, k, v, landmarks, exact_rows=exact_rows, return_weights=True)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(got[0, :, 0], exact[0, :, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1, :, 1], exact[1, :, 1], atol=1e-5, rtol=0)
+    assert (plain[0, :, 0] - exact[0, :, 0]).abs().max() > 1e-3  # the Nyström row differed
+    untouched = torch.ones(2, 60, dtype=torch.bool)
+    untouched[0, 0] = untouched[1, 1] = False
+    torch.testing.assert_close(got[:, :, untouched[0]][0], plain[:, :, untouched[0]][0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1][:, untouched[1]], plain[1][:, untouched[1]], atol=0, rtol=0)
+    torch.testing.assert_close(weights @ v, got, atol=1e-5, rtol=0)  # the returned matrix holds the same rows
+
+
+def test_exact_rows_with_padding_and_gradients():
+    q, k, v = qkv(batch=2, heads=2, tokens=12, dim=4, dtype=torch.float64)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False  # padding: masked keys are never exact rows of a landmark
+    bias = torch.zeros(2, 1, 1, 12, dtype=torch.float64).masked_fill(~mask[:, None, None, :], float("-inf"))
+    landmarks = torch.tensor([[0, 3, 6, 9, 11], [0, 2, 4, 6, 8]])
+    exact_rows = torch.zeros(2, 12, dtype=torch.bool)
+    exact_rows[:, 0] = True
+    got, _ = nystrom_attention(q, k, v, landmarks, key_bias=bias, exact_rows=exact_rows)
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(got[:, :, 0], exact[:, :, 0], atol=1e-10, rtol=0)
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: nystrom_attention(a, b, c, landmarks, key_bias=bias, exact_rows=exact_rows)[0], inputs
+    )
+
+
+def test_fna_attention_gives_special_tokens_their_exact_rows():
+    q, k, v = qkv(tokens=80)
+    got = fna_attention(q, k, v, num_landmarks=16, num_special_tokens=1)
+    torch.testing.assert_close(got[:, :, 0], F.scaled_dot_product_attention(q, k, v)[:, :, 0], atol=1e-5, rtol=0)

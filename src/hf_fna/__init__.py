@@ -19,7 +19,7 @@ from .integration.explain import Explanation, LayerReport, explain, last_flagged
 from .integration.switches import exact, remove, save_pretrained
 from .ops.landmarks import farthest_point_sampling, random_sampling, select_landmarks
 from .ops.nystrom import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
-from .ops.sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
+from .ops.sinks import detect_attention_sinks, detect_high_norm_tokens, detect_massive_tokens, norm_statistics
 from .tools.calibration import CalibrationReport, calibrate
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "MaskingConfig",
     "calibrate",
     "detect_attention_sinks",
+    "detect_high_norm_tokens",
     "detect_massive_tokens",
     "exact",
     "exact_attention",

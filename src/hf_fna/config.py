@@ -20,14 +20,19 @@ from typing import Any, Literal
 
 from .locations import check_local_path
 from .ops.checks import MAX_SEED
-from .ops.landmarks import SAMPLING_METHODS
+from .ops.landmarks import SAMPLING_METHODS, SELECTION_STARTS
 from .ops.nystrom import INTERVENTIONS, MAX_PINV_ITERATIONS, PINV_METHODS
 
 FNA_CONFIG_NAME = "fna_config.json"
 
 SAMPLING_FEATURES = ("q", "k", "hidden")
-DETECTION_METHODS = ("norm_gap", "attention")
+DETECTION_METHODS = ("norm_ratio", "norm_gap", "attention")
 LAYER_KEYWORDS = ("auto", "all", "none")
+
+# `MaskingConfig.detect_layer=None`: two thirds of the depth. On the CLIP ViT-B/16 of `hf_fna.assets` the tokens
+# above 10x the median norm first appear at the input of layer 7 and peak at layer 8 (= 2/3 of 12), at 224-896 px
+# (benchmarks/massive_tokens.py); the paper detected at layer 13 of CLIP ViT-L's 24.
+DETECT_LAYER_FRACTION = 2 / 3
 
 # `layers="auto"`: FNA in the second half of the tower, where the paper's reference runs it (layers 13-23 of CLIP
 # ViT-L). `hf-fna compare` and benchmarks/bench_model.py measure this schedule against the others.
@@ -319,35 +324,45 @@ class MaskingConfig:
             `hf_fna.nystrom_attention`: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over
             the rest); "sink" (softmax as usual, then every query's weight on flagged keys is zeroed, without
             renormalisation); "sink_keep_self" (as "sink", but a flagged token keeps its attention to itself).
-        detect: "norm_gap" (largest gap in the sorted log L2 norms of the tokens entering `detect_layer`) or
-            "attention" (iterative outliers of mean incoming attention at `detect_layer`).
-        detect_layer: the layer at whose input (norm_gap) or attention (attention) tokens are flagged; negative
-            values count from the end; `None` is the middle layer (`num_layers // 2`), where massive tokens have
-            appeared in the models studied.
+        detect: "norm_ratio" (tokens entering `detect_layer` whose L2 norm exceeds `min_ratio` times the median
+            token norm), "norm_gap" (the paper's rule: largest gap in the sorted log norms of those tokens) or
+            "attention" (the paper's sink rule: iterative outliers of mean incoming attention at `detect_layer`;
+            costs one exact attention matrix). "norm_ratio" is the default: on the one real model with massive
+            tokens here it alone found them at every resolution (README, "Massive tokens").
+        detect_layer: the layer at whose input (norm_ratio, norm_gap) or attention (attention) tokens are flagged;
+            negative values count from the end; `None` is two thirds of the depth (`round(2 * num_layers / 3)`),
+            where massive tokens peak in the CLIP ViT-B/16 measured here. `hf-fna inspect` shows where they are.
         from_layer: first layer where the intervention applies; it must not precede `detect_layer`, since the
             flags are only known once that layer runs; `None` is `detect_layer`.
-        max_tokens: at most this many flagged tokens per image (the strongest ones).
+        max_tokens: at most this many flagged tokens per image (the strongest ones); `None` (the default) keeps
+            every one. Massive tokens grow with the resolution (about 4% of the patches of that CLIP).
         std_threshold: "attention" detection flags a token while its log incoming attention exceeds the mean of
             the unflagged tokens by this many standard deviations.
         min_gap: "norm_gap" detection flags nothing unless the largest gap in sorted log norms exceeds this value
             (natural log units), so that models without massive tokens are left alone.
+        min_ratio: "norm_ratio" detection flags tokens above this multiple of the median token norm.
     """
 
     intervention: Literal["none", "mask", "sink", "sink_keep_self"] = field(
         default="none",
         metadata={"help": "intervention on flagged massive/artifact tokens (none, mask, sink, sink_keep_self)"},
     )
-    detect: Literal["norm_gap", "attention"] = field(
-        default="norm_gap", metadata={"help": "how tokens are flagged (norm_gap or attention)"}
+    detect: Literal["norm_ratio", "norm_gap", "attention"] = field(
+        default="norm_ratio", metadata={"help": "how tokens are flagged (norm_ratio, norm_gap or attention)"}
     )
     detect_layer: int | None = field(default=None, metadata={"help": "layer where tokens are flagged"})
     from_layer: int | None = field(default=None, metadata={"help": "first layer of the intervention"})
-    max_tokens: int = field(default=8, metadata={"help": "at most this many flagged tokens per image"})
+    max_tokens: int | None = field(
+        default=None, metadata={"help": "at most this many flagged tokens per image (null: no limit)"}
+    )
     std_threshold: float = field(
         default=3.0, metadata={"help": "attention detection: outlier threshold in standard deviations"}
     )
     min_gap: float = field(
         default=1.0, metadata={"help": "norm_gap detection: smallest gap in sorted log norms that flags tokens"}
+    )
+    min_ratio: float = field(
+        default=10.0, metadata={"help": "norm_ratio detection: flagged norms exceed this multiple of the median"}
     )
 
     def __post_init__(self) -> None:
@@ -359,8 +374,9 @@ class MaskingConfig:
                 raise ValueError(
                     f"FNAConfig.masking.{name}={value!r} is invalid; expected an integer layer index or None."
                 )
-        _check_int("masking.max_tokens", self.max_tokens, 1)
-        for name in ("std_threshold", "min_gap"):
+        if self.max_tokens is not None:
+            _check_int("masking.max_tokens", self.max_tokens, 1)
+        for name in ("std_threshold", "min_gap", "min_ratio"):
             value = getattr(self, name)
             # NaN compares False with every threshold, so it would silently flag nothing: refuse it.
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -386,6 +402,10 @@ class FNAConfig:
             O(N^2 d).
         sampling: "fps" (farthest point sampling, picks outlier tokens first), "random" (seeded; the ablation) or
             "quickfps" (the paper's sampler: FPS by the `torch-quickfps` package over the non-special tokens).
+        fps_start: where "fps" starts: "special" (the always-landmark tokens seed the distances: the first free
+            pick is the token farthest from CLS and registers), "first" (FPS over the other tokens from the first of
+            them, the special ones prepended: the paper's order, the same landmarks as "quickfps") or "centroid"
+            (from the token farthest from the centroid). "quickfps" always starts as "first" does.
         sampling_features: what FPS measures distances on: "q" (mean over heads of the queries, the reference
             default), "k" (mean of the keys) or "hidden" (the layer's normalised input hidden state, recovered
             exactly from the value projection).
@@ -426,6 +446,10 @@ class FNAConfig:
             "help": "landmark selection: farthest point sampling (fps), the paper's sampler (quickfps) or seeded random"
         },
     )
+    fps_start: Literal["special", "first", "centroid"] = field(
+        default="special",
+        metadata={"help": "where fps starts: seeded by the special tokens, the first other token, or the centroid"},
+    )
     sampling_features: Literal["q", "k", "hidden"] = field(
         default="q", metadata={"help": "features FPS measures distances on (q, k or hidden)"}
     )
@@ -452,6 +476,7 @@ class FNAConfig:
         _check_layers("layers", self.layers)
         _check_int("num_landmarks", self.num_landmarks, 1)
         _check_choice("sampling", self.sampling, SAMPLING_METHODS)
+        _check_choice("fps_start", self.fps_start, SELECTION_STARTS)
         _check_choice("sampling_features", self.sampling_features, SAMPLING_FEATURES)
         if not isinstance(self.resample_every_layer, bool):
             raise ValueError(
@@ -703,7 +728,7 @@ def _masking_layers(masking: MaskingConfig, num_layers: int) -> tuple[int, int]:
     """Resolve and check `masking.detect_layer` / `masking.from_layer` against the tower depth."""
     if not masking.enabled:
         return num_layers, num_layers
-    detect = num_layers // 2 if masking.detect_layer is None else masking.detect_layer
+    detect = round(num_layers * DETECT_LAYER_FRACTION) if masking.detect_layer is None else masking.detect_layer
     (detect_layer,) = resolve_layers([detect], num_layers, "masking.detect_layer")
     if masking.from_layer is None:
         from_layer = detect_layer
@@ -714,10 +739,10 @@ def _masking_layers(masking: MaskingConfig, num_layers: int) -> tuple[int, int]:
             f"FNAConfig.masking.from_layer={masking.from_layer} precedes detect_layer={masking.detect_layer}: tokens "
             "are flagged once per forward pass at detect_layer, so the intervention can start there at the earliest."
         )
-    if masking.detect == "norm_gap" and detect_layer == 0:
+    if masking.detect != "attention" and detect_layer == 0:
         raise ValueError(
-            "FNAConfig.masking.detect_layer=0 with detect='norm_gap' would read the patch embeddings, which carry no "
-            "massive tokens; use a layer >= 1 (massive tokens appear in middle layers)."
+            f"FNAConfig.masking.detect_layer=0 with detect={masking.detect!r} would read the patch embeddings, which "
+            "carry no massive tokens; use a layer >= 1 (massive tokens appear in middle layers)."
         )
     return detect_layer, from_layer
 

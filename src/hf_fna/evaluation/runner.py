@@ -22,7 +22,7 @@ import torch
 from ..config import FNAConfig
 from ..errors import InputError, OutputPathError, ReferenceModeError, first_line
 from ..integration.towers import patch_size, special_tokens, tower_config
-from ..tools.measure import progress_bar, quiet_loading, synchronize
+from ..tools.measure import model_folder, progress_bar, quiet_loading, synchronize
 from ..tools.outputs import check_distinct_outputs, check_output_file
 from .modeling import (
     EXACT,
@@ -360,7 +360,8 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     except OutputPathError as error:
         raise InputError(str(error)) from None
     task = importlib.import_module(TASKS[settings.task])
-    config = load_config(settings.model)
+    model_path = model_folder(settings.model)
+    config = load_config(model_path)
     check_model_kind(config, task.MODEL_KIND, settings.task)
     check_image_size(settings.image_size, tower_config(config))
     fna_config = settings.fna_config or fna_config_for(config, settings.fna_overrides)
@@ -373,7 +374,7 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     reference = load_reference(settings.reference, settings, 1) if settings.reference else None
     with quiet_loading(reports=False, progress_bars=not settings.show_progress):
         data = task.load_data(settings)
-        model, processor = load_model(settings.model, task.MODEL_KIND, settings.task)
+        model, processor = load_model(model_path, task.MODEL_KIND, settings.task)
     runner = Runner(settings, model, processor, fna_config, reference)
     try:
         outcome: TaskOutcome = task.run_task(runner, data)

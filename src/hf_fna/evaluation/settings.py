@@ -29,7 +29,7 @@ class EvalSettings:
 
     Args:
         task: one of `TASKS`.
-        model: a Hub model id or a local folder.
+        model: a Hub model id, a local folder, or a bundled model (`hf_fna:dinov2-small`, `hf_fna:clip-b16`).
         dataset: a Hub dataset name, a local folder, `hf_fna:<builtin>`, or a `datasets.Dataset`/`DatasetDict`.
         split: the evaluated split; `train_split` is where linear probes are fit (probe, segmentation).
         limit, train_limit: evaluate (fit) on this many rows, drawn with `seed`; None uses the whole split.

@@ -32,7 +32,7 @@ from ..ops.nystrom import (
     nystrom_attention,
     valid_keys,
 )
-from ..ops.sinks import attention_probabilities, detect_attention_sinks
+from ..ops.sinks import attention_probabilities, detect_attention_sinks, strongest_tokens
 from .masks import fna_mask, is_traced
 from .plans import (
     ATTENTION_NAME,
@@ -93,14 +93,22 @@ def _landmarks_for(
         if cached is not None and cached[0] == shape:
             return cached[1]
     guaranteed = tower_plan.special.mask(query.shape[0], query.shape[2], query.device)
-    if flagged is not None:
-        guaranteed = flagged if guaranteed is None else guaranteed | flagged
     with torch.no_grad():
         features = _selection_features(module, query, key, value, fna_config.sampling_features)
+        if flagged is not None:
+            # Flagged tokens are landmarks, so that the columns the intervention acts on are exact, up to half of
+            # the landmarks (the most outlying first): massive tokens grow with the resolution, and a selection
+            # made of them alone would leave the rest of the image without landmarks.
+            special = tower_plan.special.leading + tower_plan.special.trailing
+            budget = max(min(group.num_landmarks, query.shape[2]) - special, 0) // 2
+            outlying = (features - features.mean(dim=1, keepdim=True)).float().square().sum(dim=-1)
+            flagged = strongest_tokens(flagged, outlying, budget)
+            guaranteed = flagged if guaranteed is None else guaranteed | flagged
         landmarks = select_landmarks(
             features,
             min(group.num_landmarks, query.shape[2]),
             method=fna_config.sampling,
+            start=fna_config.fps_start,
             guaranteed=guaranteed,
             valid=valid,
             seed=fna_config.seed,
@@ -254,6 +262,8 @@ def _attend(
             intervention=intervention,
             return_weights=output_attentions,
             valid=valid,
+            # CLS and registers are landmarks: their exact attention is at hand, and it keeps the pooled output exact.
+            exact_rows=plan.tower_plan.special.mask(query.shape[0], query.shape[2], query.device),
         )
     bias = key_bias if full_mask is None else additive_mask(full_mask, query.dtype)
     return exact_attention(

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ..config import FNA_CONFIG_NAME, FNAConfig, LayerGroup, set_model_applier
-from ..ops.sinks import detect_massive_tokens
+from ..ops.sinks import detect_high_norm_tokens, detect_massive_tokens
 from .towers import (
     TOWER_CONFIG_NAMES,
     SpecialTokens,
@@ -40,6 +40,7 @@ from .towers import (
 )
 
 ATTENTION_NAME = "fna"
+NORM_DETECTORS = ("norm_ratio", "norm_gap")  # detection from the residual stream entering the detection layer
 
 # Through Transformers' logger hierarchy, so that `transformers.logging.set_verbosity_*` governs these warnings too.
 logger = hf_logging.get_logger("transformers.hf_fna")
@@ -93,6 +94,16 @@ class TowerPlan:
 
     def store_flags(self, flagged: torch.Tensor) -> None:
         self.local.flagged = self.last_flagged = (_shape_key(flagged), flagged)
+        if "no flags" not in self.warned:  # checked on the first detection only: `.any()` waits for the device
+            self.warned.add("no flags")
+            if not bool(flagged.any()):
+                masking = self.fna_config.masking
+                logger.warning(
+                    f"hf_fna: masking ({masking.intervention}) is on for {self.name}, but detection "
+                    f"({masking.detect}) flagged no token at layer {self.detect_layer} in the first forward pass, so "
+                    "it changes nothing there. `hf-fna inspect` shows in which layers a model has massive tokens; set "
+                    "FNAConfig.masking.detect_layer accordingly."
+                )
 
     def current_flags(self, shape: tuple) -> torch.Tensor | None:
         """Tokens flagged earlier in this forward pass (the autograd thread falls back to the tower's last)."""
@@ -220,8 +231,9 @@ def _config_name(model_config: Any, tower_config: Any) -> str:
     return getattr(tower_config, "model_type", None) or type(tower_config).__name__
 
 
-class NormGapDetector:
-    """Forward pre-hook of the detection block: flags massive tokens from the residual stream entering it.
+class NormDetector:
+    """Forward pre-hook of the detection block: flags massive tokens from the residual stream entering it
+    (`detect="norm_ratio"` or `"norm_gap"`).
 
     It holds no state: the tower plan is looked up on the block's attention module at call time, so the hook pickles
     with the model (`torch.save(model)`) and a deep copy's hook writes into the copy's plan, never the original's.
@@ -233,24 +245,25 @@ class NormGapDetector:
             return
         tower_plan = plan.tower_plan
         masking = tower_plan.fna_config.masking
-        if not masking.enabled or masking.detect != "norm_gap" or plan.index != tower_plan.detect_layer:
+        if not masking.enabled or masking.detect not in NORM_DETECTORS or plan.index != tower_plan.detect_layer:
             return
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        tower_plan.store_flags(
-            detect_massive_tokens(
-                hidden_states,
-                min_gap=masking.min_gap,
-                max_tokens=masking.max_tokens,
-                num_special_tokens=tower_plan.num_special_tokens,
-            )
-        )
+        special = tower_plan.num_special_tokens
+        if masking.detect == "norm_ratio":
+            flags = detect_high_norm_tokens(hidden_states, masking.min_ratio, masking.max_tokens, special)
+        else:
+            flags = detect_massive_tokens(hidden_states, masking.min_gap, masking.max_tokens, special)
+        tower_plan.store_flags(flags)
 
 
-def _add_norm_gap_hook(tower_plan: TowerPlan, block: nn.Module) -> None:
-    """Register a `NormGapDetector` on `block` unless it has one (a copied or unpickled model keeps its own)."""
-    if any(isinstance(hook, NormGapDetector) for hook in block._forward_pre_hooks.values()):
+def _add_norm_hook(tower_plan: TowerPlan, block: nn.Module) -> None:
+    """Register a `NormDetector` on `block` unless it has one (a copied or unpickled model keeps its own)."""
+    if any(isinstance(hook, NormDetector) for hook in block._forward_pre_hooks.values()):
         return
-    tower_plan.hooks.append(block.register_forward_pre_hook(NormGapDetector(), with_kwargs=True))
+    tower_plan.hooks.append(block.register_forward_pre_hook(NormDetector(), with_kwargs=True))
+
+
+NormGapDetector = NormDetector  # its earlier name: models pickled with `torch.save(model)` before the rename load
 
 
 def model_path(root: nn.Module) -> str | None:
@@ -341,8 +354,8 @@ def plan_model(root: nn.Module) -> int:
         for name, module, tower_plan, index in layers:
             _PLANS[module] = LayerPlan(tower_plan, index)
             masking = tower_plan.fna_config.masking
-            if masking.enabled and masking.detect == "norm_gap" and index == tower_plan.detect_layer:
-                _add_norm_gap_hook(tower_plan, root.get_submodule(_block_name(name)))
+            if masking.enabled and masking.detect in NORM_DETECTORS and index == tower_plan.detect_layer:
+                _add_norm_hook(tower_plan, root.get_submodule(_block_name(name)))
     return len(layers)
 
 

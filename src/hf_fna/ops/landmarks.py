@@ -25,6 +25,10 @@ _UNSEEN = float("inf")  # no landmark has set the token's distance yet
 
 SAMPLING_METHODS = ("fps", "random", "quickfps")
 FPS_STARTS = ("first", "centroid")
+# Where `select_landmarks(method="fps")` starts: "special" seeds the distances with the always-landmark tokens,
+# "first" runs FPS over the other tokens from the first of them (the paper's order), "centroid" from the token
+# farthest from their centroid.
+SELECTION_STARTS = ("special", "first", "centroid")
 FPS_IMPLEMENTATIONS = ("auto", "numpy", "torch", "quickfps")
 
 
@@ -306,6 +310,7 @@ def select_landmarks(
     guaranteed: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     seed: int = 0,
+    start: str = "special",
 ) -> torch.Tensor:
     """Choose landmark indices `[B, m]` from per-token `features` `[B, N, C]`.
 
@@ -316,6 +321,8 @@ def select_landmarks(
         guaranteed: optional `[B, N]` bool of further tokens that must be landmarks (e.g. flagged massive tokens).
         valid: optional `[B, N]` bool, False for tokens that must never be landmarks (padding).
         seed: seed of random sampling.
+        start: where "fps" starts (`SELECTION_STARTS`): "special" (the guaranteed tokens seed the distances),
+            "first" (FPS over the other tokens from the first of them, as "quickfps" does) or "centroid".
 
     Raises:
         TypeError, ValueError: an argument of the wrong kind or value, named with what is accepted.
@@ -333,7 +340,15 @@ def select_landmarks(
         special[:, :num_special_tokens] = True
         guaranteed = special if guaranteed is None else guaranteed | special
     if method == "fps":
-        return farthest_point_sampling(features, num_landmarks, guaranteed=guaranteed, valid=valid)
+        check_choice("start", start, SELECTION_STARTS)
+        return farthest_point_sampling(
+            features,
+            num_landmarks,
+            guaranteed=guaranteed,
+            valid=valid,
+            seed_with_guaranteed=start == "special",
+            start="first" if start == "special" else start,
+        )
     if method == "quickfps":
         return farthest_point_sampling(
             features, num_landmarks, guaranteed=guaranteed, valid=valid, seed_with_guaranteed=False,

@@ -7,8 +7,11 @@ With queries/keys/values `[B, H, N, d]`, landmark indices `idx` `[B, m]` and sca
     vp = pinv(A) Bv                    [B, H, m, d]                                (float32)
     out = softmax(s Q kp^T) vp         [B, H, N, d]                                (SDPA)
 
-which is the Nyström form softmax(Q kp^T) A^+ softmax(qp K^T) V at cost O(N m d). With every token a landmark and
-an exact pseudo-inverse it equals exact attention (`pinv="exact"`, the reference mode, computes the whole chain in
+which is the Nyström form softmax(Q kp^T) A^+ softmax(qp K^T) V at cost O(N m d). The rows of `exact_rows` (the
+backend passes the special tokens: CLS and registers, always landmarks) are not reconstructed: they are the exact
+attention of those landmark queries, which Bv holds already, at no cost. On the two real models here this leaves
+patch tokens as faithful and makes the CLS token far more so (README, "Landmark rows"). With every token a landmark
+and an exact pseudo-inverse it equals exact attention (`pinv="exact"`, the reference mode, computes the whole chain in
 float64, `exact_pinv`). A, its pseudo-inverse and vp are computed in float32 whatever the model dtype (float64
 stays float64), because the landmark kernel is ill-conditioned.
 
@@ -353,8 +356,13 @@ def nystrom_attention(
     intervention: str = "none",
     return_weights: bool = False,
     valid: torch.Tensor | None = None,
+    exact_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Nyström attention `[B, H, N, d]` given landmark indices `[B, m]` (shared by all heads of a sample).
+
+    `exact_rows` (`[B, N]` bool) marks queries whose output is their exact attention instead of its Nyström
+    reconstruction; it applies to those that are (unmasked) landmarks, whose exact attention the Nyström form computes
+    anyway.
 
     `valid` (`[B, N]` bool of unmasked keys, or `[B, H|1, N]` per head) defaults to `valid_keys(key_bias,
     per_head=True)`; masked or repeated landmarks take no part (per head), so a sample with fewer unmasked tokens than
@@ -376,6 +384,7 @@ def nystrom_attention(
     landmarks = check_indices("landmarks", landmarks, batch, num_tokens)
     check_token_mask("flagged", flagged, batch, num_tokens)
     check_token_mask("valid", valid, batch, num_tokens, per_head=True)
+    check_token_mask("exact_rows", exact_rows, batch, num_tokens)
     check_choice("pinv", pinv, PINV_METHODS)
     _check_rate_and_scale(dropout_p, scale)
     head_dim = query.shape[-1]
@@ -399,6 +408,7 @@ def nystrom_attention(
             intervention=intervention,
             return_weights=return_weights,
             valid=valid,
+            exact_rows=exact_rows,
         )
         return output.to(query.dtype), None if weights is None else weights.to(query.dtype)
     dead = _dead_queries(key_bias)
@@ -439,6 +449,11 @@ def nystrom_attention(
     output = F.scaled_dot_product_attention(
         query, k_land, v_land.to(query.dtype), attn_mask=bias_land, dropout_p=dropout_p, scale=scale
     )
+    exact_landmarks = None
+    if exact_rows is not None:  # [B, H|1, m]: landmarks whose own row is exact (first occurrences, unmasked)
+        usable_rows = rows[..., 0] if rows is not None else _first_occurrences(landmarks, num_tokens)[:, None, :]
+        exact_landmarks = exact_rows.gather(1, landmarks)[:, None, :] & usable_rows
+        output = _with_landmark_rows(output, landmarks, landmark_output, exact_landmarks)
     if flagged is not None and intervention == "sink_keep_self":
         positions, _, correction = _keep_self_correction(query, key, value, bias, flagged, scale)
         output = _add_at(output, positions, correction)
@@ -446,6 +461,10 @@ def nystrom_attention(
     weights = None
     if return_weights:
         weights = _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale, rows)
+        if exact_landmarks is not None:
+            exact_weights = scale * q_land.to(weights.dtype) @ key.to(weights.dtype).transpose(-1, -2)
+            exact_weights = exact_weights if bias is None else exact_weights + bias.to(weights.dtype)
+            weights = _with_landmark_rows(weights, landmarks, exact_weights.softmax(dim=-1), exact_landmarks)
         if flagged is not None and intervention in ("sink", "sink_keep_self"):
             kept = weights * flagged[:, None, None, :]
             weights = weights - kept
@@ -521,6 +540,19 @@ def _take_tokens(states: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
     return states.gather(2, index)
 
 
+def _with_landmark_rows(
+    rows: torch.Tensor, landmarks: torch.Tensor, landmark_rows: torch.Tensor, take: torch.Tensor
+) -> torch.Tensor:
+    """`rows` `[B, H, N, C]` with the rows of the landmarks replaced by `landmark_rows` `[B, H, m, C]` where `take`
+    (`[B, H|1, m]` bool, at most one True per token) holds; others unchanged."""
+    batch, heads, _, width = rows.shape
+    weight = take.expand(batch, heads, -1)[..., None].to(rows.dtype)
+    index = landmarks[:, None, :, None].expand(batch, heads, -1, width)
+    replaced = torch.zeros_like(rows).scatter_add(2, index, landmark_rows.to(rows.dtype) * weight)
+    hit = torch.zeros_like(rows[..., :1]).scatter_add(2, index[..., :1], weight)
+    return torch.where(hit > 0, replaced, rows)
+
+
 def _nystrom_weights(query, key, k_land, q_land, bias, bias_land, kernel_pinv, scale, rows=None) -> torch.Tensor:
     """The approximate attention matrix softmax(Q kp^T) A^+ softmax(qp K^T), `[B, H, N, N]`."""
     precise = kernel_pinv.dtype
@@ -567,7 +599,7 @@ def fna_attention(
         dropout_p: attention dropout (pass 0.0 at evaluation).
         sampling: "fps" or "random".
         sampling_features: "q" or "k" (mean over heads); use `select_landmarks` for other features.
-        num_special_tokens: leading tokens that are always landmarks.
+        num_special_tokens: leading tokens that are always landmarks; their own output rows are exact attention.
         pinv, pinv_iterations: pseudo-inverse of the landmark kernel ("newton" or "exact").
         seed: seed of random sampling.
         landmarks: precomputed `[B, m]` indices; selection is skipped.
@@ -621,5 +653,13 @@ def fna_attention(
         pinv_iterations=pinv_iterations,
         flagged=flagged,
         intervention=intervention,
+        exact_rows=_leading(num_special_tokens, query.shape[0], key.shape[2], query.device),
     )
     return output
+
+
+def _leading(count: int, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """`[B, N]` bool, True on the first `count` tokens; None for none."""
+    if count <= 0:
+        return None
+    return (torch.arange(num_tokens, device=device) < count).expand(batch, num_tokens)

