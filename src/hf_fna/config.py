@@ -335,7 +335,7 @@ class MaskingConfig:
         from_layer: first layer where the intervention applies; it must not precede `detect_layer`, since the
             flags are only known once that layer runs; `None` is `detect_layer`.
         max_tokens: at most this many flagged tokens per image (the strongest ones); `None` (the default) keeps
-            every one. Massive tokens grow with the resolution (about 4% of the patches of that CLIP).
+            every one. Massive tokens grow with the resolution (2-7% of the patches of that CLIP).
         std_threshold: "attention" detection flags a token while its log incoming attention exceeds the mean of
             the unflagged tokens by this many standard deviations.
         min_gap: "norm_gap" detection flags nothing unless the largest gap in sorted log norms exceeds this value
