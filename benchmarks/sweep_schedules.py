@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for r in rows:
-        options = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        options = ", ".join(f"{k}={v}" for k, v in _flat_options(r["options"]).items())
         massive = f"{r['massive_among_landmarks']} / {r['massive_tokens']}" if "massive_tokens" in r else "-"
         pooled_text = f"{r['pooled_cosine']:.4f}" if "pooled_cosine" in r else "-"
         lines.append(
@@ -200,25 +200,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    """Mean patch cosine against the FLOP bound, one point per configuration (colour: landmark count; options in the
+    label)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for landmarks in sorted({r["landmarks"] for r in rows}):
-        points = [r for r in rows if r["landmarks"] == landmarks and not r["options"]]
+        points = [r for r in rows if r["landmarks"] == landmarks]
         ax.scatter([r["flop_bound"] for r in points], [r["patch_cosine"] for r in points], label=f"m={landmarks}")
         for r in points:
-            ax.annotate(r["schedule"], (r["flop_bound"], r["patch_cosine"]), fontsize=7)
-    ax.axhline(0.97, color="red", lw=0.8, ls="--")
-    ax.axvline(1.0, color="gray", lw=0.8)
-    ax.set(xlabel="FLOP bound of the end-to-end speed-up", ylabel="mean patch cosine to exact", title=title)
-    ax.title.set_fontsize(9)
-    ax.legend()
+            options = ",".join(f"{v}" for v in _flat_options(r["options"]).values())
+            label = r["schedule"] + (f" {options}" if options else "")
+            ax.annotate(label, (r["flop_bound"], r["patch_cosine"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")  # fmt: skip
+    ax.axhline(0.97, color="red", lw=0.8, ls="--", label="patch cosine 0.97")
+    ax.axvline(1.0, color="gray", lw=0.8, label="exact attention (1.0x)")
+    ax.set(xlabel="FLOP bound of the end-to-end speed-up", ylabel="mean patch cosine to exact")
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
+    ax.margins(x=0.15)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _flat_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{key}.{k}" if isinstance(value, dict) else key: v
+        for key, value in options.items()
+        for k, v in (value.items() if isinstance(value, dict) else [(key, value)])
+    }
 
 
 if __name__ == "__main__":

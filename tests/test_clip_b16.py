@@ -198,3 +198,29 @@ def test_inspect_shows_the_massive_tokens_by_its_short_name(tmp_path, capsys) ->
     assert all(layer["massive"] == [] for layer in layers[:5])  # layer k's output enters layer k + 1
     assert len(layers[7]["massive"]) >= 4 and layers[7]["norms"]["max_over_median"] > 15
     assert "massive (norm_ratio)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------- every tool
+def test_eval_probes_the_textiles_with_the_clip_by_short_names() -> None:
+    from hf_fna.evaluation import EvalSettings, run_evaluation
+
+    settings = EvalSettings(
+        task="probe", model="hf_fna:clip-b16", dataset="hf_fna:textiles", limit=12, train_limit=24, image_size=224,
+        batch_size=12, fna_overrides={"layers": "6:", "num_landmarks": 64, "min_tokens": 0}, show_progress=False,
+    )  # fmt: skip
+    result = run_evaluation(settings)
+    assert result.num_samples == 12
+    assert 0.0 <= result.metrics["fna"]["accuracy"] <= 1.0
+    assert result.agreement["feature_cosine"] > 0.9  # FNA ran (min_tokens=0) and stayed close to exact
+
+
+def test_compare_runs_the_clip_by_its_short_name(tmp_path, capsys) -> None:
+    from hf_fna.cli import main
+
+    report = tmp_path / "compare.json"
+    argv = ["compare", "--model", "hf_fna:clip-b16", "--resolutions", "224", "--photos", "2", "--probe-train", "0",
+            "--probe-test", "0", "--min-tokens", "0", "--no-progress", "--json", str(report)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    (row,) = json.loads(report.read_text())["rows"]
+    assert row["tokens"] == 197 and row["fna_layers"] == list(range(6, 12))
+    assert row["patch_cosine"] > 0.9 and row["cls_cosine"] > 0.95

@@ -143,8 +143,10 @@ def test_injected_outlier_is_among_first_picks():
     assert picks[0, 0] == 37 and picks[1, 0] == 5
     picks = farthest_point_sampling(x, 8)  # starts at token 0, then the outlier
     assert picks[0, :2].tolist() == [0, 37] and picks[1, :2].tolist() == [0, 5]
-    picks = select_landmarks(x, 8, num_special_tokens=1)  # CLS first, then the token farthest from it
+    picks = select_landmarks(x, 8, num_special_tokens=1, start="special")  # CLS first, then the token farthest from it
     assert picks[0, 1] == 37 and picks[1, 1] == 5
+    picks = select_landmarks(x, 8, num_special_tokens=1)  # the paper's order: CLS, the first other token, the outlier
+    assert picks[0, :3].tolist() == [0, 1, 37] and picks[1, :3].tolist() == [0, 1, 5]
 
 
 def test_fps_spreads_over_clusters():

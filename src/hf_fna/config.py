@@ -335,7 +335,7 @@ class MaskingConfig:
         from_layer: first layer where the intervention applies; it must not precede `detect_layer`, since the
             flags are only known once that layer runs; `None` is `detect_layer`.
         max_tokens: at most this many flagged tokens per image (the strongest ones); `None` (the default) keeps
-            every one. Massive tokens grow with the resolution (about 4% of the patches of that CLIP).
+            every one. Massive tokens grow with the resolution (2-7% of the patches of that CLIP).
         std_threshold: "attention" detection flags a token while its log incoming attention exceeds the mean of
             the unflagged tokens by this many standard deviations.
         min_gap: "norm_gap" detection flags nothing unless the largest gap in sorted log norms exceeds this value
@@ -402,10 +402,12 @@ class FNAConfig:
             O(N^2 d).
         sampling: "fps" (farthest point sampling, picks outlier tokens first), "random" (seeded; the ablation) or
             "quickfps" (the paper's sampler: FPS by the `torch-quickfps` package over the non-special tokens).
-        fps_start: where "fps" starts: "special" (the always-landmark tokens seed the distances: the first free
-            pick is the token farthest from CLS and registers), "first" (FPS over the other tokens from the first of
-            them, the special ones prepended: the paper's order, the same landmarks as "quickfps") or "centroid"
-            (from the token farthest from the centroid). "quickfps" always starts as "first" does.
+        fps_start: where "fps" starts: "first" (FPS over the other tokens from the first of them, the special ones
+            prepended: the paper's order, the same landmarks as "quickfps", the default), "special" (the always-landmark
+            tokens seed the distances: the first free pick is the token farthest from CLS and registers) or
+            "centroid" (from the token farthest from the centroid). The three were indistinguishable on both real
+            models (README, "Landmark sampler"), so the default follows the paper. "quickfps" always starts as
+            "first" does.
         sampling_features: what FPS measures distances on: "q" (mean over heads of the queries, the reference
             default), "k" (mean of the keys) or "hidden" (the layer's normalised input hidden state, recovered
             exactly from the value projection).
@@ -447,7 +449,7 @@ class FNAConfig:
         },
     )
     fps_start: Literal["special", "first", "centroid"] = field(
-        default="special",
+        default="first",
         metadata={"help": "where fps starts: seeded by the special tokens, the first other token, or the centroid"},
     )
     sampling_features: Literal["q", "k", "hidden"] = field(
