@@ -63,7 +63,7 @@ Position = tuple[int, int]
 
 
 @dataclass
-class LayerReport:
+class InspectedLayer:
     """What one layer shows: patch-token norm statistics of its output and the flagged tokens."""
 
     layer: int
@@ -83,13 +83,13 @@ class Inspection:
     patch_size: int
     grid: tuple[int, int]  # patch rows, patch columns
     special_tokens: list[str]  # names of the leading non-patch tokens (CLS, registers, ...)
-    layers: list[LayerReport]
+    layers: list[InspectedLayer]
     fna_layers: list[int]
     num_landmarks: int
     landmarks: list[Position]  # patch landmarks, in the order farthest point sampling picked them
     special_landmarks: list[int]  # token indices of the special tokens among the landmarks
     figures: dict[str, str] = field(default_factory=dict)
-    detector: str = "norm_ratio"  # what flagged `LayerReport.massive`
+    detector: str = "norm_ratio"  # what flagged `InspectedLayer.massive`
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -384,7 +384,7 @@ def inspect_image(
     grid = (height // patch, width // patch)
     tokens = grid[0] * grid[1] + special
     if num_landmarks > tokens:
-        raise InputError(f"--landmarks {num_landmarks} exceeds the {tokens} tokens of a {height}x{width} input")
+        raise InputError(f"--num-landmarks {num_landmarks} exceeds the {tokens} tokens of a {height}x{width} input")
 
     _register_inspect_attention()
     modules = attention_layers(model)
@@ -420,7 +420,7 @@ def inspect_image(
         else:
             massive = detect_massive_tokens(states, min_gap=min_gap, max_tokens=max_tokens, num_special_tokens=special)
         layers.append(
-            LayerReport(
+            InspectedLayer(
                 layer=index,
                 norms=norm_statistics(states, num_special_tokens=special),
                 massive=_positions(massive[0], special, grid[1]),
