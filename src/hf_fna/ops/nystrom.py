@@ -63,7 +63,7 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
     shape = a.shape
     a = a.reshape(-1, shape[-1], shape[-1])
     identity = torch.eye(shape[-1], device=a.device, dtype=a.dtype)
-    seven, fifteen, thirteen = 7 * identity, 15 * identity, 3.25 * identity
+    seven, fifteen, thirteen_quarters = 7 * identity, 15 * identity, 3.25 * identity
     # An all-zero kernel (a fully masked sample) gets Z = 0, its exact pseudo-inverse, instead of 0 / 0 = NaN, which
     # the backward pass would carry into every gradient of the batch. A softmax kernel's largest column sum is >= 1:
     # its numbers do not change.
@@ -73,7 +73,7 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
         az = torch.bmm(a, z)
         # The identity terms and the factor 1/4 ride on the matrix products (baddbmm) instead of separate passes.
         inner = torch.baddbmm(fifteen, az, seven - az, alpha=-1.0)
-        z = torch.bmm(z, torch.baddbmm(thirteen, az, inner, alpha=-0.25))
+        z = torch.bmm(z, torch.baddbmm(thirteen_quarters, az, inner, alpha=-0.25))
     return z.reshape(shape)
 
 
@@ -439,7 +439,7 @@ def nystrom_attention(
         kernel = kernel * rows
     kernel_pinv = landmark_pinv(kernel, pinv, pinv_iterations)
 
-    # Steps 4 and 6 are skinny attentions (m queries over N keys, N queries over m keys): SDPA computes them without
+    # Bv and the output are skinny attentions (m queries over N keys, N queries over m keys): SDPA computes them without
     # materialising the m x N logits, and returns its output in the [B, N, H, d] layout that the Transformers
     # backend transposes to, so that its `transpose(1, 2).contiguous()` copies nothing. (A per-sample bmm + softmax
     # path was measured on 2 CPU threads, H=6, d=64, m=64: 1.4x slower at N=1025 and 1.1-1.2x slower at N=4097.)

