@@ -57,8 +57,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     import hf_fna
     from hf_fna.assets import photos
-    from hf_fna.config import parse_layers
     from hf_fna.integration.towers import interpolation_kwargs, special_tokens
+    from hf_fna.schedules import parse_layers
     from hf_fna.tools.measure import model_folder, photo_tensor
 
     hf_logging.set_verbosity_error()
@@ -274,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             write_plot(json.load(f)["rows"], args.plot)
         return 0
 
-    from hf_fna.config import FNAConfig, parse_layers
+    from hf_fna.config import FNAConfig
     from hf_fna.ops.cost import schedule_flop_bound
+    from hf_fna.schedules import parse_layers
     from hf_fna.tools.measure import model_description
 
     options = parse_config("none@1/" + "/".join(args.options))[2] if args.options else {}

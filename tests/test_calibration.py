@@ -10,7 +10,7 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 import hf_fna
 from hf_fna.cli import main
-from hf_fna.config import schedule_from_landmarks
+from hf_fna.schedules import schedule_from_landmarks
 from hf_fna.tools.calibration import cheapest_schedule
 
 

@@ -645,7 +645,7 @@ def test_layer_strings_are_parsed_in_linear_time_and_bounded():
     with pytest.raises(ValueError, match=r"\(100004 characters\) is invalid: 100004 characters, more than the 4096"):
         FNAConfig(layers="1" + " " * 100_000 + "x@5")
     with pytest.raises(ValueError, match=r"more than the 4096 accepted"):
-        hf_fna.config.parse_layers(["1"] + [" "] * 5000)
+        hf_fna.schedules.parse_layers(["1"] + [" "] * 5000)
     # What the grammar accepts is unchanged.
     accepted = {" 6 : ": [6, 7, 8, 9, 10, 11], "4, 5 @ 32": [4, 5], "-4:": [8, 9, 10, 11], ":": list(range(12))}
     for text, layers in accepted.items():

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..config import FNAConfig, check_local_path
+from ..config import FNAConfig
 from ..errors import InputError, first_line
 from ..integration.plans import ATTENTION_NAME
 from ..integration.towers import (
@@ -22,6 +22,7 @@ from ..integration.towers import (
     tower_config_name,
     vision_tower,
 )
+from ..locations import check_local_path
 
 EXACT, FNA = "exact", "fna"
 VARIANTS = (EXACT, FNA)

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LayerGroup
 from ..errors import ReferenceModeError
 from ..ops.blocks import diagonal_blocks
 from ..ops.landmarks import select_landmarks
@@ -33,6 +32,7 @@ from ..ops.nystrom import (
     valid_keys,
 )
 from ..ops.sinks import attention_probabilities, detect_attention_sinks, strongest_tokens
+from ..schedules import LayerGroup
 from .masks import fna_mask, is_traced
 from .plans import (
     ATTENTION_NAME,

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..config import FNA_CONFIG_NAME, FNAConfig, LayerGroup, set_model_applier
+from ..config import FNA_CONFIG_NAME, FNAConfig, set_model_applier
 from ..ops.sinks import detect_high_norm_tokens, detect_massive_tokens
+from ..schedules import LayerGroup
 from .towers import (
     TOWER_CONFIG_NAMES,
     SpecialTokens,

@@ -12,8 +12,9 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ..config import FNAConfig, field_help, parse_layers
+from ..config import FNAConfig, field_help
 from ..errors import InputError
+from ..schedules import parse_layers
 
 FNA_OPTIONS = ("layers", "num_landmarks", "min_tokens", "sampling", "pinv")
 # Earlier spellings, still accepted so that recorded command lines keep working.

@@ -35,7 +35,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from ..config import FNAConfig, schedule_from_landmarks
+from ..config import FNAConfig
 from ..integration.towers import (
     interpolation_kwargs,
     mlp_ratio_of,
@@ -45,6 +45,7 @@ from ..integration.towers import (
     vision_tower,
 )
 from ..ops.cost import schedule_flop_bound
+from ..schedules import schedule_from_landmarks
 from .measure import (
     IMAGENET_MEAN,
     IMAGENET_STD,

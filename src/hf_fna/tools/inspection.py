@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import FNAConfig, parse_layers
+from ..config import FNAConfig
 from ..errors import AssetError, InputError, OutputPathError, first_line
 from ..integration.plans import NORM_DETECTORS
 from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
+from ..schedules import parse_layers
 from .arguments import add_fna_arguments
 from .measure import device_from_option, model_folder, quiet_loading
 from .outputs import (
@@ -236,7 +237,7 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    from ..config import check_local_path
+    from ..locations import check_local_path
 
     _register_inspect_attention()
     with quiet_loading():
