@@ -13,7 +13,6 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -40,17 +39,6 @@ DETECT_LAYER_FRACTION = 2 / 3
 # landmark kernel (the pinv="exact" failure mode with m < N): values outside the recommended range warn, values above
 # `MAX_PINV_ITERATIONS` are refused.
 RECOMMENDED_PINV_ITERATIONS = (3, 10)
-
-# How `FNAConfig.apply` changes a model. The Transformers integration (`hf_fna.integration.plans`) sits above this
-# module and imports it, so it installs the function when `hf_fna` is imported instead of being imported from here.
-_apply_to_model: Callable[[Any, FNAConfig, str | None], Any] | None = None
-
-
-def set_model_applier(apply: Callable[[Any, FNAConfig, str | None], Any]) -> None:
-    """Install the function behind `FNAConfig.apply(model, tower)` (called once, by `hf_fna.integration.plans`)."""
-    global _apply_to_model
-    _apply_to_model = apply
-
 
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
@@ -400,9 +388,10 @@ class FNAConfig:
             ValueError: the model's attention does not dispatch through `AttentionInterface`, or a layer index is out
                 of range for the tower.
         """
-        if _apply_to_model is None:  # pragma: no cover - `import hf_fna` installs it
-            raise RuntimeError("FNAConfig.apply needs the Transformers integration: `import hf_fna` first.")
-        return _apply_to_model(model, self, tower)
+        # The integration imports this module; it is imported here, when a model is changed, not at import time.
+        from .integration.plans import apply_fna_config
+
+        return apply_fna_config(model, self, tower)
 
     def resolve(self, num_layers: int) -> ResolvedFNAConfig:
         """These settings resolved against a tower of `num_layers` layers: the selection groups of `layers` and the

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..config import FNA_CONFIG_NAME, FNAConfig, set_model_applier
+from ..config import FNA_CONFIG_NAME, FNAConfig
 from ..ops.sinks import detect_high_norm_tokens, detect_massive_tokens
 from ..schedules import LayerGroup
 from .towers import (
@@ -471,6 +471,3 @@ def apply_fna_config(model: nn.Module, fna_config: FNAConfig, tower: str | None 
         model.set_attn_implementation({tower: ATTENTION_NAME})
     plan_model(model)
     return model
-
-
-set_model_applier(apply_fna_config)
