@@ -16,6 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import InputError
 from .locations import check_local_path
 from .ops.checks import MAX_SEED
 from .ops.landmarks import SAMPLING_METHODS, SELECTION_STARTS
@@ -42,14 +43,14 @@ RECOMMENDED_PINV_ITERATIONS = (3, 10)
 
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
-        raise ValueError(f"FNAConfig.{name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
+        raise InputError(f"FNAConfig.{name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     too_large = maximum is not None and isinstance(value, int) and value > maximum
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_large:
         accepted = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
-        raise ValueError(f"FNAConfig.{name}={value!r} is invalid; expected {accepted}.")
+        raise InputError(f"FNAConfig.{name}={value!r} is invalid; expected {accepted}.")
 
 
 @dataclass
@@ -111,7 +112,7 @@ class MaskingConfig:
         for name in ("detect_layer", "from_layer"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(
+                raise InputError(
                     f"FNAConfig.masking.{name}={value!r} is invalid; expected an integer layer index or None."
                 )
         if self.max_tokens is not None:
@@ -120,7 +121,7 @@ class MaskingConfig:
             value = getattr(self, name)
             # NaN compares False with every threshold, so it would silently flag nothing: refuse it.
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"FNAConfig.masking.{name}={value!r} is invalid; expected a finite number >= 0.")
+                raise InputError(f"FNAConfig.masking.{name}={value!r} is invalid; expected a finite number >= 0.")
 
     @property
     def enabled(self) -> bool:
@@ -219,7 +220,7 @@ class FNAConfig:
         _check_choice("fps_start", self.fps_start, SELECTION_STARTS)
         _check_choice("sampling_features", self.sampling_features, SAMPLING_FEATURES)
         if not isinstance(self.resample_every_layer, bool):
-            raise ValueError(
+            raise InputError(
                 f"FNAConfig.resample_every_layer={self.resample_every_layer!r} is invalid; expected True or False."
             )
         _check_choice("pinv", self.pinv, PINV_METHODS)
@@ -239,7 +240,7 @@ class FNAConfig:
         if isinstance(self.masking, dict):
             self.masking = MaskingConfig(**_known_fields(MaskingConfig, _renamed_masking_keys(self.masking), "masking"))
         elif not isinstance(self.masking, MaskingConfig):
-            raise ValueError(f"FNAConfig.masking={self.masking!r} is invalid; expected a MaskingConfig or a dict.")
+            raise InputError(f"FNAConfig.masking={self.masking!r} is invalid; expected a MaskingConfig or a dict.")
 
     # --- serialisation -------------------------------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class FNAConfig:
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> FNAConfig:
         if not isinstance(config_dict, dict):
-            raise ValueError(f"FNAConfig.from_dict expects a dict, got {type(config_dict).__name__}.")
+            raise InputError(f"FNAConfig.from_dict expects a dict, got {type(config_dict).__name__}.")
         return cls(**_known_fields(cls, config_dict, "FNAConfig"))
 
     def to_json_string(self) -> str:
@@ -270,7 +271,7 @@ class FNAConfig:
         try:
             return cls.from_dict(values)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise InputError(f"{path}: {error}") from error
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
         """Write `fna_config.json` into `save_directory` (created if needed) and return the file path.
@@ -279,7 +280,7 @@ class FNAConfig:
         `GenerationConfig.save_pretrained`.
         """
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory={str(save_directory)!r} is a file; expected a directory.")
+            raise InputError(f"save_directory={str(save_directory)!r} is a file; expected a directory.")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, FNA_CONFIG_NAME)
         self.to_json_file(path)
@@ -336,7 +337,7 @@ class FNAConfig:
         model_config = read_json(config_file)
         vision = model_config.get("vision_config") if isinstance(model_config, dict) else None
         if not isinstance(model_config, dict) or not isinstance(vision, (dict, type(None))):
-            raise ValueError(
+            raise InputError(
                 f"{config_file}: not a model config.json (expected a JSON object whose `vision_config`, if any, is an "
                 "object)."
             )
@@ -345,7 +346,7 @@ class FNAConfig:
                 try:
                     return cls.from_dict(candidate["fna_config"])
                 except ValueError as error:
-                    raise ValueError(f"{config_file}: invalid `fna_config`: {error}") from error
+                    raise InputError(f"{config_file}: invalid `fna_config`: {error}") from error
         if source == config_file:
             raise OSError(
                 f"{config_file} is a model config.json that carries no `fna_config` (neither on the model config nor "
@@ -416,7 +417,7 @@ class FNAConfig:
             values["masking"] = asdict(masking)
         elif masking is not None:
             if not isinstance(masking, dict):
-                raise ValueError(f"FNAConfig.masking={masking!r} is invalid; expected a MaskingConfig or a dict.")
+                raise InputError(f"FNAConfig.masking={masking!r} is invalid; expected a MaskingConfig or a dict.")
             values["masking"].update(masking)
         return FNAConfig.from_dict({**values, **_known_fields(FNAConfig, changes, "FNAConfig.update")})
 
@@ -476,12 +477,12 @@ def _masking_layers(masking: MaskingConfig, num_layers: int) -> tuple[int, int]:
     else:
         (from_layer,) = resolve_layers([masking.from_layer], num_layers, "masking.from_layer")
     if from_layer < detect_layer:
-        raise ValueError(
+        raise InputError(
             f"FNAConfig.masking.from_layer={masking.from_layer} precedes detect_layer={masking.detect_layer}: tokens "
             "are flagged once per forward pass at detect_layer, so the intervention can start there at the earliest."
         )
     if masking.detect != "attention" and detect_layer == 0:
-        raise ValueError(
+        raise InputError(
             f"FNAConfig.masking.detect_layer=0 with detect={masking.detect!r} would read the patch embeddings, which "
             "carry no massive tokens; use a layer >= 1 (massive tokens appear in middle layers)."
         )
@@ -522,9 +523,9 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{os.fspath(path)} is not a valid JSON file ({error}).") from None
+        raise InputError(f"{os.fspath(path)} is not a valid JSON file ({error}).") from None
     except RecursionError:  # `"[" * 100000`: the parser recurses once per level
-        raise ValueError(f"{os.fspath(path)} is not a valid JSON file (nested too deeply to parse).") from None
+        raise InputError(f"{os.fspath(path)} is not a valid JSON file (nested too deeply to parse).") from None
 
 # Keys of a Transformers model config.json, none of which an fna_config.json has.
 _MODEL_CONFIG_KEYS = ("fna_config", "model_type", "architectures", "vision_config", "transformers_version")
@@ -538,5 +539,5 @@ def _known_fields(cls: type, values: dict[str, Any], owner: str) -> dict[str, An
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{owner} got unknown field(s) {unknown}; accepted fields: {', '.join(sorted(names))}.")
+        raise InputError(f"{owner} got unknown field(s) {unknown}; accepted fields: {', '.join(sorted(names))}.")
     return dict(values)

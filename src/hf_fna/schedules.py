@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InputError
+
 LAYER_KEYWORDS = ("auto", "all", "none")
 
 # `layers="auto"`: FNA in the second half of the tower, where the paper's reference runs it (layers 13-23 of CLIP
@@ -59,7 +61,7 @@ def _shown(text: str, limit: int = 120) -> str:
 
 def _check_length(name: str, text: str) -> None:
     if len(text) > MAX_LAYERS_LENGTH:
-        raise ValueError(
+        raise InputError(
             f"FNAConfig.{name}={_shown(text)} is invalid: {len(text)} characters, more than the {MAX_LAYERS_LENGTH} "
             "accepted (a schedule names each layer at most once)."
         )
@@ -92,13 +94,13 @@ def _schedule_parts(text: str, name: str) -> list[tuple[str | list[int], int | N
         indices = _index_list(spec)
         layers_ok = spec in LAYER_KEYWORDS or parse_slice(spec) is not None or indices is not None
         if not layers_ok or (at and not _COUNT.fullmatch(count)):
-            raise ValueError(
+            raise InputError(
                 f"FNAConfig.{name}={_shown(text)} is invalid: group {_shown(piece.strip())} is not 'LAYERS' or "
                 "'LAYERS@M' with LAYERS a slice ('4:6'), an index list ('4,5') or a keyword, e.g. '4:6@256;6:@64'."
             )
         landmarks = int(count) if at else None
         if landmarks is not None and landmarks < 1:
-            raise ValueError(
+            raise InputError(
                 f"FNAConfig.{name}={_shown(text)} is invalid: a group has {landmarks} landmarks; expected >= 1."
             )
         parts.append((spec if indices is None else indices, landmarks))
@@ -113,13 +115,13 @@ def check_layers(name: str, value: Any) -> None:
         _check_length(name, value)
         if value in LAYER_KEYWORDS or parse_slice(value) is not None:
             return
-        raise ValueError(
+        raise InputError(
             f"FNAConfig.{name}={_shown(value)} is invalid; expected a list of layer indices, a slice string such as "
             f"'6:' or '-4:', or one of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
         )
     if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return
-    raise ValueError(
+    raise InputError(
         f"FNAConfig.{name}={value!r} is invalid; expected a list of integers, a slice string such as '6:', or one "
         f"of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
     )
@@ -149,7 +151,7 @@ def parse_layers(text: str | list[str] | tuple[str, ...] | None) -> str | list[i
         pass
     if len(tokens) == 1 and (tokens[0] in LAYER_KEYWORDS or parse_slice(tokens[0]) is not None):
         return tokens[0]
-    raise ValueError(
+    raise InputError(
         f"layers {_shown(' '.join(values))} is invalid; give layer indices ('6,7,8'), a slice ('6:', '-4:') or one of "
         f"{', '.join(LAYER_KEYWORDS)}."
     )
@@ -174,16 +176,16 @@ def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, nam
     if isinstance(spec, str):
         bounds = parse_slice(spec)
         if bounds is None:  # pragma: no cover - rejected at construction
-            raise ValueError(f"FNAConfig.{name}={_shown(spec)} is not a slice string.")
+            raise InputError(f"FNAConfig.{name}={_shown(spec)} is not a slice string.")
         for bound in bounds:
             if bound is not None and not -num_layers <= bound <= num_layers:
-                raise ValueError(
+                raise InputError(
                     f"FNAConfig.{name}={spec!r} is out of range for a tower with {num_layers} layers; "
                     f"bounds must lie in [-{num_layers}, {num_layers}]."
                 )
         layers = list(range(num_layers))[slice(*bounds)]
         if not layers:  # "3:1": FNA nowhere, without a word, is never what was meant
-            raise ValueError(
+            raise InputError(
                 f"FNAConfig.{name}={spec!r} selects no layer of a tower with {num_layers} layers (an empty slice); "
                 "give a slice whose start comes before its stop, such as '1:3', or 'none' for exact attention in every "
                 "layer."
@@ -192,7 +194,7 @@ def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, nam
     out = set()
     for index in spec:
         if not -num_layers <= index < num_layers:
-            raise ValueError(
+            raise InputError(
                 f"FNAConfig.{name} contains layer {index}, out of range for a tower with {num_layers} layers; "
                 f"accepted indices are 0..{num_layers - 1} (or negative from the end)."
             )
@@ -228,7 +230,7 @@ def resolve_groups(
     seen: set[int] = set()
     for layers, _ in parts:
         if seen & set(layers):
-            raise ValueError(
+            raise InputError(
                 f"FNAConfig.{name}={spec!r} puts layer(s) {sorted(seen & set(layers))} in two groups; each layer may "
                 "belong to one group."
             )

@@ -135,10 +135,7 @@ class AttentionSwitch:
         self.tower = tower_config_name(model.config)
         config = model.config if self.tower is None else getattr(model.config, self.tower)
         self.exact_implementation = config._attn_implementation
-        try:
-            fna_config.apply(model, self.tower)
-        except ValueError as error:
-            raise InputError(f"FNA cannot run in {type(model).__name__}: {first_line(error)}") from error
+        fna_config.apply(model, self.tower)
         self.current = FNA
         self.use(EXACT)
 
@@ -152,9 +149,6 @@ class AttentionSwitch:
 
 def fna_config_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
     """The model's own `fna_config` (or the defaults) with the given fields replaced."""
-    try:
-        return FNAConfig.from_model_config(tower_config(config)).update(
-            **{k: v for k, v in overrides.items() if v is not None}
-        )
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    return FNAConfig.from_model_config(tower_config(config)).update(
+        **{k: v for k, v in overrides.items() if v is not None}
+    )

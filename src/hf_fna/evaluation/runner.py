@@ -365,10 +365,7 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     check_model_kind(config, task.MODEL_KIND, settings.task)
     check_image_size(settings.image_size, tower_config(config))
     fna_config = settings.fna_config or fna_config_for(config, settings.fna_overrides)
-    try:
-        fna_config.resolve(int(tower_config(config).num_hidden_layers))
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    fna_config.resolve(int(tower_config(config).num_hidden_layers))
     if (settings.reference or settings.save_exact) and make_accelerator(settings.mixed_precision).num_processes > 1:
         raise InputError("--reference and --save-exact need a single process (the outputs are recorded per batch)")
     reference = load_reference(settings.reference, settings, 1) if settings.reference else None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ReferenceModeError
+from ..errors import InputError, ReferenceModeError
 from ..ops.blocks import diagonal_blocks
 from ..ops.landmarks import select_landmarks
 from ..ops.nystrom import (
@@ -54,7 +54,7 @@ def _selection_features(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     # "hidden": the normalised layer input x, recovered exactly from the values v = W_v x + b (W_v square).
     projection = getattr(module, "v_proj", None)
     if not isinstance(projection, nn.Linear) or projection.weight.shape[0] != projection.weight.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"sampling_features='hidden' needs a square `v_proj` linear layer, which {type(module).__name__} lacks; "
             "use 'q' or 'k'."
         )

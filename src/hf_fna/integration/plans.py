@@ -27,6 +27,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ..config import FNA_CONFIG_NAME, FNAConfig
+from ..errors import InputError
 from ..ops.sinks import detect_high_norm_tokens, detect_massive_tokens
 from ..schedules import LayerGroup
 from .towers import (
@@ -202,7 +203,7 @@ def plan_tower(tower_config: Any, name: str = "model") -> TowerPlan:
         num_layers = int(tower_config.num_hidden_layers)
         resolved = fna_config.resolve(num_layers)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
+        raise InputError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
     special = special_tokens(tower_config, fna_config.num_special_tokens)
     if fna_config.num_special_tokens is None and not is_known_family(tower_config):
         logger.warning_once(
@@ -447,15 +448,15 @@ def apply_fna_config(model: nn.Module, fna_config: FNAConfig, tower: str | None 
     """Implementation of `FNAConfig.apply`: see there."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"FNAConfig.apply expects a Transformers PreTrainedModel; got {type(model).__name__}.")
+        raise InputError(f"FNAConfig.apply expects a Transformers PreTrainedModel; got {type(model).__name__}.")
     tower = tower if tower is not None else tower_config_name(model.config)
     tower_config = config if tower is None else getattr(config, tower, None)
     if tower_config is None:
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__} has no sub-config {tower!r}; accepted: {', '.join(config.sub_configs) or 'none'}."
         )
     if not supports_fna(model, tower_config):
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__} ({tower or 'model'}: {getattr(tower_config, 'model_type', '?')}) cannot run the "
             "`fna` backend: it does not declare `_supports_attention_backend` and its attention does not call "
             "`ALL_ATTENTION_FUNCTIONS.get_interface`; supported are models that dispatch through Transformers' "

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..config import FNAConfig, field_help
-from ..errors import InputError
 from ..schedules import parse_layers
 
 FNA_OPTIONS = ("layers", "num_landmarks", "min_tokens", "sampling", "pinv")
@@ -68,9 +67,6 @@ def fna_overrides(args: argparse.Namespace, names: Sequence[str] = FNA_OPTIONS) 
         if value is None:
             continue
         if name == "layers":
-            try:
-                value = parse_layers(value)
-            except ValueError as error:
-                raise InputError(str(error)) from None
+            value = parse_layers(value)
         out[name] = value
     return out

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..config import FNAConfig
+from ..errors import InputError, first_line
 from ..integration.towers import (
     interpolation_kwargs,
     mlp_ratio_of,
@@ -287,12 +288,12 @@ def calibrate(
         ValueError: bad `target`, `metric`, `candidates`, or images that do not make a batch.
     """
     if metric not in METRICS:
-        raise ValueError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
+        raise InputError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
     if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
-        raise ValueError(f"calibrate(target={target!r}) is invalid; expected a number in (0, 1].")
+        raise InputError(f"calibrate(target={target!r}) is invalid; expected a number in (0, 1].")
     candidates = tuple(sorted(set(candidates)))
     if not candidates or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in candidates):
-        raise ValueError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
+        raise InputError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
 
     began = time.perf_counter()
     if image_mean is None or image_std is None:
@@ -303,7 +304,7 @@ def calibrate(
     pixels = _as_pixels(images, resolution, image_mean, image_std, "images")
     if heldout is None:
         if len(pixels) < 2:
-            raise ValueError("calibrate needs at least 2 images to hold some out; pass `heldout=` otherwise.")
+            raise InputError("calibrate needs at least 2 images to hold some out; pass `heldout=` otherwise.")
         order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
         half = len(pixels) // 2
         pixels, heldout_pixels = pixels[order[half:]], pixels[order[:half]]
@@ -315,7 +316,7 @@ def calibrate(
         for side in dict.fromkeys(int(s) for s in batch.shape[-2:]):
             problem = resolution_problem(side, patch_size(config))
             if problem:  # the patch embedding would crop silently (or fail below one patch)
-                raise ValueError(f"calibrate({name}=...) got {side} px images: {side} {problem}.")
+                raise InputError(f"calibrate({name}=...) got {side} px images: {side} {problem}.")
     num_layers = int(config.num_hidden_layers)
     width = int(config.hidden_size)
     heads = int(config.num_attention_heads)
@@ -351,7 +352,7 @@ def calibrate(
     tokens = reference.shape[1]
     tried = [m for m in candidates if m < tokens]
     if not tried:
-        raise ValueError(f"calibrate(candidates={candidates}) holds no count below the {tokens} tokens of the input.")
+        raise InputError(f"calibrate(candidates={candidates}) holds no count below the {tokens} tokens of the input.")
     # Passes: the reference (done), the sensitivities, the knapsack's schedules, about log2(L) suffixes per m, a few
     # extensions and the held-out pair; the total is corrected once the search ends.
     planned = 2 + num_layers * len(tried) + max_schedules + len(tried) * math.ceil(math.log2(num_layers + 1)) + 4
@@ -586,13 +587,13 @@ def _as_pixels(
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape)
-            raise ValueError(f"calibrate({name}=...) got a tensor of shape {shape}; expected [B, 3, H, W].")
+            raise InputError(f"calibrate({name}=...) got a tensor of shape {shape}; expected [B, 3, H, W].")
         return images.float()
     images = list(images)
     if not images:
-        raise ValueError(f"calibrate({name}=...) got no images.")
+        raise InputError(f"calibrate({name}=...) got no images.")
     if resolution is None:
-        raise ValueError(f"calibrate({name}=...) got PIL images; pass `resolution=` to size them.")
+        raise InputError(f"calibrate({name}=...) got PIL images; pass `resolution=` to size them.")
     mean_t = torch.tensor(mean or IMAGENET_MEAN).view(3, 1, 1)
     std_t = torch.tensor(std or IMAGENET_STD).view(3, 1, 1)
     return torch.stack([photo_tensor(image, resolution, mean_t, std_t) for image in images])
@@ -652,7 +653,6 @@ def run(args: Any) -> int:
     import json
     import sys
 
-    from ..errors import InputError, first_line
     from .outputs import check_output_set, write_files_atomically
 
     for option in ("limit", "batch_size", "resolution", "threads"):
@@ -677,23 +677,20 @@ def run(args: Any) -> int:
     images = _load_images(args.images, args)[: args.limit]
     heldout_source = args.heldout_images or ("photos:report" if args.images == "photos:tune" else None)
     heldout = _load_images(heldout_source, args) if heldout_source else None
-    try:
-        report = calibrate(
-            model,
-            images,
-            target=args.target,
-            metric=args.metric,
-            resolution=args.resolution,
-            heldout=heldout,
-            candidates=args.candidates,
-            measure_speed=args.measure_speed,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            image_mean=mean,
-            image_std=std,
-        )
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    report = calibrate(
+        model,
+        images,
+        target=args.target,
+        metric=args.metric,
+        resolution=args.resolution,
+        heldout=heldout,
+        candidates=args.candidates,
+        measure_speed=args.measure_speed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        image_mean=mean,
+        image_std=std,
+    )
 
     machine = machine_info(device)
     command = "hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
@@ -766,7 +763,6 @@ def _base_model(args: Any) -> str | None:
     import os
 
     from ..assets import MODEL_PREFIX, bundled_model_info
-    from ..errors import InputError
     from .publish import check_repo_id
 
     if args.base_model is not None:
@@ -787,7 +783,6 @@ def _load_model(name: str | None) -> tuple[nn.Module, str, str]:
     """The model (its `fna` towers ready), a name for reports, and the folder or Hub id it came from."""
     from transformers import AutoModel
 
-    from ..errors import InputError, first_line
     from ..locations import check_local_path
 
     path = model_folder(name)
@@ -803,7 +798,6 @@ def _open_image(path: str) -> Any:
     """An image file as RGB; one that cannot be decoded raises `InputError` naming it."""
     from PIL import Image
 
-    from ..errors import InputError, first_line
 
     try:
         with Image.open(path) as image:
@@ -815,7 +809,6 @@ def _open_image(path: str) -> Any:
 def _load_images(source: str, args: Any) -> list[Any]:
     import os
 
-    from ..errors import InputError
     from ..locations import check_local_path
 
     if source in BUNDLED_PHOTOS:

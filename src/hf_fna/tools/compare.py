@@ -176,11 +176,8 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
         raise InputError(f"cannot load model {model_id!r}: {first_line(error)}") from error
 
     config = tower_config(fna.config)
-    try:
-        fna_config = FNAConfig.from_model_config(config).update(**fna_overrides(args))
-        fna_config.apply(fna)
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    fna_config = FNAConfig.from_model_config(config).update(**fna_overrides(args))
+    fna_config.apply(fna)
     encoders = [_vision_encoder(m).to(device).eval() for m in (exact, fna)]
 
     patch = patch_size(config)

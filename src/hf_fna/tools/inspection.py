@@ -127,10 +127,7 @@ def run(args: argparse.Namespace) -> int:
     for option, value in thresholds:
         if not math.isfinite(value) or value < 0:
             raise InputError(f"{option} must be a finite number >= 0; got {value}")
-    try:
-        layers = parse_layers(args.layers)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    layers = parse_layers(args.layers)
     try:  # before minutes of compute depend on them
         check_output_folder(args.out)
         if args.json:
@@ -322,7 +319,7 @@ def _inspect_attention_forward(
     if recorder is not None:
         key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
         if not per_key:
-            raise ValueError("hf-fna inspect supports bidirectional attention with per-key masks only")
+            raise InputError("hf-fna inspect supports bidirectional attention with per-key masks only")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         with torch.no_grad():
             recorder(attention_probabilities(query, key, scale, key_bias))
@@ -429,11 +426,8 @@ def inspect_image(
             )
         )
 
-    try:
-        fna_config = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
-        fna_config.apply(model)
-    except ValueError as e:
-        raise InputError(first_line(e, with_type=True)) from e
+    fna_config = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
+    fna_config.apply(model)
     chosen_layers = fna_config.resolve(config.num_hidden_layers).fna_layers
     if not chosen_layers:
         raise InputError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")

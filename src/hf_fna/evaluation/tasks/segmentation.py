@@ -47,7 +47,7 @@ class MaskCollate:
         grid = self.image_size // self.patch_size
         masks = [np.asarray(row[self.mask_column]) for row in rows]
         if any(mask.ndim != 2 for mask in masks):
-            raise ValueError(f"column {self.mask_column!r} must hold single-channel masks (class index per pixel)")
+            raise InputError(f"column {self.mask_column!r} must hold single-channel masks (class index per pixel)")
         patch_labels = [
             np.asarray(Image.fromarray(m.astype(np.int32)).resize((grid, grid), Image.NEAREST)) for m in masks
         ]

@@ -37,7 +37,7 @@ def answer_list(value: Any) -> list[str]:
         return [str(a) for a in value["answer"]]
     if isinstance(value, (list, tuple)):
         return [str(a["answer"]) if isinstance(a, dict) else str(a) for a in value]
-    raise ValueError(f"cannot read reference answers from {value!r}")
+    raise InputError(f"cannot read reference answers from {value!r}")
 
 
 @dataclass
