@@ -455,6 +455,10 @@ class ResolvedFNAConfig:
         """The layers configured for FNA, sorted."""
         return sorted(layer for group in self.groups for layer in group.layers)
 
+    def group_of(self, layer: int) -> LayerGroup | None:
+        """The selection group that `layer` belongs to; None where it runs exact attention."""
+        return next((group for group in self.groups if layer in group.layers), None)
+
     def landmarks_per_layer(self, tokens: int | None = None) -> list[int | None]:
         """The landmark count of every layer, None where it runs exact attention (for `tokens` tokens, a group
         falls back to exact attention below `max(min_tokens, its m)`)."""
