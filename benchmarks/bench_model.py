@@ -59,7 +59,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from hf_fna.assets import photos
     from hf_fna.integration.towers import interpolation_kwargs, special_tokens
     from hf_fna.schedules import parse_layers
-    from hf_fna.tools.measure import model_folder, photo_tensor
+    from hf_fna.tools.measure import model_folder
+    from hf_fna.tools.pipeline import photo_tensor
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -1,7 +1,8 @@
-"""Loading the evaluated model, checking it fits the task, switching its vision tower between exact and FNA attention.
+"""Loading the evaluated model and checking it fits the task, and the features the vision tasks read from it.
 
-One model is loaded (with exact `sdpa` attention) and its vision tower is switched to `fna` and back around each
-forward pass (`AttentionSwitch`), so both variants run on the same weights and batches without doubling memory.
+One model is loaded (with exact `sdpa` attention); the runner switches its vision tower to `fna` and back around each
+forward pass (`tools.pipeline.AttentionSwitch`), so both variants run on the same weights and batches without
+doubling memory.
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ import torch
 
 from ..config import FNAConfig
 from ..errors import InputError, first_line
-from ..integration.plans import ATTENTION_NAME
 from ..integration.towers import (
     interpolation_kwargs,
     patch_size,
     special_tokens,
     tower_config,
-    tower_config_name,
     vision_tower,
 )
 from ..locations import check_local_path
-
-EXACT, FNA = "exact", "fna"
-VARIANTS = (EXACT, FNA)
 
 # What a task needs from the model, and the Auto class that loads it.
 MODEL_KINDS = {
@@ -121,30 +117,6 @@ def vision_features(model: Any, pixel_values: torch.Tensor) -> VisionFeatures:
     height, width = (size // config.patch_size for size in pixel_values.shape[-2:])
     grid = patches.reshape(patches.shape[0], height, width, patches.shape[-1])
     return VisionFeatures(pooled=torch.cat([pooled, patches.mean(dim=1)], dim=-1), patches=grid)
-
-
-class AttentionSwitch:
-    """Switches the vision tower of a loaded model between its exact attention and `fna` with `fna_config`.
-
-    `FNAConfig.apply` runs once (it plans the layers); later switches only change the tower's attention implementation.
-    Other towers (CLIP/SigLIP text, the LLaVA language model) keep their attention throughout.
-    """
-
-    def __init__(self, model: Any, fna_config: FNAConfig) -> None:
-        self.model = model
-        self.tower = tower_config_name(model.config)
-        config = model.config if self.tower is None else getattr(model.config, self.tower)
-        self.exact_implementation = config._attn_implementation
-        fna_config.apply(model, self.tower)
-        self.current = FNA
-        self.use(EXACT)
-
-    def use(self, variant: str) -> None:
-        if variant == self.current:
-            return
-        implementation = ATTENTION_NAME if variant == FNA else self.exact_implementation
-        self.model.set_attn_implementation(implementation if self.tower is None else {self.tower: implementation})
-        self.current = variant
 
 
 def fna_config_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:

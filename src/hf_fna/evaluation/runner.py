@@ -24,11 +24,8 @@ from ..errors import InputError, OutputPathError, ReferenceModeError, first_line
 from ..integration.towers import patch_size, special_tokens, tower_config
 from ..tools.measure import model_folder, progress_bar, quiet_loading, synchronize
 from ..tools.outputs import check_distinct_outputs, check_output_file
+from ..tools.pipeline import EXACT, FNA, VARIANTS, AttentionSwitch
 from .modeling import (
-    EXACT,
-    FNA,
-    VARIANTS,
-    AttentionSwitch,
     check_model_kind,
     fna_config_for,
     load_config,

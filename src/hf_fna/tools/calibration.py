@@ -48,19 +48,15 @@ from ..integration.towers import (
 from ..ops.cost import schedule_flop_bound
 from ..schedules import schedule_from_landmarks
 from .measure import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     device_from_option,
-    image_normalisation,
     machine_info,
     machine_line,
     model_description,
     model_folder,
-    photo_tensor,
     progress_bar,
     resolution_problem,
-    timed_forward,
 )
+from .pipeline import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing, photo_tensor, timed_forward
 
 __all__ = ["METRICS", "CalibrationReport", "calibrate", "cheapest_schedule"]
 
@@ -298,7 +294,8 @@ def calibrate(
     began = time.perf_counter()
     if image_mean is None or image_std is None:
         source = getattr(model.config, "_name_or_path", "") or ""
-        found_mean, found_std = image_normalisation(source) if source else (IMAGENET_MEAN, IMAGENET_STD)
+        found = ImagePreprocessing.from_pretrained(source) if source else ImagePreprocessing()
+        found_mean, found_std = found.mean, found.std
         image_mean = found_mean if image_mean is None else image_mean
         image_std = found_std if image_std is None else image_std
     pixels = _as_pixels(images, resolution, image_mean, image_std, "images")
@@ -673,7 +670,8 @@ def run(args: Any) -> int:
     if problem:  # the patch embedding would crop the image silently, or fail below one patch
         raise InputError(f"--resolution {args.resolution} {problem}")
     model.to(device)
-    mean, std = image_normalisation(model_path)
+    preprocessing = ImagePreprocessing.from_pretrained(model_path)
+    mean, std = preprocessing.mean, preprocessing.std
     images = _load_images(args.images, args)[: args.limit]
     heldout_source = args.heldout_images or ("photos:report" if args.images == "photos:tune" else None)
     heldout = _load_images(heldout_source, args) if heldout_source else None

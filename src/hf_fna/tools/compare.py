@@ -48,18 +48,9 @@ from ..integration.towers import (
 from ..locations import check_local_path
 from ..ops.cost import schedule_flop_bound
 from .arguments import add_fna_arguments, fna_overrides
-from .measure import (
-    device_from_option,
-    image_normalisation,
-    machine_info,
-    machine_line,
-    model_folder,
-    photo_tensor,
-    progress_bar,
-    quiet_loading,
-    timed_forward,
-)
+from .measure import device_from_option, machine_info, machine_line, model_folder, progress_bar, quiet_loading
 from .outputs import check_distinct_outputs, check_output_file, write_atomically, write_json_atomically
+from .pipeline import ImagePreprocessing, photo_tensor, timed_forward
 from .probe import probe_accuracy
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
@@ -183,7 +174,8 @@ def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dty
     patch = patch_size(config)
     if patch is None:
         raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
-    mean, std = image_normalisation(model_id)
+    preprocessing = ImagePreprocessing.from_pretrained(model_id)
+    mean, std = preprocessing.mean, preprocessing.std
     kwargs = interpolation_kwargs(encoders[0])
     return LoadedPair(encoders[0], encoders[1], config, fna_config, patch, mean, std, kwargs)
 

@@ -18,10 +18,11 @@ import torch
 from ... import metrics
 from ...errors import InputError
 from ...integration.towers import tower_config
+from ...tools.pipeline import EXACT, FNA, VARIANTS
 from ...tools.probe import fit_probe
 from ..data import TaskData, task_data
 from ..inputs import pixel_values
-from ..modeling import EXACT, FNA, VARIANTS, image_processor, vision_features
+from ..modeling import image_processor, vision_features
 from ..report import TaskOutcome
 from ..runner import Runner
 from ..settings import EvalSettings

@@ -17,8 +17,8 @@ import torch
 
 from ... import metrics
 from ...errors import InputError
+from ...tools.pipeline import EXACT, FNA, VARIANTS
 from ..data import TaskData, task_data, to_rgb
-from ..modeling import EXACT, FNA, VARIANTS
 from ..report import TaskOutcome
 from ..runner import Runner
 from ..settings import EvalSettings
