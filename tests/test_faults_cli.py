@@ -191,7 +191,7 @@ def test_output_paths_are_checked_before_computing(capsys, monkeypatch, tiny_din
         raise AssertionError("computed before checking the output path")
 
     monkeypatch.setattr(hf_fna.evaluation.runner, "load_config", no_compute)
-    monkeypatch.setattr(hf_fna.tools.compare, "load_pair", no_compute)
+    monkeypatch.setattr(hf_fna.tools.compare, "load_compared", no_compute)
     monkeypatch.setattr(hf_fna.tools.inspection, "load_vision_model", no_compute)
     path = _unwritable(tmp_path)[case]
     eval_argv = ["--task", "probe", "--model", tiny_dinov2, "--dataset", "hf_fna:fashion_mnist", "--output", path]
@@ -331,7 +331,7 @@ def test_equal_output_paths_are_refused_in_every_command(capsys, monkeypatch, ti
 
     loaders = [
         (hf_fna.evaluation.runner, "load_config"),
-        (hf_fna.tools.compare, "load_pair"),
+        (hf_fna.tools.compare, "load_compared"),
         (hf_fna.tools.inspection, "load_vision_model"),
     ]
     for module, name in loaders:
