@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import FNAConfig
 from ..errors import InputError, first_line
+from ..integration.switches import EXACT_IMPLEMENTATION
 from ..integration.towers import (
     interpolation_kwargs,
     mlp_ratio_of,
@@ -56,9 +57,9 @@ from .measure import (
     progress_bar,
     resolution_problem,
 )
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing, photo_tensor, timed_forward
+from .pipeline import EXACT, AttentionSwitch, ImagePreprocessing, LoadedModel, load_model, timed_forward
 
-__all__ = ["METRICS", "CalibrationReport", "calibrate", "cheapest_schedule"]
+__all__ = ["METRICS", "CalibrateSettings", "CalibrationReport", "calibrate", "cheapest_schedule", "run_calibration"]
 
 METRICS = ("patch_cosine", "token_cosine", "cls_cosine")
 # Loss budgets tried around the target, as multiples of (1 - target): the additive loss model is approximate, so a
@@ -292,13 +293,13 @@ def calibrate(
         raise InputError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
 
     began = time.perf_counter()
-    if image_mean is None or image_std is None:
-        source = getattr(model.config, "_name_or_path", "") or ""
-        found = ImagePreprocessing.from_pretrained(source) if source else ImagePreprocessing()
-        found_mean, found_std = found.mean, found.std
-        image_mean = found_mean if image_mean is None else image_mean
-        image_std = found_std if image_std is None else image_std
-    pixels = _as_pixels(images, resolution, image_mean, image_std, "images")
+    source = getattr(model.config, "_name_or_path", "") or ""
+    preprocessing = ImagePreprocessing.from_pretrained(source) if source else ImagePreprocessing()
+    if image_mean is not None:
+        preprocessing = replace(preprocessing, mean=tuple(image_mean))
+    if image_std is not None:
+        preprocessing = replace(preprocessing, std=tuple(image_std))
+    pixels = _as_pixels(images, resolution, preprocessing, "images")
     if heldout is None:
         if len(pixels) < 2:
             raise InputError("calibrate needs at least 2 images to hold some out; pass `heldout=` otherwise.")
@@ -306,7 +307,7 @@ def calibrate(
         half = len(pixels) // 2
         pixels, heldout_pixels = pixels[order[half:]], pixels[order[:half]]
     else:
-        heldout_pixels = _as_pixels(heldout, resolution, image_mean, image_std, "heldout")
+        heldout_pixels = _as_pixels(heldout, resolution, preprocessing, "heldout")
 
     config = tower_config(model.config)
     for name, batch in (("images", pixels), ("heldout", heldout_pixels)):
@@ -323,11 +324,17 @@ def calibrate(
     encoder = vision_tower(model)  # a full CLIPModel takes input_ids too: its vision tower maps pixels to tokens
     encoder_kwargs = interpolation_kwargs(encoder)
 
+    # The exact variant is SDPA, whatever attention the model was loaded with: the reference of every fidelity.
+    switch = AttentionSwitch(model, FNAConfig(layers="none"), exact_implementation=EXACT_IMPLEMENTATION)
     passes = 0
 
-    def run(fna_config: FNAConfig, batch: torch.Tensor) -> torch.Tensor:
+    def run(fna_config: FNAConfig | None, batch: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of `batch`: exact attention (None) or FNA with `fna_config`."""
         nonlocal passes
-        fna_config.apply(model)
+        if fna_config is None:
+            switch.use(EXACT)
+        else:
+            switch.configure(fna_config)
         passes += 1
         device = next(model.parameters()).device
         with torch.inference_mode():
@@ -344,8 +351,7 @@ def calibrate(
             return cosine[:, 0]
         return cosine[:, special:].mean(dim=1) if metric == "patch_cosine" else cosine.mean(dim=1)
 
-    exact = FNAConfig(layers="none")
-    reference = run(exact, pixels)
+    reference = run(None, pixels)
     tokens = reference.shape[1]
     tried = [m for m in candidates if m < tokens]
     if not tried:
@@ -373,7 +379,7 @@ def calibrate(
 
     timing: dict[str, float] = {}
     if measure_speed:
-        timing["none"] = _seconds_per_pass(model, encoder, encoder_kwargs, exact, pixels[:batch_size])
+        timing["none"] = _seconds_per_pass(switch, None, encoder, encoder_kwargs, pixels[:batch_size])
     frontier: list[dict[str, Any]] = []
     measured: dict[str, dict[str, Any]] = {}
 
@@ -393,7 +399,7 @@ def calibrate(
                 "worst_image_fidelity": float(scores.min()),
             }
             if measure_speed:
-                seconds = _seconds_per_pass(model, encoder, encoder_kwargs, fna_config, pixels[:batch_size])
+                seconds = _seconds_per_pass(switch, fna_config, encoder, encoder_kwargs, pixels[:batch_size])
                 row["measured_speedup"] = timing["none"] / seconds
             measured[name] = row
             frontier.append(row)
@@ -479,7 +485,7 @@ def calibrate(
         )
     chosen = FNAConfig(layers=best["schedule"], min_tokens=min_tokens)
 
-    heldout_reference = run(exact, heldout_pixels)
+    heldout_reference = run(None, heldout_pixels)
     heldout_scores = fidelity(run(chosen, heldout_pixels), heldout_reference)
     bar.update(1)
     bar.close()
@@ -564,22 +570,26 @@ def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) ->
 
 
 def _seconds_per_pass(
-    model: nn.Module, encoder: nn.Module, kwargs: dict[str, Any], fna_config: FNAConfig, batch: torch.Tensor
+    switch: AttentionSwitch,
+    fna_config: FNAConfig | None,
+    encoder: nn.Module,
+    kwargs: dict[str, Any],
+    batch: torch.Tensor,
 ) -> float:
-    """The faster of two timed passes of `encoder` (the vision tower) after a warm-up, with `fna_config` applied."""
-    fna_config.apply(model)
-    batch = batch.to(next(model.parameters()).device)
+    """The faster of two timed passes of `encoder` (the vision tower) after a warm-up: exact attention (None) or FNA
+    with `fna_config`."""
+    if fna_config is None:
+        switch.use(EXACT)
+    else:
+        switch.configure(fna_config)
+    batch = batch.to(next(switch.model.parameters()).device)
     with torch.inference_mode():
         timed_forward(encoder, batch, kwargs)  # warm-up
         return min(timed_forward(encoder, batch, kwargs)[1] for _ in range(2))
 
 
 def _as_pixels(
-    images: torch.Tensor | Sequence[Any],
-    resolution: int | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    name: str,
+    images: torch.Tensor | Sequence[Any], resolution: int | None, preprocessing: ImagePreprocessing, name: str
 ) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
@@ -591,9 +601,7 @@ def _as_pixels(
         raise InputError(f"calibrate({name}=...) got no images.")
     if resolution is None:
         raise InputError(f"calibrate({name}=...) got PIL images; pass `resolution=` to size them.")
-    mean_t = torch.tensor(mean or IMAGENET_MEAN).view(3, 1, 1)
-    std_t = torch.tensor(std or IMAGENET_STD).view(3, 1, 1)
-    return torch.stack([photo_tensor(image, resolution, mean_t, std_t) for image in images])
+    return preprocessing.pixels(images, resolution)
 
 
 # --- command line: `hf-fna calibrate` ----------------------------------------------------------------------------
@@ -645,53 +653,129 @@ def add_arguments(parser: Any) -> None:
     )
 
 
-def run(args: Any) -> int:
-    import io
-    import json
+@dataclass
+class CalibrateSettings:
+    """What one `hf-fna calibrate` run calibrates (the command-line options of the same names); `check()` refuses bad
+    values before anything is loaded or computed.
+
+    Args:
+        model: a folder, a Hub id or a bundled model (`hf_fna:dinov2-small`, the default, or `hf_fna:clip-b16`).
+        images, heldout_images: a folder of image files, a `datasets` id (`split`, `image_column`) or bundled photos
+            (`BUNDLED_PHOTOS`); held out by default: the "report" photos with the "tune" ones, else half of `images`.
+        limit: calibration images used (the first ones).
+        base_model: the Hub id the model card names (default: `model` when it is a Hub id).
+        out: folder for `OUT_FILES`, checked before any compute and written as one set.
+        command: the command line, recorded in the reports (default: this call).
+    """
+
+    model: str | None = None
+    images: str = "photos:tune"
+    heldout_images: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    limit: int = 4
+    resolution: int = 518
+    target: float = 0.97
+    metric: str = "patch_cosine"
+    candidates: Sequence[int] = (64, 128, 256)
+    batch_size: int = 4
+    measure_speed: bool = False
+    threads: int | None = None
+    device: str | None = None
+    show_progress: bool = True
+    base_model: str | None = None
+    out: str | None = None
+    command: str | None = None
+
+    def check(self) -> None:
+        """Raise `InputError` naming the first bad value (counts, then the `--out` folder)."""
+        from .outputs import check_output_set
+
+        for option in ("limit", "batch_size", "resolution", "threads"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise InputError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
+        if self.out:
+            try:  # before any compute: a folder or a file that cannot be written fails now, not after minutes of passes
+                check_output_set(self.out, OUT_FILES)
+            except OSError as error:
+                raise InputError(f"cannot write to --out {self.out}: {error}") from error
+
+
+def settings_from_args(args: Any) -> CalibrateSettings:
+    """The `CalibrateSettings` an `hf-fna calibrate` command line describes."""
     import sys
 
-    from .outputs import check_output_set, write_files_atomically
+    return CalibrateSettings(
+        model=args.model,
+        images=args.images,
+        heldout_images=args.heldout_images,
+        split=args.split,
+        image_column=args.image_column,
+        limit=args.limit,
+        resolution=args.resolution,
+        target=args.target,
+        metric=args.metric,
+        candidates=args.candidates,
+        batch_size=args.batch_size,
+        measure_speed=args.measure_speed,
+        threads=args.threads,
+        device=args.device,
+        show_progress=not args.no_progress,
+        base_model=args.base_model,
+        out=args.out,
+        command="hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:]),
+    )
 
-    for option in ("limit", "batch_size", "resolution", "threads"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise InputError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
-    if args.out:
-        try:  # before any compute: a folder or a file that cannot be written fails now, not after minutes of passes
-            check_output_set(args.out, OUT_FILES)
-        except OSError as error:
-            raise InputError(f"cannot write to --out {args.out}: {error}") from error
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base_model = _base_model(args)
-    device = device_from_option(args.device)
-    model, model_name, model_path = _load_model(args.model)
-    problem = resolution_problem(args.resolution, patch_size(tower_config(model.config)))
+
+def run(args: Any) -> int:
+    run_calibration(settings_from_args(args))
+    return 0
+
+
+def run_calibration(settings: CalibrateSettings) -> CalibrationReport:
+    """Calibrate as `settings` say: load the model and images, run `calibrate`, print the frontier and write `out`.
+
+    Raises:
+        InputError: a bad setting, a model or images that cannot be loaded, or an `out` folder that cannot be
+            written (after the report is printed).
+    """
+    import io
+    import json
+
+    from .outputs import write_files_atomically
+
+    settings.check()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    base_model = _base_model(settings)
+    device = device_from_option(settings.device)
+    loaded, model_name = _load_model(settings.model)
+    problem = resolution_problem(settings.resolution, loaded.patch_size)
     if problem:  # the patch embedding would crop the image silently, or fail below one patch
-        raise InputError(f"--resolution {args.resolution} {problem}")
-    model.to(device)
-    preprocessing = ImagePreprocessing.from_pretrained(model_path)
-    mean, std = preprocessing.mean, preprocessing.std
-    images = _load_images(args.images, args)[: args.limit]
-    heldout_source = args.heldout_images or ("photos:report" if args.images == "photos:tune" else None)
-    heldout = _load_images(heldout_source, args) if heldout_source else None
+        raise InputError(f"--resolution {settings.resolution} {problem}")
+    model = loaded.model.to(device)
+    mean, std = loaded.preprocessing.mean, loaded.preprocessing.std
+    images = _load_images(settings.images, settings)[: settings.limit]
+    heldout_source = settings.heldout_images or ("photos:report" if settings.images == "photos:tune" else None)
+    heldout = _load_images(heldout_source, settings) if heldout_source else None
     report = calibrate(
         model,
         images,
-        target=args.target,
-        metric=args.metric,
-        resolution=args.resolution,
+        target=settings.target,
+        metric=settings.metric,
+        resolution=settings.resolution,
         heldout=heldout,
-        candidates=args.candidates,
-        measure_speed=args.measure_speed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
+        candidates=settings.candidates,
+        measure_speed=settings.measure_speed,
+        batch_size=settings.batch_size,
+        progress=settings.show_progress,
         image_mean=mean,
         image_std=std,
     )
 
     machine = machine_info(device)
-    command = "hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
+    command = settings.command or f"hf_fna.tools.calibration.run_calibration({settings!r})"
     chosen = report.chosen
     print(machine_line(machine))
     print(
@@ -700,14 +784,14 @@ def run(args: Any) -> int:
     )
     print(report.markdown())
     print(
-        f"\nchosen: layers={report.config.layers!r} (FLOP bound {chosen['predicted_speedup']:.2f}x); {args.metric} "
-        f"{chosen['fidelity']:.4f} on the calibration images, {report.heldout['fidelity']:.4f} (worst image "
-        f"{report.heldout['worst_image_fidelity']:.4f}) on {report.heldout['images']} held-out images"
+        f"\nchosen: layers={report.config.layers!r} (FLOP bound {chosen['predicted_speedup']:.2f}x); "
+        f"{settings.metric} {chosen['fidelity']:.4f} on the calibration images, {report.heldout['fidelity']:.4f} "
+        f"(worst image {report.heldout['worst_image_fidelity']:.4f}) on {report.heldout['images']} held-out images"
     )
     for note in report.notes:
         print(f"note: {note}")
-    if not args.out:
-        return 0
+    if not settings.out:
+        return report
 
     from .publish import model_card
 
@@ -716,9 +800,11 @@ def run(args: Any) -> int:
         "machine": machine_line(machine),
         "model": model_name,
         "input": f"{report.resolution} x {report.resolution} px ({report.tokens} tokens)",
-        "calibration images": f"{report.calibration_images} ({args.images}), normalised with mean {mean}, std {std}",
-        f"{args.metric} on the calibration images": f"{chosen['fidelity']:.4f}",
-        f"{args.metric} on {report.heldout['images']} held-out images": (
+        "calibration images": (
+            f"{report.calibration_images} ({settings.images}), normalised with mean {mean}, std {std}"
+        ),
+        f"{settings.metric} on the calibration images": f"{chosen['fidelity']:.4f}",
+        f"{settings.metric} on {report.heldout['images']} held-out images": (
             f"{report.heldout['fidelity']:.4f} (worst image {report.heldout['worst_image_fidelity']:.4f})"
         ),
         "speed-up bound (FLOP model)": f"{chosen['predicted_speedup']:.2f}x",
@@ -736,7 +822,7 @@ def run(args: Any) -> int:
     files: dict[str, str | bytes] = {
         "fna_config.json": report.config.to_json_string(),
         "calibration.json": json.dumps(
-            {"command": command, "machine": machine, "images": args.images, **report.to_dict()}, indent=2
+            {"command": command, "machine": machine, "images": settings.images, **report.to_dict()}, indent=2
         )
         + "\n",
         "measured.json": json.dumps(measured, indent=2) + "\n",
@@ -744,17 +830,17 @@ def run(args: Any) -> int:
         "frontier.png": png.getvalue(),
     }
     try:  # the set as one: a failure leaves the folder's earlier files, never a mix of old and new
-        paths = write_files_atomically(args.out, files)
+        paths = write_files_atomically(settings.out, files)
     except OSError as error:
         raise InputError(
-            f"the report above is complete, but nothing was written to --out {args.out}: {first_line(error)}"
+            f"the report above is complete, but nothing was written to --out {settings.out}: {first_line(error)}"
         ) from error
     for path in paths:
         print(f"wrote {path}")
-    return 0
+    return report
 
 
-def _base_model(args: Any) -> str | None:
+def _base_model(settings: CalibrateSettings) -> str | None:
     """The Hub id the model card names: `--base-model`, else `--model` when it names a Hub repo rather than a folder,
     or the Hub model a bundled model's weights come from (`hf_fna:clip-b16`: openai/clip-vit-base-patch16); None for a
     local folder (the card then names no base model)."""
@@ -763,39 +849,28 @@ def _base_model(args: Any) -> str | None:
     from ..assets import MODEL_PREFIX, bundled_model_info
     from .publish import check_repo_id
 
-    if args.base_model is not None:
-        check_repo_id("--base-model", args.base_model)
-        return args.base_model
-    if args.model is None or args.model.startswith(MODEL_PREFIX):
+    if settings.base_model is not None:
+        check_repo_id("--base-model", settings.base_model)
+        return settings.base_model
+    if settings.model is None or settings.model.startswith(MODEL_PREFIX):
         try:
-            return bundled_model_info(args.model or f"{MODEL_PREFIX}dinov2-small").base_model
+            return bundled_model_info(settings.model or f"{MODEL_PREFIX}dinov2-small").base_model
         except ValueError as error:
             raise InputError(f"--model: {error}") from None
-    if os.path.exists(args.model):
+    if os.path.exists(settings.model):
         return None
-    check_repo_id("--model", args.model)
-    return args.model
+    check_repo_id("--model", settings.model)
+    return settings.model
 
 
-def _load_model(name: str | None) -> tuple[nn.Module, str, str]:
-    """The model (its `fna` towers ready), a name for reports, and the folder or Hub id it came from."""
-    from transformers import AutoModel
-
-    from ..locations import check_local_path
-
-    path = model_folder(name)
-    label = model_description(name)
-    try:
-        check_local_path(path)
-        return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label, path
-    except Exception as error:  # OSError, ValueError, RecursionError, HTTP errors...: all mean "cannot load this"
-        raise InputError(f"cannot load --model {name}: {first_line(error)}") from error
+def _load_model(name: str | None) -> tuple[LoadedModel, str]:
+    """The model `--model` names (with its image processor) and a name for reports."""
+    return load_model(model_folder(name)), model_description(name)
 
 
 def _open_image(path: str) -> Any:
     """An image file as RGB; one that cannot be decoded raises `InputError` naming it."""
     from PIL import Image
-
 
     try:
         with Image.open(path) as image:
@@ -804,7 +879,7 @@ def _open_image(path: str) -> Any:
         raise InputError(f"--images: cannot read {path}: {first_line(error, with_type=True)}") from error
 
 
-def _load_images(source: str, args: Any) -> list[Any]:
+def _load_images(source: str, settings: CalibrateSettings) -> list[Any]:
     import os
 
     from ..locations import check_local_path
@@ -823,9 +898,11 @@ def _load_images(source: str, args: Any) -> list[Any]:
 
     try:
         check_local_path(source, kind="dataset")
-        data = datasets.load_dataset(source, split=args.split)
+        data = datasets.load_dataset(source, split=settings.split)
     except Exception as error:  # the Hub and datasets raise many types; all mean the same to the user
         raise InputError(f"--images {source}: not a folder, a bundled set or a loadable dataset: {error}") from error
-    if args.image_column not in data.column_names:
-        raise InputError(f"--images {source}: no column {args.image_column!r}; columns: {', '.join(data.column_names)}")
-    return list(data[args.image_column])
+    if settings.image_column not in data.column_names:
+        raise InputError(
+            f"--images {source}: no column {settings.image_column!r}; columns: {', '.join(data.column_names)}"
+        )
+    return list(data[settings.image_column])
