@@ -22,6 +22,7 @@ from ..integration.towers import (
     vision_tower,
 )
 from ..locations import check_local_path
+from ..tools import pipeline
 
 # What a task needs from the model, and the Auto class that loads it.
 MODEL_KINDS = {
@@ -67,16 +68,10 @@ def check_model_kind(config: Any, kind: str, task: str) -> None:
 
 def load_model(path: str, kind: str, task: str) -> tuple[Any, Any]:
     """The model (exact `sdpa` attention, eval mode) and its processor, after checking that they fit `task`."""
-    import transformers
-
     config = load_config(path)
     check_model_kind(config, kind, task)
-    auto_class = getattr(transformers, MODEL_KINDS[kind])
-    try:
-        model = auto_class.from_pretrained(path, attn_implementation="sdpa")
-        processor = transformers.AutoProcessor.from_pretrained(path)
-    except ValueError as error:  # e.g. "Unrecognized configuration class" for a model the Auto class cannot build
-        raise InputError(f"{path!r} cannot run task {task!r}: {first_line(error)}") from error
+    loaded = pipeline.load_model(path, MODEL_KINDS[kind], processor="AutoProcessor")
+    model, processor = loaded.model, loaded.processor
     if kind == "dual_encoder" and not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
         raise InputError(
             f"task {task!r} needs image and text embeddings (CLIP, SigLIP); {type(model).__name__} has none"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import reprlib
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +21,9 @@ import torch
 from ..config import FNAConfig
 from ..errors import InputError, OutputPathError, ReferenceModeError, first_line
 from ..integration.towers import patch_size, special_tokens, tower_config
-from ..tools.measure import model_folder, progress_bar, quiet_loading, synchronize
+from ..tools.measure import model_folder, progress_bar, quiet_loading
 from ..tools.outputs import check_distinct_outputs, check_output_file
-from ..tools.pipeline import EXACT, FNA, VARIANTS, AttentionSwitch
+from ..tools.pipeline import EXACT, FNA, VARIANTS, AttentionSwitch, timed
 from .modeling import (
     check_model_kind,
     fna_config_for,
@@ -102,12 +101,12 @@ class Runner:
 
     def _forward(self, variant: str, step: Callable, inputs: dict[str, torch.Tensor]) -> tuple[dict, float]:
         self.switch.use(variant)
-        synchronize(self.device)
-        start = time.perf_counter()
-        with torch.inference_mode(), self.accelerator.autocast():
-            outputs = step(self.model, inputs)
-        synchronize(self.device)
-        return outputs, time.perf_counter() - start
+
+        def forward() -> dict:
+            with torch.inference_mode(), self.accelerator.autocast():
+                return step(self.model, inputs)
+
+        return timed(forward, self.device)
 
     def compare(
         self,
