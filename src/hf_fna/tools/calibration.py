@@ -1,23 +1,25 @@
 """`hf_fna.calibrate`: measure which layers of *your* model tolerate FNA, with how many landmarks, on *your* images.
 
 Fidelity and speed trade off differently per model, resolution and layer, so one `num_landmarks` for a fixed set of
-layers leaves speed where layers are easy and loses fidelity where they are hard. Calibration:
+layers leaves speed where layers are easy and loses fidelity where they are hard. `calibrate` runs exact attention once
+on the calibration images (the reference), then takes five steps, one function each:
 
-1. runs exact attention once on the calibration images (the reference);
-2. measures each layer's sensitivity: FNA in that layer alone, for every candidate landmark count m, compared with
-   the reference on the *final* features (at most L x |candidates| forward passes; a larger m is skipped where a
-   smaller one is already lossless);
-3. searches schedules, measuring each candidate once on the calibration images (optionally timing it):
-   (a) a knapsack over layers predicts a schedule's loss as the sum of its layers' losses and its speed-up with the
-   FLOP model (`schedule_flop_bound`), and proposes the cheapest schedule for a few loss budgets around the target;
-   (b) for each m, a binary search finds the earliest layer from which one group to the end meets the target
-   (layers sharing one selection lose less together than their single-layer losses add up to);
-   (c) the fastest schedule that meets the target is extended greedily: the two layers before it become a group of
-   their own with more landmarks, while the target holds;
-   consecutive layers with the same m form one selection group;
-4. keeps the fastest measured schedule whose fidelity meets the target (FLOP bound, or measured speed when asked),
-   and exact attention when none of those is faster than exact attention (a speed-up of 1.0x or less);
-5. reports the chosen schedule's fidelity on images held out from calibration.
+1. `_layer_sensitivities`: each layer's sensitivity, FNA in that layer alone for every candidate landmark count m,
+   compared with the reference on the *final* features (at most L x |candidates| forward passes; a larger m is
+   skipped where a smaller one is already lossless);
+2. `_knapsack_proposals`: a knapsack over layers (`cheapest_schedule`) predicts a schedule's loss as the sum of its
+   layers' losses and its speed-up with the FLOP model (`schedule_flop_bound`), and proposes the cheapest schedule
+   for a few loss budgets around the target;
+3. `_suffix_search`: for each m, a binary search finds the earliest layer from which one group to the end meets the
+   target (layers sharing one selection lose less together than their single-layer losses add up to);
+4. `_greedy_extension`: the fastest schedule that meets the target is extended greedily: the two layers before it
+   become a group of their own with more landmarks, while the target holds;
+5. `_choose`: the fastest measured schedule whose fidelity meets the target (FLOP bound, or measured speed when
+   asked), and exact attention when none of those is faster than exact attention (a speed-up of 1.0x or less).
+
+Steps 2-4 measure every schedule they propose once on the calibration images (`_Frontier.measure`, optionally timing
+it); consecutive layers with the same m form one selection group. The report gives the chosen schedule's fidelity on
+images held out from calibration.
 
 For a 12-layer model and 3 candidates that is about 1 + 36 + 4 + 12 + 4 + 2 forward passes of the calibration batch;
 the report counts them. Everything is deterministic given `seed` (landmark selection is deterministic; the seed only
@@ -284,15 +286,9 @@ def calibrate(
     Raises:
         ValueError: bad `target`, `metric`, `candidates`, or images that do not make a batch.
     """
-    if metric not in METRICS:
-        raise InputError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
-    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
-        raise InputError(f"calibrate(target={target!r}) is invalid; expected a number in (0, 1].")
-    candidates = tuple(sorted(set(candidates)))
-    if not candidates or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in candidates):
-        raise InputError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
-
+    candidates = _checked_arguments(target, metric, candidates)
     began = time.perf_counter()
+    # The images: PIL ones resized, cropped and normalised as the model's image processor says.
     source = getattr(model.config, "_name_or_path", "") or ""
     preprocessing = ImagePreprocessing.from_pretrained(source) if source else ImagePreprocessing()
     if image_mean is not None:
@@ -308,7 +304,6 @@ def calibrate(
         pixels, heldout_pixels = pixels[order[half:]], pixels[order[:half]]
     else:
         heldout_pixels = _as_pixels(heldout, resolution, preprocessing, "heldout")
-
     config = tower_config(model.config)
     for name, batch in (("images", pixels), ("heldout", heldout_pixels)):
         for side in dict.fromkeys(int(s) for s in batch.shape[-2:]):
@@ -316,42 +311,14 @@ def calibrate(
             if problem:  # the patch embedding would crop silently (or fail below one patch)
                 raise InputError(f"calibrate({name}=...) got {side} px images: {side} {problem}.")
     num_layers = int(config.num_hidden_layers)
-    width = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    mlp_ratio = mlp_ratio_of(config)
-    special = special_tokens(config, num_special_tokens).leading
     model.eval()
-    encoder = vision_tower(model)  # a full CLIPModel takes input_ids too: its vision tower maps pixels to tokens
-    encoder_kwargs = interpolation_kwargs(encoder)
 
-    # The exact variant is SDPA, whatever attention the model was loaded with: the reference of every fidelity.
-    switch = AttentionSwitch(model, FNAConfig(layers="none"), exact_implementation=EXACT_IMPLEMENTATION)
-    passes = 0
-
-    def run(fna_config: FNAConfig | None, batch: torch.Tensor) -> torch.Tensor:
-        """Last hidden states of `batch`: exact attention (None) or FNA with `fna_config`."""
-        nonlocal passes
-        if fna_config is None:
-            switch.use(EXACT)
-        else:
-            switch.configure(fna_config)
-        passes += 1
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            return torch.cat(
-                [
-                    encoder(pixel_values=b.to(device), **encoder_kwargs).last_hidden_state.float().cpu()
-                    for b in batch.split(batch_size)
-                ]
-            )
-
-    def fidelity(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
-        if metric == "cls_cosine":
-            return cosine[:, 0]
-        return cosine[:, special:].mean(dim=1) if metric == "patch_cosine" else cosine.mean(dim=1)
-
-    reference = run(None, pixels)
+    # The reference: exact attention (SDPA, whatever attention the model was loaded with) on the calibration images.
+    passes = _Passes(AttentionSwitch(model, FNAConfig(layers="none"), exact_implementation=EXACT_IMPLEMENTATION))
+    reference = passes.hidden(None, pixels, batch_size)
+    measurement = _Measurement(
+        passes, pixels, reference, metric, special_tokens(config, num_special_tokens).leading, batch_size
+    )
     tokens = reference.shape[1]
     tried = [m for m in candidates if m < tokens]
     if not tried:
@@ -361,78 +328,249 @@ def calibrate(
     planned = 2 + num_layers * len(tried) + max_schedules + len(tried) * math.ceil(math.log2(num_layers + 1)) + 4
     bar = progress_bar(total=planned, initial=1, desc="calibrating", show=progress)
 
+    sensitivity = _layer_sensitivities(measurement, num_layers, tried, target, bar)
+    flops = _FlopModel(tokens, int(config.hidden_size), int(config.num_attention_heads), mlp_ratio_of(config))
+    exact_seconds = passes.seconds(None, pixels[:batch_size]) if measure_speed else None
+    frontier = _Frontier(measurement, sensitivity, flops, exact_seconds, bar)
+    _knapsack_proposals(frontier, tried, target, max_schedules)
+    _suffix_search(frontier, tried, num_layers, target)
+    _greedy_extension(frontier, tried, num_layers, target)
+    bar.total = bar.n + 1
+    met_target = any(row["fidelity"] >= target for row in frontier.rows)
+    best, notes = _choose(frontier.rows, target, metric, tokens, sensitivity, measure_speed)
+    if not any(row is best for row in frontier.rows):  # exact attention: listed after the measured schedules
+        frontier.rows.append(best)
+    best["chosen"] = True
+    # FNA runs from the calibrated length on, and never below the default break-even unless a schedule faster than
+    # exact attention was calibrated there; exact attention keeps the default.
+    min_tokens = FNAConfig().min_tokens if best["schedule"] == "none" else min(FNAConfig().min_tokens, tokens)
+    chosen = FNAConfig(layers=best["schedule"], min_tokens=min_tokens)
+
+    # The report: the chosen schedule on the held-out images (the model is left running it).
+    heldout_reference = passes.hidden(None, heldout_pixels, batch_size)
+    heldout_hidden = passes.hidden(chosen, heldout_pixels, batch_size)
+    heldout_scores = _fidelity(heldout_hidden, heldout_reference, metric, measurement.special)
+    bar.update(1)
+    bar.close()
+    return CalibrationReport(
+        config=chosen,
+        target=float(target),
+        metric=metric,
+        tokens=int(tokens),
+        num_layers=num_layers,
+        resolution=resolution if resolution is not None else int(pixels.shape[-1]),
+        candidates=tuple(tried),
+        calibration_images=len(pixels),
+        sensitivity=sensitivity,
+        frontier=frontier.rows,
+        heldout={
+            "fidelity": float(heldout_scores.mean()),
+            "worst_image_fidelity": float(heldout_scores.min()),
+            "images": len(heldout_pixels),
+        },
+        forward_passes=passes.count,
+        seconds=time.perf_counter() - began,
+        met_target=met_target,
+        notes=notes,
+    )
+
+
+def _checked_arguments(target: Any, metric: Any, candidates: Sequence[int]) -> tuple[int, ...]:
+    """The candidate landmark counts, sorted and unique, once `target`, `metric` and `candidates` are valid."""
+    if metric not in METRICS:
+        raise InputError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
+    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
+        raise InputError(f"calibrate(target={target!r}) is invalid; expected a number in (0, 1].")
+    candidates = tuple(sorted(set(candidates)))
+    if not candidates or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in candidates):
+        raise InputError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
+    return candidates
+
+
+# --- what the steps share: counted passes, the measurement, the frontier -------------------------------------------
+
+
+class _Passes:
+    """Forward passes of a model's vision tower over images, with exact attention or FNA, counted; the model's tower
+    is switched between the two by one `AttentionSwitch`."""
+
+    def __init__(self, switch: AttentionSwitch) -> None:
+        self.switch = switch
+        self.encoder = vision_tower(switch.model)  # a full CLIPModel takes input_ids too: its tower maps pixels
+        self.kwargs = interpolation_kwargs(self.encoder)
+        self.count = 0
+
+    def _use(self, fna_config: FNAConfig | None) -> torch.device:
+        if fna_config is None:
+            self.switch.use(EXACT)
+        else:
+            self.switch.configure(fna_config)
+        return next(self.switch.model.parameters()).device
+
+    def hidden(self, fna_config: FNAConfig | None, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Last hidden states `[B, N, D]` (float32, on the CPU) of `pixels`: exact attention (None) or FNA with
+        `fna_config`; one pass."""
+        device = self._use(fna_config)
+        self.count += 1
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    self.encoder(pixel_values=batch.to(device), **self.kwargs).last_hidden_state.float().cpu()
+                    for batch in pixels.split(batch_size)
+                ]
+            )
+
+    def seconds(self, fna_config: FNAConfig | None, batch: torch.Tensor) -> float:
+        """The faster of two timed passes of `batch` after a warm-up (not counted)."""
+        batch = batch.to(self._use(fna_config))
+        with torch.inference_mode():
+            timed_forward(self.encoder, batch, self.kwargs)  # warm-up
+            return min(timed_forward(self.encoder, batch, self.kwargs)[1] for _ in range(2))
+
+
+def _fidelity(hidden: torch.Tensor, reference: torch.Tensor, metric: str, special: int) -> torch.Tensor:
+    """Per image, `metric` of `hidden` against exact attention's `reference`."""
+    cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
+    if metric == "cls_cosine":
+        return cosine[:, 0]
+    return cosine[:, special:].mean(dim=1) if metric == "patch_cosine" else cosine.mean(dim=1)
+
+
+@dataclass
+class _Measurement:
+    """What every schedule is measured with: the calibration images and exact attention's outputs on them."""
+
+    passes: _Passes
+    pixels: torch.Tensor
+    reference: torch.Tensor  # last hidden states of `pixels` with exact attention
+    metric: str
+    special: int  # leading tokens left out of "patch_cosine"
+    batch_size: int
+
+    def fidelity(self, fna_config: FNAConfig) -> torch.Tensor:
+        """Per calibration image, the fidelity of FNA with `fna_config` (one pass)."""
+        hidden = self.passes.hidden(fna_config, self.pixels, self.batch_size)
+        return _fidelity(hidden, self.reference, self.metric, self.special)
+
+
+@dataclass
+class _FlopModel:
+    """The FLOP bound of a schedule's speed-up on this model and input (`schedule_flop_bound`)."""
+
+    tokens: int
+    width: int
+    heads: int
+    mlp_ratio: float
+
+    def speedup(self, per_layer: list[int | None]) -> float:
+        return schedule_flop_bound(self.tokens, self.width, self.heads, per_layer, self.mlp_ratio)
+
+
+class _Frontier:
+    """Every schedule measured on the calibration images, in the order measured (`rows`); each is measured once."""
+
+    def __init__(
+        self,
+        measurement: _Measurement,
+        sensitivity: dict[int, dict[int, float]],
+        flops: _FlopModel,
+        exact_seconds: float | None,
+        bar: Any,
+    ) -> None:
+        self.measurement, self.sensitivity, self.flops = measurement, sensitivity, flops
+        self.exact_seconds = exact_seconds  # set: every schedule is timed too
+        self.bar = bar
+        self.rows: list[dict[str, Any]] = []
+        self._by_schedule: dict[str, dict[str, Any]] = {}
+
+    def measure(self, per_layer: list[int | None], found_by: str) -> dict[str, Any]:
+        """The row of the schedule with these per-layer landmark counts (None: exact), measured if it is new."""
+        name = schedule_from_landmarks(per_layer)
+        if name in self._by_schedule:
+            return self._by_schedule[name]
+        fna_config = FNAConfig(layers=name, min_tokens=0)
+        scores = self.measurement.fidelity(fna_config)
+        row = {
+            "schedule": name,
+            "found_by": found_by,
+            "landmarks_per_layer": list(per_layer),
+            "predicted_speedup": self.flops.speedup(per_layer),
+            "predicted_fidelity": 1.0
+            - sum(1.0 - self.sensitivity[i][m] for i, m in enumerate(per_layer) if m is not None),
+            "fidelity": float(scores.mean()),
+            "worst_image_fidelity": float(scores.min()),
+        }
+        if self.exact_seconds is not None:
+            batch = self.measurement.pixels[: self.measurement.batch_size]
+            row["measured_speedup"] = self.exact_seconds / self.measurement.passes.seconds(fna_config, batch)
+        self._by_schedule[name] = row
+        self.rows.append(row)
+        self.bar.update(1)
+        return row
+
+    def fastest_meeting(self, target: float) -> dict[str, Any] | None:
+        """The measured schedule of the highest FLOP bound among those that meet `target`."""
+        rows = [row for row in self.rows if row["fidelity"] >= target]
+        return max(rows, key=lambda row: row["predicted_speedup"]) if rows else None
+
+
+# --- the steps -----------------------------------------------------------------------------------------------------
+
+
+def _layer_sensitivities(
+    measurement: _Measurement, num_layers: int, candidates: Sequence[int], target: float, bar: Any
+) -> dict[int, dict[int, float]]:
+    """Step 1: `{layer: {m: fidelity}}` with FNA in that layer alone, for every candidate m, compared with exact
+    attention on the final features. A larger m is skipped (its fidelity taken as the best so far) where a smaller one
+    is already nearly lossless: within 1% of the loss the target allows."""
     sensitivity: dict[int, dict[int, float]] = {}
     slack = 1.0 - target
     for layer in range(num_layers):
         sensitivity[layer] = {}
-        for m in tried:
+        for m in candidates:
             if sensitivity[layer] and 1.0 - min(sensitivity[layer].values()) < 0.01 * slack:
-                # A smaller m is already (nearly) lossless here: a larger one costs more for nothing.
                 sensitivity[layer][m] = max(sensitivity[layer].values())
             else:
-                score = fidelity(run(FNAConfig(layers=f"{layer}@{m}", min_tokens=0), pixels), reference).mean()
-                sensitivity[layer][m] = float(score)
+                alone = FNAConfig(layers=f"{layer}@{m}", min_tokens=0)
+                sensitivity[layer][m] = float(measurement.fidelity(alone).mean())
             bar.update(1)
+    return sensitivity
 
-    def speedup(per_layer: list[int | None]) -> float:
-        return schedule_flop_bound(tokens, width, heads, per_layer, mlp_ratio)
 
-    timing: dict[str, float] = {}
-    if measure_speed:
-        timing["none"] = _seconds_per_pass(switch, None, encoder, encoder_kwargs, pixels[:batch_size])
-    frontier: list[dict[str, Any]] = []
-    measured: dict[str, dict[str, Any]] = {}
-
-    def measure(per_layer: list[int | None], found_by: str) -> dict[str, Any]:
-        name = schedule_from_landmarks(per_layer)
-        if name not in measured:
-            fna_config = FNAConfig(layers=name, min_tokens=0)
-            scores = fidelity(run(fna_config, pixels), reference)
-            row = {
-                "schedule": name,
-                "found_by": found_by,
-                "landmarks_per_layer": list(per_layer),
-                "predicted_speedup": speedup(per_layer),
-                "predicted_fidelity": 1.0
-                - sum(1.0 - sensitivity[i][m] for i, m in enumerate(per_layer) if m is not None),
-                "fidelity": float(scores.mean()),
-                "worst_image_fidelity": float(scores.min()),
-            }
-            if measure_speed:
-                seconds = _seconds_per_pass(switch, fna_config, encoder, encoder_kwargs, pixels[:batch_size])
-                row["measured_speedup"] = timing["none"] / seconds
-            measured[name] = row
-            frontier.append(row)
-            bar.update(1)
-        return measured[name]
-
-    # (a) The knapsack's cheapest schedules for loss budgets around the target.
+def _knapsack_proposals(frontier: _Frontier, candidates: Sequence[int], target: float, max_schedules: int) -> None:
+    """Step 2: measure the knapsack's cheapest schedules (`cheapest_schedule`) for loss budgets around the target
+    (`BUDGET_SCALES` x (1 - target)), the `max_schedules` of the highest FLOP bound; exact attention is not measured."""
+    flops = frontier.flops
     budgets: dict[str, list[int | None]] = {}
     for scale in BUDGET_SCALES:
-        per_layer = cheapest_schedule(sensitivity, tried, slack * scale, tokens, width, heads, mlp_ratio)
-        if any(m is not None for m in per_layer):  # exact attention needs no measuring
+        budget = (1.0 - target) * scale
+        per_layer = cheapest_schedule(
+            frontier.sensitivity, candidates, budget, flops.tokens, flops.width, flops.heads, flops.mlp_ratio
+        )
+        if any(m is not None for m in per_layer):
             budgets.setdefault(schedule_from_landmarks(per_layer), per_layer)
-    for _, per_layer in sorted(budgets.items(), key=lambda item: -speedup(item[1]))[:max_schedules]:
-        measure(per_layer, "sensitivity")
+    for _, per_layer in sorted(budgets.items(), key=lambda item: -flops.speedup(item[1]))[:max_schedules]:
+        frontier.measure(per_layer, "sensitivity")
 
-    # (b) One group from layer k to the end, per m: errors of layers sharing one selection add up to less than
-    # their single-layer losses, which the knapsack cannot see. Binary search for the earliest k that meets the target.
-    for m in tried:
+
+def _suffix_search(frontier: _Frontier, candidates: Sequence[int], num_layers: int, target: float) -> None:
+    """Step 3: for each m, a binary search for the earliest layer k from which one group `k:@m` to the end meets the
+    target. Layers sharing one selection lose less together than their single-layer losses add up to, which the
+    knapsack cannot see."""
+    for m in candidates:
         low, high = 0, num_layers
         while low < high:
             middle = (low + high) // 2
-            if measure([None] * middle + [m] * (num_layers - middle), "suffix")["fidelity"] >= target:
+            if frontier.measure([None] * middle + [m] * (num_layers - middle), "suffix")["fidelity"] >= target:
                 high = middle
             else:
                 low = middle + 1
 
-    # (c) Greedy extension of the fastest schedule that meets the target: prepend the two layers before its first
-    # FNA layer as a group of their own with more landmarks, while the target still holds.
-    def fastest_meeting() -> dict[str, Any] | None:
-        rows = [row for row in frontier if row["fidelity"] >= target]
-        return max(rows, key=lambda row: row["predicted_speedup"]) if rows else None
 
-    current = fastest_meeting()
+def _greedy_extension(frontier: _Frontier, candidates: Sequence[int], num_layers: int, target: float) -> None:
+    """Step 4: extend the fastest schedule that meets the target: the `EXTENSION_LAYERS` layers before its first FNA
+    layer become a group of their own with more landmarks than the group after them, while the target holds."""
+    current = frontier.fastest_meeting(target)
     while current is not None:
         per_layer = current["landmarks_per_layer"]
         first = next((i for i, m in enumerate(per_layer) if m is not None), num_layers)
@@ -440,11 +578,24 @@ def calibrate(
             break
         start = max(0, first - EXTENSION_LAYERS)
         prefix, rest = per_layer[:start], per_layer[first:]
-        extended = [measure([*prefix, *[m] * (first - start), *rest], "extension") for m in tried if m > rest[0]]
+        extended = [
+            frontier.measure([*prefix, *[m] * (first - start), *rest], "extension") for m in candidates if m > rest[0]
+        ]
         better = [row for row in extended if row["fidelity"] >= target]
         current = max(better, key=lambda row: row["predicted_speedup"]) if better else None
 
-    bar.total = bar.n + 1
+
+def _choose(
+    frontier: list[dict[str, Any]],
+    target: float,
+    metric: str,
+    tokens: int,
+    sensitivity: dict[int, dict[int, float]],
+    measure_speed: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """Step 5: the fastest measured schedule that meets the target (FLOP bound, or measured speed-up with
+    `measure_speed`), or a row for exact attention (`"none"`) when none of those is faster than exact attention; and
+    the notes that explain the choice."""
     notes: list[str] = []
     speed_key = "measured_speedup" if measure_speed else "predicted_speedup"
     meeting = [row for row in frontier if row["fidelity"] >= target]
@@ -452,6 +603,7 @@ def calibrate(
     if faster:
         best = max(faster, key=lambda row: row[speed_key])
     else:
+        num_layers = len(sensitivity)
         best = {
             "schedule": "none",
             "landmarks_per_layer": [None] * num_layers,
@@ -473,43 +625,12 @@ def calibrate(
                 f"{max(row['fidelity'] for row in frontier):.4f}. Exact attention is chosen. The layers it could not "
                 f"afford are those with the largest single-layer loss: {_hardest_layers(sensitivity)}."
             )
-        frontier.append(best)
-    best["chosen"] = True
-    # FNA runs from the calibrated length on, and never below the default break-even unless a schedule faster than
-    # exact attention was calibrated there; exact attention keeps the default.
-    min_tokens = FNAConfig().min_tokens if best["schedule"] == "none" else min(FNAConfig().min_tokens, tokens)
     if tokens < FNAConfig().min_tokens and best["schedule"] != "none":
         notes.append(
             f"{tokens} tokens is below the default min_tokens={FNAConfig().min_tokens}, where FNA measured slower than "
             "exact attention on CPU; check with measure_speed=True before relying on the FLOP bound."
         )
-    chosen = FNAConfig(layers=best["schedule"], min_tokens=min_tokens)
-
-    heldout_reference = run(None, heldout_pixels)
-    heldout_scores = fidelity(run(chosen, heldout_pixels), heldout_reference)
-    bar.update(1)
-    bar.close()
-    return CalibrationReport(
-        config=chosen,
-        target=float(target),
-        metric=metric,
-        tokens=int(tokens),
-        num_layers=num_layers,
-        resolution=resolution if resolution is not None else int(pixels.shape[-1]),
-        candidates=tuple(tried),
-        calibration_images=len(pixels),
-        sensitivity=sensitivity,
-        frontier=frontier,
-        heldout={
-            "fidelity": float(heldout_scores.mean()),
-            "worst_image_fidelity": float(heldout_scores.min()),
-            "images": len(heldout_pixels),
-        },
-        forward_passes=passes,
-        seconds=time.perf_counter() - began,
-        met_target=bool(meeting),
-        notes=notes,
-    )
+    return best, notes
 
 
 def cheapest_schedule(
@@ -567,25 +688,6 @@ def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) ->
     loss = {layer: 1.0 - max(row.values()) for layer, row in sensitivity.items()}
     hardest = sorted(loss, key=lambda layer: -loss[layer])[:count]
     return ", ".join(f"layer {layer} (loss {loss[layer]:.3f} at best)" for layer in hardest)
-
-
-def _seconds_per_pass(
-    switch: AttentionSwitch,
-    fna_config: FNAConfig | None,
-    encoder: nn.Module,
-    kwargs: dict[str, Any],
-    batch: torch.Tensor,
-) -> float:
-    """The faster of two timed passes of `encoder` (the vision tower) after a warm-up: exact attention (None) or FNA
-    with `fna_config`."""
-    if fna_config is None:
-        switch.use(EXACT)
-    else:
-        switch.configure(fna_config)
-    batch = batch.to(next(switch.model.parameters()).device)
-    with torch.inference_mode():
-        timed_forward(encoder, batch, kwargs)  # warm-up
-        return min(timed_forward(encoder, batch, kwargs)[1] for _ in range(2))
 
 
 def _as_pixels(
