@@ -235,7 +235,7 @@ def test_many_newton_iterations_converge_to_the_exact_pseudo_inverse():
     exact = torch.linalg.pinv(kernel)
 
     def distance(iterations: int) -> float:
-        return float((hf_fna.newton_schulz_pinv(kernel, iterations) - exact).norm() / exact.norm())
+        return float((hf_fna.ops.newton_schulz_pinv(kernel, iterations) - exact).norm() / exact.norm())
 
     assert distance(6) > 0.5
     assert distance(20) < distance(12) < distance(6)
@@ -427,13 +427,13 @@ def test_backend_with_a_mask_broadcast_over_the_batch():
 def test_random_landmarks_of_a_sample_do_not_depend_on_its_batch_neighbours():
     valid = torch.ones(4, 40, dtype=torch.bool)
     valid[1, 30:] = False
-    batch = hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3)
+    batch = hf_fna.ops.random_sampling(40, 8, 4, valid=valid, seed=3)
     for row in range(4):
-        alone = hf_fna.random_sampling(40, 8, 1, valid=valid[row : row + 1], seed=3)
+        alone = hf_fna.ops.random_sampling(40, 8, 1, valid=valid[row : row + 1], seed=3)
         assert torch.equal(batch[row], alone[0]), row
     assert (batch[1] < 30).all()
-    assert torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3))  # still seeded
-    assert not torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=4))
+    assert torch.equal(batch, hf_fna.ops.random_sampling(40, 8, 4, valid=valid, seed=3))  # still seeded
+    assert not torch.equal(batch, hf_fna.ops.random_sampling(40, 8, 4, valid=valid, seed=4))
 
     model = tiny_dinov2(layers="all", num_landmarks=8, min_tokens=0, sampling="random")
     x = pixels(batch=4)
@@ -472,7 +472,7 @@ def test_fully_masked_sample_has_finite_gradients_and_leaves_its_neighbour_alone
 
 def test_newton_schulz_of_an_all_zero_kernel_is_zero():
     kernel = torch.zeros(2, 5, 5, requires_grad=True)
-    pinv = hf_fna.newton_schulz_pinv(kernel)
+    pinv = hf_fna.ops.newton_schulz_pinv(kernel)
     assert torch.equal(pinv, torch.zeros(2, 5, 5))
     pinv.sum().backward()
     assert kernel.grad.isfinite().all()
@@ -507,7 +507,7 @@ def test_finite_float32_mask_in_half_precision_attends_as_sdpa(monkeypatch, dtyp
     torch.testing.assert_close(got[0].float(), mean, atol=tolerance, rtol=0)
     if pinv == "exact":
         torch.testing.assert_close(got[1].float(), expected[1].float(), atol=tolerance, rtol=0)
-    exact, _ = hf_fna.exact_attention(q, k, v, key_bias=hf_fna.ops.nystrom.additive_mask(mask, dtype))
+    exact, _ = hf_fna.ops.exact_attention(q, k, v, key_bias=hf_fna.ops.nystrom.additive_mask(mask, dtype))
     torch.testing.assert_close(exact.float(), expected.float(), atol=tolerance, rtol=0)
 
 
@@ -535,17 +535,17 @@ def test_interventions_pass_gradcheck_in_float64(intervention):
     landmarks = torch.tensor([[1, 4, 0, 2]])
 
     def exact(q, k, v):
-        return hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention)[0]
+        return hf_fna.ops.exact_attention(q, k, v, flagged=flagged, intervention=intervention)[0]
 
     def nystrom(q, k, v):
-        return hf_fna.nystrom_attention(q, k, v, landmarks, flagged=flagged, intervention=intervention)[0]
+        return hf_fna.ops.nystrom_attention(q, k, v, landmarks, flagged=flagged, intervention=intervention)[0]
 
     assert torch.autograd.gradcheck(exact, (q, k, v))
     assert torch.autograd.gradcheck(nystrom, (q, k, v))
     # The O(N) correction equals the quadratic reference in float64 precision, not float32's.
     with torch.no_grad():
         fast = exact(q, k, v)
-        slow = hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention, return_weights=True)[0]
+        slow = hf_fna.ops.exact_attention(q, k, v, flagged=flagged, intervention=intervention, return_weights=True)[0]
     assert fast.dtype == torch.float64 and (fast - slow).abs().max() < 1e-12
 
 
@@ -557,11 +557,11 @@ def _op_call(name: str, **changes):
     if name == "fna_attention":
         return lambda: hf_fna.fna_attention(q, k, v, **{"num_landmarks": 6, **changes})
     if name == "nystrom_attention":
-        return lambda: hf_fna.nystrom_attention(q, k, v, **{"landmarks": torch.arange(6).expand(2, 6), **changes})
+        return lambda: hf_fna.ops.nystrom_attention(q, k, v, **{"landmarks": torch.arange(6).expand(2, 6), **changes})
     features = q.mean(dim=1)
     if name == "select_landmarks":
-        return lambda: hf_fna.select_landmarks(**{"features": features, "num_landmarks": 6, **changes})
-    return lambda: hf_fna.farthest_point_sampling(**{"features": features, "num_landmarks": 6, **changes})
+        return lambda: hf_fna.ops.select_landmarks(**{"features": features, "num_landmarks": 6, **changes})
+    return lambda: hf_fna.ops.farthest_point_sampling(**{"features": features, "num_landmarks": 6, **changes})
 
 
 @pytest.mark.parametrize(

@@ -61,8 +61,8 @@ class MaskingConfig:
     from `from_layer` on, with exact and FNA attention alike.
 
     Args:
-        intervention: what happens to flagged keys, as the `intervention` of `hf_fna.exact_attention` and
-            `hf_fna.nystrom_attention`: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over
+        intervention: what happens to flagged keys, as the `intervention` of `hf_fna.ops.exact_attention` and
+            `hf_fna.ops.nystrom_attention`: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over
             the rest); "sink" (softmax as usual, then every query's weight on flagged keys is zeroed, without
             renormalisation); "sink_keep_self" (as "sink", but a flagged token keeps its attention to itself).
         detect: "norm_ratio" (tokens entering `detect_layer` whose L2 norm exceeds `min_ratio` times the median
