@@ -57,9 +57,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     import hf_fna
     from hf_fna.assets import photos
-    from hf_fna.config import parse_layers
-    from hf_fna.integration.towers import interpolation_kwargs, special_tokens
-    from hf_fna.tools.measure import model_folder, photo_tensor
+    from hf_fna.integration.towers import interpolation_kwargs, mlp_ratio_of, special_tokens
+    from hf_fna.schedules import parse_layers
+    from hf_fna.tools.measure import model_folder
+    from hf_fna.tools.pipeline import photo_tensor
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -126,7 +127,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "width": config.hidden_size,
         "heads": config.num_attention_heads,
         "layers": config.num_hidden_layers,
-        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "mlp_ratio": mlp_ratio_of(config),  # DINOv2 configs give mlp_ratio, not intermediate_size
         "special_tokens": special_tokens(config).leading,
         "seconds": timing,
         "images_per_s": spec["batch"] / timing["min"],
@@ -274,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             write_plot(json.load(f)["rows"], args.plot)
         return 0
 
-    from hf_fna.config import FNAConfig, parse_layers
+    from hf_fna.config import FNAConfig
     from hf_fna.ops.cost import schedule_flop_bound
+    from hf_fna.schedules import parse_layers
     from hf_fna.tools.measure import model_description
 
     options = parse_config("none@1/" + "/".join(args.options))[2] if args.options else {}

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from hf_fna import FNAConfig
     from hf_fna.assets import photos, textiles
     from hf_fna.integration.towers import attention_layers, interpolation_kwargs, special_tokens
-    from hf_fna.tools.measure import model_description, model_folder, photo_tensor
+    from hf_fna.tools.measure import model_description, model_folder
+    from hf_fna.tools.pipeline import photo_tensor
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

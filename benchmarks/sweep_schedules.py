@@ -29,9 +29,9 @@ from common import command_line, config_name, machine_info, parse_config, write_
 from tqdm.auto import tqdm
 
 import hf_fna
-from hf_fna.config import parse_layers
 from hf_fna.integration.towers import interpolation_kwargs, mlp_ratio_of, special_tokens
 from hf_fna.ops.cost import schedule_flop_bound
+from hf_fna.schedules import parse_layers
 
 SCHEDULES_64 = [f"{first}:" for first in range(12)] + ["0:2", "0:3", "0:4", "0,1,11", "0,1,10,11", "0,1,2,10,11"]
 SCHEDULES_OTHER = ["4:", "6:", "8:", "10:", "0,1,10,11"]
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hf_fna.assets import photos
-    from hf_fna.tools.measure import model_description, model_folder, photo_tensor
+    from hf_fna.tools.measure import model_description, model_folder
+    from hf_fna.tools.pipeline import photo_tensor
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

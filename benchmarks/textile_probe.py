@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hf_fna import FNAConfig, assets
-    from hf_fna.config import parse_layers
     from hf_fna.integration.towers import special_tokens
-    from hf_fna.tools.measure import model_description, model_folder, photo_tensor
+    from hf_fna.schedules import parse_layers
+    from hf_fna.tools.measure import model_description, model_folder
+    from hf_fna.tools.pipeline import photo_tensor
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

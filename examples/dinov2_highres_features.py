@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     exact, exact_seconds = timed_forward(model, pixels, args.repeats)
     # min_tokens=0: FNA runs whatever the resolution (the library default falls back below 512 tokens).
-    hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=0).apply(model)
+    fna_config = hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=0)
+    fna_config.apply(model)
     fna, fna_seconds = timed_forward(model, pixels, args.repeats)
     landmarks = hf_fna.last_landmarks(model)
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": path,
         "resolution": args.resolution,
         "tokens": exact.shape[0],
-        "fna_layers": hf_fna.config.resolve_layers(args.layers, model.config.num_hidden_layers),
+        "fna_layers": fna_config.resolve(model.config.num_hidden_layers).fna_layers,
         "landmarks": None if landmarks is None else int(landmarks.shape[-1]),
         "seconds_per_image": {"exact": exact_seconds, "fna": fna_seconds},
         "speedup": exact_seconds / fna_seconds,

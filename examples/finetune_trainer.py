@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         attn_implementation="fna",
     )
     # min_tokens=0: FNA runs at every resolution here, so the smoke run really trains through it.
-    hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=0).apply(model)
+    fna_config = hf_fna.FNAConfig(layers=args.layers, num_landmarks=args.num_landmarks, min_tokens=0)
+    fna_config.apply(model)
 
     def transform(batch):
         images = [image.convert("RGB") for image in batch["image"]]
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])),
         "eval_accuracy": accuracies,
         "attention_grad_norms": recorder.norms[-1] if recorder.norms else {},
-        "fna_layers": sorted(hf_fna.config.resolve_layers(args.layers, model.config.num_hidden_layers)),
+        "fna_layers": fna_config.resolve(model.config.num_hidden_layers).fna_layers,
     }
     print(f"loss: first epoch {result['first_epoch_loss']:.4f} -> last epoch {result['last_epoch_loss']:.4f}")
     print(f"accuracy on {len(evaluation)} test images after each epoch: {', '.join(f'{a:.3f}' for a in accuracies)}")

@@ -128,7 +128,7 @@ def test_padded_keys_are_never_landmarks_and_match_sdpa():
     q[0, :, 10] *= 50
     mask = keep[:, None, None, :]
     features = q.mean(1)
-    picks = hf_fna.select_landmarks(features, 8, valid=keep)
+    picks = hf_fna.ops.select_landmarks(features, 8, valid=keep)
     assert not (picks[0] >= 8).any()
     assert picks[0].unique().numel() == 8
     # With every real token a landmark the padded batch equals SDPA on the real tokens.

@@ -10,7 +10,7 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 import hf_fna
 from hf_fna.cli import main
-from hf_fna.config import schedule_from_landmarks
+from hf_fna.schedules import schedule_from_landmarks
 from hf_fna.tools.calibration import cheapest_schedule
 
 
@@ -144,6 +144,29 @@ def test_an_unreachable_target_chooses_exact_attention_and_says_why(real_dinov2)
     report = hf_fna.calibrate(real_dinov2, photos, target=0.99999, resolution=224, candidates=(16,), progress=False)
     assert not report.met_target and report.config.layers == "none" and report.chosen["schedule"] == "none"
     assert "No measured schedule reached patch_cosine >= 0.99999" in report.notes[0] and "layer" in report.notes[0]
+
+
+def test_an_unreachable_target_names_the_most_faithful_measured_schedule_not_exact_attention():
+    """The note reports the best fidelity among the measured schedules, not the 1.0 of the exact-attention row that
+    the frontier lists once exact attention is chosen."""
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64, patch_size=4,
+        layerscale_value=1.0,
+    )  # fmt: skip
+    model = Dinov2Model(config).eval()
+    with torch.no_grad():  # sharper attention than at initialisation, so that 2 landmarks lose something everywhere
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(8)
+    report = hf_fna.calibrate(model, pixels(), target=0.9999, candidates=(2,), batch_size=2, progress=False)
+    assert not report.met_target and report.config.layers == "none" and report.chosen["fidelity"] == 1.0
+    measured = [row for row in report.frontier if not row.get("chosen")]
+    best = max(row["fidelity"] for row in measured)
+    assert measured and f"{best:.4f}" != "1.0000"
+    assert f"No measured schedule reached patch_cosine >= 0.9999; the most faithful reached {best:.4f}." in (
+        report.notes[0]
+    )
 
 
 def test_no_schedule_faster_than_exact_chooses_exact_attention_with_the_default_min_tokens(tiny_dinov2):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
 from hf_fna import FNAConfig, MaskingConfig, assets, last_flagged_tokens, last_landmarks
-from hf_fna.tools.measure import photo_tensor
+from hf_fna.tools.pipeline import photo_tensor
 
 pytestmark = pytest.mark.real_weights
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hf_fna import FNAConfig, MaskingConfig
-from hf_fna.config import LayerGroup, parse_layers, resolve_groups, resolve_layers, schedule_string
+from hf_fna.schedules import LayerGroup, parse_layers, resolve_groups, resolve_layers, schedule_string
 
 
 def test_defaults_are_the_documented_auto_schedule():

@@ -15,9 +15,9 @@ from hf_fna import assets
 from hf_fna.cli import main
 from hf_fna.evaluation import EvalSettings, run_evaluation
 from hf_fna.evaluation.data import fashion_mnist_segmentation
-from hf_fna.evaluation.modeling import EXACT, FNA, AttentionSwitch
 from hf_fna.evaluation.report import write_json_atomically
 from hf_fna.evaluation.tiny_models import build_tiny_clip, vocabulary
+from hf_fna.tools.pipeline import EXACT, FNA, AttentionSwitch
 
 FNA_SETTINGS = {"layers": "all", "num_landmarks": 16, "min_tokens": 0}
 

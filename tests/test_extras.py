@@ -113,3 +113,13 @@ def test_version_flag_prints_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"hf-fna {hf_fna.__version__}"
+
+
+def test_import_hf_fna_loads_none_of_the_tools_heavy_dependencies():
+    """`import hf_fna` (the backend, FNAConfig, explain, calibrate) imports no package only the tools need, although
+    all of them are installed here: the tools import theirs when they run."""
+    heavy = ("datasets", "evaluate", "sklearn", "matplotlib", "onnx", "onnxruntime")
+    code = f"import sys, hf_fna; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"import hf_fna imported {result.stdout.strip()}"

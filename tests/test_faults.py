@@ -1,5 +1,4 @@
-"""Faults, bad input and unusual but legitimate use of the library (issue 11, items 1, 2, 4, 5, 6 and 8; issue 23,
-items 1-6 and 17-20).
+"""Faults, bad input and unusual but legitimate use of the library.
 
 Tiny random models (tests/tiny_families.py), CPU, a few seconds in all. The command-line side of the issue is in
 tests/test_faults_cli.py.
@@ -62,7 +61,7 @@ def _massive_tokens(model) -> None:
 NORM_GAP = MaskingConfig(intervention="mask", detect="norm_gap", detect_layer=1, from_layer=2)
 
 
-# --- item 2: torch.compile ---------------------------------------------------------------------------------------
+# --- torch.compile ----------------------------------------------------------------------------------------------------
 
 
 def test_compiled_model_loaded_with_fna_matches_eager(tmp_path):
@@ -96,7 +95,7 @@ def test_compiled_fna_survives_the_collection_of_an_earlier_model():
     assert counter.frame_count == frames
 
 
-# --- item 4: validation before anything changes ------------------------------------------------------------------
+# --- validation before anything changes -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -136,7 +135,7 @@ def test_apply_with_bad_masking_layers_leaves_the_model_unchanged():
     assert hf_fna.last_landmarks(model) is None and hidden(model).shape == before.shape
 
 
-# --- item 6: state that leaks ------------------------------------------------------------------------------------
+# --- state that leaks -------------------------------------------------------------------------------------------------
 
 
 def test_torch_save_of_a_model_with_norm_gap_masking_round_trips():
@@ -191,7 +190,7 @@ def test_in_place_edit_of_fna_config_takes_effect():
     assert torch.equal(hidden(model), hidden(tiny_dinov2()))
 
 
-# --- item 8: validation gaps -------------------------------------------------------------------------------------
+# --- validation gaps --------------------------------------------------------------------------------------------------
 
 
 def test_seed_range_is_what_torch_generator_accepts():
@@ -210,7 +209,7 @@ def test_masking_thresholds_must_be_finite_and_non_negative(name, value):
         MaskingConfig(**{name: value})
 
 
-# --- item 1: settings that cannot work ---------------------------------------------------------------------------
+# --- settings that cannot work ----------------------------------------------------------------------------------------
 
 
 def test_pinv_iterations_is_bounded_and_warns_outside_the_measured_range():
@@ -236,7 +235,7 @@ def test_many_newton_iterations_converge_to_the_exact_pseudo_inverse():
     exact = torch.linalg.pinv(kernel)
 
     def distance(iterations: int) -> float:
-        return float((hf_fna.newton_schulz_pinv(kernel, iterations) - exact).norm() / exact.norm())
+        return float((hf_fna.ops.newton_schulz_pinv(kernel, iterations) - exact).norm() / exact.norm())
 
     assert distance(6) > 0.5
     assert distance(20) < distance(12) < distance(6)
@@ -244,7 +243,7 @@ def test_many_newton_iterations_converge_to_the_exact_pseudo_inverse():
 
 
 def test_reference_mode_refuses_fewer_landmarks_than_tokens_training_and_backward():
-    # Issue 23, item 19: a forward pass with autograd on is allowed (a model's weights require gradients even in
+    # a forward pass with autograd on is allowed (a model's weights require gradients even in
     # eval()); what is refused is training mode and a backward pass that reaches the exact pseudo-inverse.
     q, k, v = qkv()
     with pytest.raises(hf_fna.errors.ReferenceModeError, match="needs every unmasked token as a landmark"):
@@ -272,7 +271,7 @@ def test_reference_mode_refuses_fewer_landmarks_than_tokens_training_and_backwar
 
 
 def test_reference_mode_with_every_token_a_landmark_is_as_close_as_eager_to_sdpa():
-    # Issue 23, item 20: near-uniform attention (a random ViT, pixels in [0, 1)) makes the 226 x 226 kernel
+    # near-uniform attention (a random ViT, pixels in [0, 1)) makes the 226 x 226 kernel
     # condition number about 2e15; the default cut of torch.linalg.pinv left the result 1e-4 off exact attention.
     from transformers import ViTConfig, ViTModel
 
@@ -302,7 +301,7 @@ def test_compare_refuses_the_reference_mode_with_fewer_landmarks_than_tokens(tmp
     assert "17 tokens at 32 px, 8 landmarks; pass --landmarks 17 or use --pinv newton" in capsys.readouterr().err
 
 
-# --- item 5: the masks of scaled_dot_product_attention -----------------------------------------------------------
+# --- the masks of scaled_dot_product_attention ------------------------------------------------------------------------
 
 
 def qkv(batch: int = 2, heads: int = 3, tokens: int = 12, dim: int = 8):
@@ -422,19 +421,19 @@ def test_backend_with_a_mask_broadcast_over_the_batch():
     torch.testing.assert_close(hidden(model), hidden(exact), atol=1e-5, rtol=0)
 
 
-# --- issue 23, item 2: random sampling does not depend on the batch ----------------------------------------------
+# --- random sampling does not depend on the batch ---------------------------------------------------------------------
 
 
 def test_random_landmarks_of_a_sample_do_not_depend_on_its_batch_neighbours():
     valid = torch.ones(4, 40, dtype=torch.bool)
     valid[1, 30:] = False
-    batch = hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3)
+    batch = hf_fna.ops.random_sampling(40, 8, 4, valid=valid, seed=3)
     for row in range(4):
-        alone = hf_fna.random_sampling(40, 8, 1, valid=valid[row : row + 1], seed=3)
+        alone = hf_fna.ops.random_sampling(40, 8, 1, valid=valid[row : row + 1], seed=3)
         assert torch.equal(batch[row], alone[0]), row
     assert (batch[1] < 30).all()
-    assert torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=3))  # still seeded
-    assert not torch.equal(batch, hf_fna.random_sampling(40, 8, 4, valid=valid, seed=4))
+    assert torch.equal(batch, hf_fna.ops.random_sampling(40, 8, 4, valid=valid, seed=3))  # still seeded
+    assert not torch.equal(batch, hf_fna.ops.random_sampling(40, 8, 4, valid=valid, seed=4))
 
     model = tiny_dinov2(layers="all", num_landmarks=8, min_tokens=0, sampling="random")
     x = pixels(batch=4)
@@ -445,7 +444,7 @@ def test_random_landmarks_of_a_sample_do_not_depend_on_its_batch_neighbours():
             torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=0)
 
 
-# --- issue 23, item 3: a fully masked sample has finite gradients --------------------------------------------------
+# --- a fully masked sample has finite gradients -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("num_landmarks", [6, 12])
@@ -473,13 +472,13 @@ def test_fully_masked_sample_has_finite_gradients_and_leaves_its_neighbour_alone
 
 def test_newton_schulz_of_an_all_zero_kernel_is_zero():
     kernel = torch.zeros(2, 5, 5, requires_grad=True)
-    pinv = hf_fna.newton_schulz_pinv(kernel)
+    pinv = hf_fna.ops.newton_schulz_pinv(kernel)
     assert torch.equal(pinv, torch.zeros(2, 5, 5))
     pinv.sum().backward()
     assert kernel.grad.isfinite().all()
 
 
-# --- issue 23, item 4: a finite float32 mask in half precision ----------------------------------------------------
+# --- a finite float32 mask in half precision --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -508,7 +507,7 @@ def test_finite_float32_mask_in_half_precision_attends_as_sdpa(monkeypatch, dtyp
     torch.testing.assert_close(got[0].float(), mean, atol=tolerance, rtol=0)
     if pinv == "exact":
         torch.testing.assert_close(got[1].float(), expected[1].float(), atol=tolerance, rtol=0)
-    exact, _ = hf_fna.exact_attention(q, k, v, key_bias=hf_fna.ops.nystrom.additive_mask(mask, dtype))
+    exact, _ = hf_fna.ops.exact_attention(q, k, v, key_bias=hf_fna.ops.nystrom.additive_mask(mask, dtype))
     torch.testing.assert_close(exact.float(), expected.float(), atol=tolerance, rtol=0)
 
 
@@ -524,7 +523,7 @@ def test_reference_mode_adds_a_finite_mask_exactly():
         torch.testing.assert_close(got[0], expected.expand_as(got[0]), atol=1e-5, rtol=0)
 
 
-# --- issue 23, item 5: float64 stays float64 in sink_keep_self ----------------------------------------------------
+# --- float64 stays float64 in sink_keep_self --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("intervention", ["mask", "sink", "sink_keep_self"])
@@ -536,21 +535,21 @@ def test_interventions_pass_gradcheck_in_float64(intervention):
     landmarks = torch.tensor([[1, 4, 0, 2]])
 
     def exact(q, k, v):
-        return hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention)[0]
+        return hf_fna.ops.exact_attention(q, k, v, flagged=flagged, intervention=intervention)[0]
 
     def nystrom(q, k, v):
-        return hf_fna.nystrom_attention(q, k, v, landmarks, flagged=flagged, intervention=intervention)[0]
+        return hf_fna.ops.nystrom_attention(q, k, v, landmarks, flagged=flagged, intervention=intervention)[0]
 
     assert torch.autograd.gradcheck(exact, (q, k, v))
     assert torch.autograd.gradcheck(nystrom, (q, k, v))
     # The O(N) correction equals the quadratic reference in float64 precision, not float32's.
     with torch.no_grad():
         fast = exact(q, k, v)
-        slow = hf_fna.exact_attention(q, k, v, flagged=flagged, intervention=intervention, return_weights=True)[0]
+        slow = hf_fna.ops.exact_attention(q, k, v, flagged=flagged, intervention=intervention, return_weights=True)[0]
     assert fast.dtype == torch.float64 and (fast - slow).abs().max() < 1e-12
 
 
-# --- issue 23, item 17: the op validates its arguments -------------------------------------------------------------
+# --- the op validates its arguments -----------------------------------------------------------------------------------
 
 
 def _op_call(name: str, **changes):
@@ -558,11 +557,11 @@ def _op_call(name: str, **changes):
     if name == "fna_attention":
         return lambda: hf_fna.fna_attention(q, k, v, **{"num_landmarks": 6, **changes})
     if name == "nystrom_attention":
-        return lambda: hf_fna.nystrom_attention(q, k, v, **{"landmarks": torch.arange(6).expand(2, 6), **changes})
+        return lambda: hf_fna.ops.nystrom_attention(q, k, v, **{"landmarks": torch.arange(6).expand(2, 6), **changes})
     features = q.mean(dim=1)
     if name == "select_landmarks":
-        return lambda: hf_fna.select_landmarks(**{"features": features, "num_landmarks": 6, **changes})
-    return lambda: hf_fna.farthest_point_sampling(**{"features": features, "num_landmarks": 6, **changes})
+        return lambda: hf_fna.ops.select_landmarks(**{"features": features, "num_landmarks": 6, **changes})
+    return lambda: hf_fna.ops.farthest_point_sampling(**{"features": features, "num_landmarks": 6, **changes})
 
 
 @pytest.mark.parametrize(
@@ -599,7 +598,7 @@ def test_op_arguments_are_validated_with_the_value_and_what_is_accepted(op, chan
         _op_call(op, **changes)()
 
 
-# --- issue 23, item 6: a model called from a module that does not contain it ---------------------------------------
+# --- a model called from a module that does not contain it ------------------------------------------------------------
 
 
 class _Loss(torch.nn.Module):
@@ -633,7 +632,7 @@ def test_model_loaded_with_fna_is_planned_when_called_from_a_module_that_does_no
     assert hf_fna.last_landmarks(loaded).shape == (2, 8)  # FNA ran, planned on the model itself
 
 
-# --- issue 23, item 1: the layer parser is linear -------------------------------------------------------------------
+# --- the layer parser is linear ---------------------------------------------------------------------------------------
 
 
 def test_layer_strings_are_parsed_in_linear_time_and_bounded():
@@ -646,7 +645,7 @@ def test_layer_strings_are_parsed_in_linear_time_and_bounded():
     with pytest.raises(ValueError, match=r"\(100004 characters\) is invalid: 100004 characters, more than the 4096"):
         FNAConfig(layers="1" + " " * 100_000 + "x@5")
     with pytest.raises(ValueError, match=r"more than the 4096 accepted"):
-        hf_fna.config.parse_layers(["1"] + [" "] * 5000)
+        hf_fna.schedules.parse_layers(["1"] + [" "] * 5000)
     # What the grammar accepts is unchanged.
     accepted = {" 6 : ": [6, 7, 8, 9, 10, 11], "4, 5 @ 32": [4, 5], "-4:": [8, 9, 10, 11], ":": list(range(12))}
     for text, layers in accepted.items():
@@ -657,7 +656,7 @@ def test_layer_strings_are_parsed_in_linear_time_and_bounded():
             FNAConfig(layers=text)
 
 
-# --- issue 23, item 18: model config files and empty slices ---------------------------------------------------------
+# --- model config files and empty slices ------------------------------------------------------------------------------
 
 
 def test_from_pretrained_reads_the_fna_config_entry_of_a_model_config_file(tmp_path):

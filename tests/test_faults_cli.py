@@ -1,4 +1,4 @@
-"""Faults and bad input at the command line and in files (issue 11, items 3, 7, 8 and 9; issue 23, items 7-16).
+"""Faults and bad input at the command line and in files.
 
 Every bad input must end in one line on stderr and exit status 2, before any compute when the input can be checked
 up front; a file that cannot be written must not take the printed table with it, and must never replace a good file
@@ -76,7 +76,7 @@ def _one_line_error(capsys, command: str, *argv: str) -> str:
     return errors[0]
 
 
-# --- FNAConfig.from_pretrained on bad files (item 7) -----------------------------------------------------------------
+# --- FNAConfig.from_pretrained on bad files ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_model_config_without_fna_config_still_reads_as_absent(tiny_dinov2):
         FNAConfig.from_pretrained(tiny_dinov2)
 
 
-# --- one line instead of a traceback (item 7) ------------------------------------------------------------------------
+# --- one line instead of a traceback ----------------------------------------------------------------------------------
 
 
 def test_eval_bad_counts_and_seeds(capsys, tiny_dinov2):
@@ -158,7 +158,7 @@ def test_python_dash_m_entry_point_prints_one_line(tiny_dinov2):
     assert "Traceback" not in proc.stderr and "num_workers must be >= 0" in proc.stderr
 
 
-# --- validation gaps (item 8) ----------------------------------------------------------------------------------------
+# --- validation gaps --------------------------------------------------------------------------------------------------
 
 
 def test_eval_image_size_must_be_a_multiple_of_the_patch(capsys, tiny_dinov2):
@@ -172,7 +172,7 @@ def test_inspect_refuses_negative_or_nan_thresholds(capsys, tiny_dinov2, tmp_pat
     assert "finite number >= 0" in _one_line_error(capsys, "inspect", *argv)
 
 
-# --- output paths: checked first, written atomically, table printed anyway (item 3) ----------------------------------
+# --- output paths: checked first, written atomically, table printed anyway --------------------------------------------
 
 
 def _unwritable(tmp_path: Path) -> dict[str, str]:
@@ -191,7 +191,7 @@ def test_output_paths_are_checked_before_computing(capsys, monkeypatch, tiny_din
         raise AssertionError("computed before checking the output path")
 
     monkeypatch.setattr(hf_fna.evaluation.runner, "load_config", no_compute)
-    monkeypatch.setattr(hf_fna.tools.compare, "load_pair", no_compute)
+    monkeypatch.setattr(hf_fna.tools.compare, "load_compared", no_compute)
     monkeypatch.setattr(hf_fna.tools.inspection, "load_vision_model", no_compute)
     path = _unwritable(tmp_path)[case]
     eval_argv = ["--task", "probe", "--model", tiny_dinov2, "--dataset", "hf_fna:fashion_mnist", "--output", path]
@@ -261,7 +261,7 @@ def test_inspect_prints_the_report_even_when_figures_cannot_be_written(capsys, m
     assert list((tmp_path / "figures").iterdir()) == [] and not (tmp_path / "r.json").exists()
 
 
-# --- cache cleanup (item 9) ------------------------------------------------------------------------------------------
+# --- cache cleanup ----------------------------------------------------------------------------------------------------
 
 
 def _dead_pid() -> int:
@@ -283,14 +283,14 @@ def test_cache_cleanup_removes_only_this_packages_leftovers(tmp_path):
     assert remaining == sorted([*(f.name for f in foreign), ours_alive.name])
 
 
-# --- issue 23 -------------------------------------------------------------------------------------------------------
+# --- more command-line faults -----------------------------------------------------------------------------------------
 
 
 def _eval_argv(model: str, *more: str) -> list[str]:
     return ["--task", "probe", "--model", model, "--dataset", "hf_fna:fashion_mnist", "--no-progress", *more]
 
 
-# item 7: --save-exact is checked up front, and its failure does not cost --output
+# --save-exact is checked up front, and its failure does not cost --output
 
 
 @pytest.mark.parametrize("where", ["a folder", "under /proc"])
@@ -321,7 +321,7 @@ def test_eval_writes_output_when_save_exact_fails_at_the_end(capsys, monkeypatch
     assert json.loads(report.read_text())["settings"]["task"] == "probe"
 
 
-# item 8: two outputs naming one file
+# two outputs naming one file
 
 
 def test_equal_output_paths_are_refused_in_every_command(capsys, monkeypatch, tiny_dinov2, tmp_path):
@@ -331,7 +331,7 @@ def test_equal_output_paths_are_refused_in_every_command(capsys, monkeypatch, ti
 
     loaders = [
         (hf_fna.evaluation.runner, "load_config"),
-        (hf_fna.tools.compare, "load_pair"),
+        (hf_fna.tools.compare, "load_compared"),
         (hf_fna.tools.inspection, "load_vision_model"),
     ]
     for module, name in loaders:
@@ -356,7 +356,7 @@ def test_equal_output_paths_are_refused_in_every_command(capsys, monkeypatch, ti
     assert f"--json and the norm maps figure both name {figure}" in message
 
 
-# item 9: a set of files is written as one
+# a set of files is written as one
 
 
 def test_calibrate_out_with_a_folder_in_place_of_a_file_is_refused_before_computing(
@@ -424,7 +424,7 @@ def test_write_files_atomically_commits_all_or_nothing(monkeypatch, tmp_path):
     assert (tmp_path / "a.json").read_text() == "new a" and (tmp_path / "c.png").read_bytes() == b"\x89PNG new"
 
 
-# item 10: a cached asset folder that cannot be replaced
+# a cached asset folder that cannot be replaced
 
 
 def test_an_unreplaceable_incomplete_asset_folder_fails_at_once_in_one_line(capsys, monkeypatch, tmp_path):
@@ -448,7 +448,7 @@ def test_an_unreplaceable_incomplete_asset_folder_fails_at_once_in_one_line(caps
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no .hf_fna-tmp-* folder left behind
 
 
-# item 11: --reference files that are not references
+# --reference files that are not references
 
 
 class _RunsCode:
@@ -481,7 +481,7 @@ def test_eval_reference_that_is_not_a_reference_is_one_line(capsys, tiny_dinov2,
     assert not (tmp_path / "ran-code").exists()
 
 
-# item 12: JSON nested too deeply
+# JSON nested too deeply
 
 
 def test_deeply_nested_json_is_one_line(capsys, tiny_dinov2, tmp_path):
@@ -498,7 +498,7 @@ def test_deeply_nested_json_is_one_line(capsys, tiny_dinov2, tmp_path):
     assert "cannot read --measured" in message and "nested too deeply" in message
 
 
-# item 13: calibrate's inputs
+# calibrate's inputs
 
 
 def _calibrate_images(folder: Path, corrupt: bool = False) -> str:
@@ -547,7 +547,7 @@ def test_calibrate_refuses_images_the_patch_embedding_would_crop():
         hf_fna.calibrate(model, torch.randn(4, 3, 30, 30), progress=False)
 
 
-# item 14: compare's device and resolutions
+# compare's device and resolutions
 
 
 def test_compare_meta_device_and_huge_resolutions_are_one_line(capsys, monkeypatch, tiny_dinov2):
@@ -574,7 +574,7 @@ def test_compare_out_of_memory_is_one_line(capsys, monkeypatch, tiny_dinov2):
     assert "out of memory at 32 px with --batch-size 4 (MemoryError); lower --resolutions or --batch-size" in message
 
 
-# item 15: Ctrl-C during start-up
+# Ctrl-C during start-up
 
 
 @pytest.mark.parametrize("command", ["compare", "eval"])
@@ -591,7 +591,7 @@ def test_ctrl_c_while_the_subcommand_imports_is_one_line(capsys, monkeypatch, tm
     assert err == f"hf-fna {command}: interrupted\n"
 
 
-# item 16: a mistyped local path fails at once, naming it
+# a mistyped local path fails at once, naming it
 
 
 def test_mistyped_local_paths_fail_at_once_naming_the_local_path(capsys, monkeypatch, tmp_path):

@@ -13,14 +13,14 @@ from matplotlib.text import Text
 from hf_fna import FNAConfig
 from hf_fna.tools.calibration import CalibrationReport
 from hf_fna.tools.compare import plot_figure
-from hf_fna.tools.inspection import Inspection, LayerReport, norm_maps_figure
+from hf_fna.tools.inspection import InspectedLayer, Inspection, norm_maps_figure
 
 
 def test_norm_maps_use_one_colour_scale_per_layer():
     rng = np.random.default_rng(0)
     # Layers whose norms differ by orders of magnitude, as in real towers (late layers far larger).
     maps = [rng.uniform(1, 2, (6, 6)) * 10**layer for layer in range(3)]
-    layers = [LayerReport(i, {"max_over_median": 1.5}, [], []) for i in range(3)]
+    layers = [InspectedLayer(i, {"max_over_median": 1.5}, [], []) for i in range(3)]
     result = Inspection("model", "image", 48, (48, 48), 8, (6, 6), ["CLS"], layers, [1, 2], 8, [], [0])
     fig = norm_maps_figure(result, maps)
     try:

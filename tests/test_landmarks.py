@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_fna import farthest_point_sampling, random_sampling, select_landmarks
+from hf_fna.ops import farthest_point_sampling, random_sampling, select_landmarks
 
 IMPLEMENTATIONS = ["numpy", "torch"]
 

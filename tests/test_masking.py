@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_fna import (
-    FNAConfig,
-    MaskingConfig,
-    detect_attention_sinks,
-    detect_high_norm_tokens,
-    detect_massive_tokens,
-    exact_attention,
-)
+from hf_fna import FNAConfig, MaskingConfig, detect_attention_sinks, detect_high_norm_tokens, detect_massive_tokens
 from hf_fna.integration.plans import layer_plan, tower_plans
+from hf_fna.ops import exact_attention
 from hf_fna.ops.nystrom import nystrom_attention
 from tiny_families import family
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_fna import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
+from hf_fna.ops import exact_attention, fna_attention, newton_schulz_pinv, nystrom_attention
 
 
 def qkv(batch=2, heads=3, tokens=40, dim=16, seed=0, dtype=torch.float32):

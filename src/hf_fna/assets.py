@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import AssetError
+from .errors import AssetError, InputError
 
 if TYPE_CHECKING:
     import datasets
@@ -660,7 +660,7 @@ def bundled_model_info(name: str) -> BundledModel:
     key = name.removeprefix(MODEL_PREFIX)
     if key not in BUNDLED_MODELS:
         accepted = ", ".join(MODEL_PREFIX + n for n in BUNDLED_MODELS)
-        raise ValueError(f"unknown bundled model {name!r}; accepted: {accepted}")
+        raise InputError(f"unknown bundled model {name!r}; accepted: {accepted}")
     return BUNDLED_MODELS[key]
 
 
@@ -676,7 +676,7 @@ def bundled_model(name: str, cache_dir: str | None = None) -> str:
 # ------------------------------------------------------------------------------------------------------- data
 def _check_split(split: str | None, choices: tuple[str, ...]) -> None:
     if split is not None and split not in choices:
-        raise ValueError(f"split={split!r} is not available; use one of {choices} or None for all splits.")
+        raise InputError(f"split={split!r} is not available; use one of {choices} or None for all splits.")
 
 
 def _read_idx(path: Path, magic: int, offset: int) -> np.ndarray:

@@ -12,31 +12,26 @@ import copy
 import json
 import math
 import os
-import re
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import InputError
 from .locations import check_local_path
 from .ops.checks import MAX_SEED
 from .ops.landmarks import SAMPLING_METHODS, SELECTION_STARTS
 from .ops.nystrom import INTERVENTIONS, MAX_PINV_ITERATIONS, PINV_METHODS
+from .schedules import LayerGroup, check_layers, resolve_groups, resolve_layers
 
 FNA_CONFIG_NAME = "fna_config.json"
 
 SAMPLING_FEATURES = ("q", "k", "hidden")
 DETECTION_METHODS = ("norm_ratio", "norm_gap", "attention")
-LAYER_KEYWORDS = ("auto", "all", "none")
 
 # `MaskingConfig.detect_layer=None`: two thirds of the depth. On the CLIP ViT-B/16 of `hf_fna.assets` the tokens
 # above 10x the median norm first appear at the input of layer 7 and peak at layer 8 (= 2/3 of 12), at 224-896 px
 # (benchmarks/massive_tokens.py); the paper detected at layer 13 of CLIP ViT-L's 24.
 DETECT_LAYER_FRACTION = 2 / 3
-
-# `layers="auto"`: FNA in the second half of the tower, where the paper's reference runs it (layers 13-23 of CLIP
-# ViT-L). `hf-fna compare` and benchmarks/bench_model.py measure this schedule against the others.
-AUTO_FIRST_LAYER_FRACTION = 0.5
 
 # Newton-Schulz iterations. Mean patch cosine to exact attention on the real DINOv2-small at 448 px, layers "6:", 64
 # landmarks, 9 tune photos (benchmarks/sweep_schedules.py --resolution 448 --configs 6:@64/pinv_iterations=N): 0.74
@@ -46,270 +41,16 @@ AUTO_FIRST_LAYER_FRACTION = 0.5
 # `MAX_PINV_ITERATIONS` are refused.
 RECOMMENDED_PINV_ITERATIONS = (3, 10)
 
-# The longest `layers` string accepted. A schedule names each layer at most once: even every index of a 1000-layer
-# tower spelled out ("0,1,...,999") is 3890 characters.
-MAX_LAYERS_LENGTH = 4096
-
-# How `FNAConfig.apply` changes a model. The Transformers integration (`hf_fna.integration.plans`) sits above this
-# module and imports it, so it installs the function when `hf_fna` is imported instead of being imported from here.
-_apply_to_model: Callable[[Any, FNAConfig, str | None], Any] | None = None
-
-
-def set_model_applier(apply: Callable[[Any, FNAConfig, str | None], Any]) -> None:
-    """Install the function behind `FNAConfig.apply(model, tower)` (called once, by `hf_fna.integration.plans`)."""
-    global _apply_to_model
-    _apply_to_model = apply
-
-
-# The layer grammar is parsed by splitting on ";", "@", ":" and ","; only whole integers are matched by a regular
-# expression, whose match is unambiguous. (A single pattern for a whole group backtracked cubically on long runs of
-# spaces: 22 s for 1600 of them.) Every step is linear in the length of the string.
-_INTEGER = re.compile(r"-?\d+")
-_COUNT = re.compile(r"\d+")
-
-
-def _integer(text: str) -> int | None:
-    """`" -4 "` -> -4; None when the text is not one integer."""
-    text = text.strip()
-    return int(text) if _INTEGER.fullmatch(text) else None
-
-
-def parse_slice(text: str) -> tuple[int | None, int | None] | None:
-    """`"4:6"` -> (4, 6), `" -4 : "` -> (-4, None); None when the text is not a slice string."""
-    start, colon, stop = text.partition(":")
-    if not colon or ":" in stop:
-        return None
-    bounds = [None if not part.strip() else _integer(part) for part in (start, stop)]
-    if any(bound is None and part.strip() for bound, part in zip(bounds, (start, stop), strict=True)):
-        return None
-    return bounds[0], bounds[1]
-
-
-def _index_list(text: str) -> list[int] | None:
-    """`"4, 5"` -> [4, 5]; None when the text is not a comma-separated list of integers."""
-    values = [_integer(part) for part in text.split(",")]
-    return None if any(value is None for value in values) else values
-
-
-def _shown(text: str, limit: int = 120) -> str:
-    """`repr(text)`, shortened: an error message names a bad value without echoing kilobytes of it."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-def _check_length(name: str, text: str) -> None:
-    if len(text) > MAX_LAYERS_LENGTH:
-        raise ValueError(
-            f"FNAConfig.{name}={_shown(text)} is invalid: {len(text)} characters, more than the {MAX_LAYERS_LENGTH} "
-            "accepted (a schedule names each layer at most once)."
-        )
-
-
-@dataclass(frozen=True)
-class LayerGroup:
-    """Consecutive use of one landmark selection: FNA layers that share `num_landmarks` and one set of landmarks,
-    chosen at the group's first layer."""
-
-    layers: tuple[int, ...]
-    num_landmarks: int
-
-    @property
-    def first_layer(self) -> int:
-        return self.layers[0]
-
-
-def is_schedule(value: Any) -> bool:
-    """Whether an `FNAConfig.layers` value is a schedule of groups (`"4:6@256;6:@64"`) rather than one layer set."""
-    return isinstance(value, str) and ("@" in value or ";" in value)
-
-
-def _schedule_parts(text: str, name: str) -> list[tuple[str | list[int], int | None]]:
-    """`"4:6@256;6:@64"` -> `[("4:6", 256), ("6:", 64)]`; a group without `@m` gets None."""
-    _check_length(name, text)
-    parts = []
-    for piece in text.split(";"):
-        spec, at, count = (part.strip() for part in piece.partition("@"))
-        indices = _index_list(spec)
-        layers_ok = spec in LAYER_KEYWORDS or parse_slice(spec) is not None or indices is not None
-        if not layers_ok or (at and not _COUNT.fullmatch(count)):
-            raise ValueError(
-                f"FNAConfig.{name}={_shown(text)} is invalid: group {_shown(piece.strip())} is not 'LAYERS' or "
-                "'LAYERS@M' with LAYERS a slice ('4:6'), an index list ('4,5') or a keyword, e.g. '4:6@256;6:@64'."
-            )
-        landmarks = int(count) if at else None
-        if landmarks is not None and landmarks < 1:
-            raise ValueError(
-                f"FNAConfig.{name}={_shown(text)} is invalid: a group has {landmarks} landmarks; expected >= 1."
-            )
-        parts.append((spec if indices is None else indices, landmarks))
-    return parts
-
-
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
-        raise ValueError(f"FNAConfig.{name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
+        raise InputError(f"FNAConfig.{name}={value!r} is not supported; accepted values: {', '.join(accepted)}.")
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     too_large = maximum is not None and isinstance(value, int) and value > maximum
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_large:
         accepted = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
-        raise ValueError(f"FNAConfig.{name}={value!r} is invalid; expected {accepted}.")
-
-
-def _check_layers(name: str, value: Any) -> None:
-    if is_schedule(value):
-        _schedule_parts(value, name)
-        return
-    if isinstance(value, str):
-        _check_length(name, value)
-        if value in LAYER_KEYWORDS or parse_slice(value) is not None:
-            return
-        raise ValueError(
-            f"FNAConfig.{name}={_shown(value)} is invalid; expected a list of layer indices, a slice string such as "
-            f"'6:' or '-4:', or one of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
-        )
-    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        return
-    raise ValueError(
-        f"FNAConfig.{name}={value!r} is invalid; expected a list of integers, a slice string such as '6:', or one "
-        f"of {', '.join(repr(k) for k in LAYER_KEYWORDS)}."
-    )
-
-
-def parse_layers(text: str | list[str] | tuple[str, ...] | None) -> str | list[int]:
-    """Command-line text -> an `FNAConfig.layers` value.
-
-    Layer indices (`"6,7,8"`, or the tokens `["6", "7", "-1"]`) become a list of integers; one keyword or slice
-    string (`"auto"`, `"all"`, `"none"`, `"6:"`, `"-4:"`) or schedule (`"4:6@256;6:@64"`) is returned as is; `None`
-    or nothing means `"auto"`.
-
-    Raises:
-        ValueError: naming the text and the accepted forms.
-    """
-    values = [text] if isinstance(text, str) else list(text or [])
-    _check_length("layers", " ".join(values))
-    if len(values) == 1 and is_schedule(values[0]):
-        _check_layers("layers", values[0].strip())
-        return values[0].strip()
-    tokens = [token.strip() for value in values for token in value.split(",") if token.strip()]
-    if not tokens:
-        return "auto"
-    try:
-        return [int(token) for token in tokens]
-    except ValueError:
-        pass
-    if len(tokens) == 1 and (tokens[0] in LAYER_KEYWORDS or parse_slice(tokens[0]) is not None):
-        return tokens[0]
-    raise ValueError(
-        f"layers {_shown(' '.join(values))} is invalid; give layer indices ('6,7,8'), a slice ('6:', '-4:') or one of "
-        f"{', '.join(LAYER_KEYWORDS)}."
-    )
-
-
-def resolve_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, name: str = "layers") -> list[int]:
-    """Turn a layer specification into sorted, non-negative layer indices of a tower with `num_layers` layers.
-
-    A schedule (`"4:6@256;6:@64"`) gives the union of its groups' layers.
-
-    Raises:
-        ValueError: an index outside `[-num_layers, num_layers)`.
-    """
-    if is_schedule(spec):
-        return sorted(i for group in resolve_groups(spec, 1, False, num_layers, name) for i in group.layers)
-    if spec == "all":
-        return list(range(num_layers))
-    if spec == "none":
-        return []
-    if spec == "auto":
-        return list(range(int(num_layers * AUTO_FIRST_LAYER_FRACTION), num_layers))
-    if isinstance(spec, str):
-        bounds = parse_slice(spec)
-        if bounds is None:  # pragma: no cover - rejected at construction
-            raise ValueError(f"FNAConfig.{name}={_shown(spec)} is not a slice string.")
-        for bound in bounds:
-            if bound is not None and not -num_layers <= bound <= num_layers:
-                raise ValueError(
-                    f"FNAConfig.{name}={spec!r} is out of range for a tower with {num_layers} layers; "
-                    f"bounds must lie in [-{num_layers}, {num_layers}]."
-                )
-        layers = list(range(num_layers))[slice(*bounds)]
-        if not layers:  # "3:1": FNA nowhere, without a word, is never what was meant
-            raise ValueError(
-                f"FNAConfig.{name}={spec!r} selects no layer of a tower with {num_layers} layers (an empty slice); "
-                "give a slice whose start comes before its stop, such as '1:3', or 'none' for exact attention in every "
-                "layer."
-            )
-        return layers
-    out = set()
-    for index in spec:
-        if not -num_layers <= index < num_layers:
-            raise ValueError(
-                f"FNAConfig.{name} contains layer {index}, out of range for a tower with {num_layers} layers; "
-                f"accepted indices are 0..{num_layers - 1} (or negative from the end)."
-            )
-        out.add(index % num_layers)
-    return sorted(out)
-
-
-def resolve_groups(
-    spec: str | list[int] | tuple[int, ...],
-    num_landmarks: int,
-    resample_every_layer: bool,
-    num_layers: int,
-    name: str = "layers",
-) -> list[LayerGroup]:
-    """The selection groups of a layer specification, in layer order.
-
-    A plain layer set is one group of `num_landmarks` (or one group per layer with `resample_every_layer`); each
-    group of a schedule keeps its own count (`num_landmarks` where it gives none) and its own selection.
-
-    Raises:
-        ValueError: an index out of range, or a layer in two groups.
-    """
-    if not is_schedule(spec):
-        layers = resolve_layers(spec, num_layers, name)
-        parts = [([i], num_landmarks) for i in layers] if resample_every_layer else [(layers, num_landmarks)]
-    else:
-        parts = [
-            (resolve_layers(layers, num_layers, name), landmarks or num_landmarks)
-            for layers, landmarks in _schedule_parts(spec, name)
-        ]
-        if resample_every_layer:
-            parts = [([i], landmarks) for layers, landmarks in parts for i in layers]
-    seen: set[int] = set()
-    for layers, _ in parts:
-        if seen & set(layers):
-            raise ValueError(
-                f"FNAConfig.{name}={spec!r} puts layer(s) {sorted(seen & set(layers))} in two groups; each layer may "
-                "belong to one group."
-            )
-        seen |= set(layers)
-    return sorted((LayerGroup(tuple(layers), m) for layers, m in parts if layers), key=lambda g: g.first_layer)
-
-
-def schedule_string(groups: list[LayerGroup]) -> str:
-    """Groups -> the `FNAConfig.layers` schedule string, e.g. `"4:6@256;6:12@64"` (`"none"` without groups)."""
-    parts = []
-    for group in groups:
-        first, last = group.layers[0], group.layers[-1]
-        contiguous = list(group.layers) == list(range(first, last + 1))
-        layers = f"{first}:{last + 1}" if contiguous else ",".join(map(str, group.layers))
-        parts.append(f"{layers}@{group.num_landmarks}")
-    return ";".join(parts) or "none"
-
-
-def schedule_from_landmarks(per_layer: list[int | None]) -> str:
-    """The schedule string of per-layer landmark counts (None: exact attention), the inverse of
-    `ResolvedFNAConfig.landmarks_per_layer`: consecutive layers with the same count form one selection group."""
-    groups: list[LayerGroup] = []
-    for layer, m in enumerate(per_layer):
-        if m is None:
-            continue
-        if groups and groups[-1].num_landmarks == m and groups[-1].layers[-1] == layer - 1:
-            groups[-1] = LayerGroup((*groups[-1].layers, layer), m)
-        else:
-            groups.append(LayerGroup((layer,), m))
-    return schedule_string(groups)
+        raise InputError(f"FNAConfig.{name}={value!r} is invalid; expected {accepted}.")
 
 
 @dataclass
@@ -320,8 +61,8 @@ class MaskingConfig:
     from `from_layer` on, with exact and FNA attention alike.
 
     Args:
-        intervention: what happens to flagged keys, as the `intervention` of `hf_fna.exact_attention` and
-            `hf_fna.nystrom_attention`: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over
+        intervention: what happens to flagged keys, as the `intervention` of `hf_fna.ops.exact_attention` and
+            `hf_fna.ops.nystrom_attention`: "none"; "mask" (flagged keys get logit -inf, the softmax renormalises over
             the rest); "sink" (softmax as usual, then every query's weight on flagged keys is zeroed, without
             renormalisation); "sink_keep_self" (as "sink", but a flagged token keeps its attention to itself).
         detect: "norm_ratio" (tokens entering `detect_layer` whose L2 norm exceeds `min_ratio` times the median
@@ -371,7 +112,7 @@ class MaskingConfig:
         for name in ("detect_layer", "from_layer"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(
+                raise InputError(
                     f"FNAConfig.masking.{name}={value!r} is invalid; expected an integer layer index or None."
                 )
         if self.max_tokens is not None:
@@ -380,7 +121,7 @@ class MaskingConfig:
             value = getattr(self, name)
             # NaN compares False with every threshold, so it would silently flag nothing: refuse it.
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"FNAConfig.masking.{name}={value!r} is invalid; expected a finite number >= 0.")
+                raise InputError(f"FNAConfig.masking.{name}={value!r} is invalid; expected a finite number >= 0.")
 
     @property
     def enabled(self) -> bool:
@@ -475,13 +216,13 @@ class FNAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
-        _check_layers("layers", self.layers)
+        check_layers("layers", self.layers)
         _check_int("num_landmarks", self.num_landmarks, 1)
         _check_choice("sampling", self.sampling, SAMPLING_METHODS)
         _check_choice("fps_start", self.fps_start, SELECTION_STARTS)
         _check_choice("sampling_features", self.sampling_features, SAMPLING_FEATURES)
         if not isinstance(self.resample_every_layer, bool):
-            raise ValueError(
+            raise InputError(
                 f"FNAConfig.resample_every_layer={self.resample_every_layer!r} is invalid; expected True or False."
             )
         _check_choice("pinv", self.pinv, PINV_METHODS)
@@ -501,7 +242,7 @@ class FNAConfig:
         if isinstance(self.masking, dict):
             self.masking = MaskingConfig(**_known_fields(MaskingConfig, _renamed_masking_keys(self.masking), "masking"))
         elif not isinstance(self.masking, MaskingConfig):
-            raise ValueError(f"FNAConfig.masking={self.masking!r} is invalid; expected a MaskingConfig or a dict.")
+            raise InputError(f"FNAConfig.masking={self.masking!r} is invalid; expected a MaskingConfig or a dict.")
 
     # --- serialisation -------------------------------------------------------------------------------------------
 
@@ -512,7 +253,7 @@ class FNAConfig:
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> FNAConfig:
         if not isinstance(config_dict, dict):
-            raise ValueError(f"FNAConfig.from_dict expects a dict, got {type(config_dict).__name__}.")
+            raise InputError(f"FNAConfig.from_dict expects a dict, got {type(config_dict).__name__}.")
         return cls(**_known_fields(cls, config_dict, "FNAConfig"))
 
     def to_json_string(self) -> str:
@@ -532,7 +273,7 @@ class FNAConfig:
         try:
             return cls.from_dict(values)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise InputError(f"{path}: {error}") from error
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
         """Write `fna_config.json` into `save_directory` (created if needed) and return the file path.
@@ -541,7 +282,7 @@ class FNAConfig:
         `GenerationConfig.save_pretrained`.
         """
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory={str(save_directory)!r} is a file; expected a directory.")
+            raise InputError(f"save_directory={str(save_directory)!r} is a file; expected a directory.")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, FNA_CONFIG_NAME)
         self.to_json_file(path)
@@ -598,7 +339,7 @@ class FNAConfig:
         model_config = read_json(config_file)
         vision = model_config.get("vision_config") if isinstance(model_config, dict) else None
         if not isinstance(model_config, dict) or not isinstance(vision, (dict, type(None))):
-            raise ValueError(
+            raise InputError(
                 f"{config_file}: not a model config.json (expected a JSON object whose `vision_config`, if any, is an "
                 "object)."
             )
@@ -607,7 +348,7 @@ class FNAConfig:
                 try:
                     return cls.from_dict(candidate["fna_config"])
                 except ValueError as error:
-                    raise ValueError(f"{config_file}: invalid `fna_config`: {error}") from error
+                    raise InputError(f"{config_file}: invalid `fna_config`: {error}") from error
         if source == config_file:
             raise OSError(
                 f"{config_file} is a model config.json that carries no `fna_config` (neither on the model config nor "
@@ -650,9 +391,10 @@ class FNAConfig:
             ValueError: the model's attention does not dispatch through `AttentionInterface`, or a layer index is out
                 of range for the tower.
         """
-        if _apply_to_model is None:  # pragma: no cover - `import hf_fna` installs it
-            raise RuntimeError("FNAConfig.apply needs the Transformers integration: `import hf_fna` first.")
-        return _apply_to_model(model, self, tower)
+        # The integration imports this module; it is imported here, when a model is changed, not at import time.
+        from .integration.plans import apply_fna_config
+
+        return apply_fna_config(model, self, tower)
 
     def resolve(self, num_layers: int) -> ResolvedFNAConfig:
         """These settings resolved against a tower of `num_layers` layers: the selection groups of `layers` and the
@@ -677,7 +419,7 @@ class FNAConfig:
             values["masking"] = asdict(masking)
         elif masking is not None:
             if not isinstance(masking, dict):
-                raise ValueError(f"FNAConfig.masking={masking!r} is invalid; expected a MaskingConfig or a dict.")
+                raise InputError(f"FNAConfig.masking={masking!r} is invalid; expected a MaskingConfig or a dict.")
             values["masking"].update(masking)
         return FNAConfig.from_dict({**values, **_known_fields(FNAConfig, changes, "FNAConfig.update")})
 
@@ -715,6 +457,10 @@ class ResolvedFNAConfig:
         """The layers configured for FNA, sorted."""
         return sorted(layer for group in self.groups for layer in group.layers)
 
+    def group_of(self, layer: int) -> LayerGroup | None:
+        """The selection group that `layer` belongs to; None where it runs exact attention."""
+        return next((group for group in self.groups if layer in group.layers), None)
+
     def landmarks_per_layer(self, tokens: int | None = None) -> list[int | None]:
         """The landmark count of every layer, None where it runs exact attention (for `tokens` tokens, a group
         falls back to exact attention below `max(min_tokens, its m)`)."""
@@ -737,12 +483,12 @@ def _masking_layers(masking: MaskingConfig, num_layers: int) -> tuple[int, int]:
     else:
         (from_layer,) = resolve_layers([masking.from_layer], num_layers, "masking.from_layer")
     if from_layer < detect_layer:
-        raise ValueError(
+        raise InputError(
             f"FNAConfig.masking.from_layer={masking.from_layer} precedes detect_layer={masking.detect_layer}: tokens "
             "are flagged once per forward pass at detect_layer, so the intervention can start there at the earliest."
         )
     if masking.detect != "attention" and detect_layer == 0:
-        raise ValueError(
+        raise InputError(
             f"FNAConfig.masking.detect_layer=0 with detect={masking.detect!r} would read the patch embeddings, which "
             "carry no massive tokens; use a layer >= 1 (massive tokens appear in middle layers)."
         )
@@ -783,9 +529,9 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{os.fspath(path)} is not a valid JSON file ({error}).") from None
+        raise InputError(f"{os.fspath(path)} is not a valid JSON file ({error}).") from None
     except RecursionError:  # `"[" * 100000`: the parser recurses once per level
-        raise ValueError(f"{os.fspath(path)} is not a valid JSON file (nested too deeply to parse).") from None
+        raise InputError(f"{os.fspath(path)} is not a valid JSON file (nested too deeply to parse).") from None
 
 # Keys of a Transformers model config.json, none of which an fna_config.json has.
 _MODEL_CONFIG_KEYS = ("fna_config", "model_type", "architectures", "vision_config", "transformers_version")
@@ -799,5 +545,5 @@ def _known_fields(cls: type, values: dict[str, Any], owner: str) -> dict[str, An
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{owner} got unknown field(s) {unknown}; accepted fields: {', '.join(sorted(names))}.")
+        raise InputError(f"{owner} got unknown field(s) {unknown}; accepted fields: {', '.join(sorted(names))}.")
     return dict(values)

@@ -1,7 +1,9 @@
 """The errors hf_fna raises about input a user can fix.
 
-Library code raises them; they are `ValueError`s, `OSError`s and `RuntimeError`s, so code that catches those keeps
-working. The `hf-fna` commands print any `FNAError` as one line and exit with status 2, without a traceback.
+Library code raises them itself, where the bad value is found: a bad setting of `FNAConfig`, a bad layer string or
+a bad argument of an op is an `InputError` (the wrong kind of value, a string for a count, stays a `TypeError`), so
+callers need not re-wrap them. They are `ValueError`s, `OSError`s and `RuntimeError`s, so code that catches those
+keeps working. The `hf-fna` commands print any `FNAError` as one line and exit with status 2, without a traceback.
 """
 
 from __future__ import annotations

@@ -103,10 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
             raise InputError(f"could not read --fna-config {args.fna_config!r}: {error}") from error
     overrides = fna_overrides(args)
     if base is not None:
-        try:
-            base = base.update(**overrides)
-        except ValueError as error:
-            raise InputError(str(error)) from error
+        base = base.update(**overrides)
     class_names = [name.strip() for name in args.class_names.split(",")] if args.class_names else None
     return EvalSettings(
         task=args.task,

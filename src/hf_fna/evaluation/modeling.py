@@ -1,7 +1,8 @@
-"""Loading the evaluated model, checking it fits the task, switching its vision tower between exact and FNA attention.
+"""Loading the evaluated model and checking it fits the task, and the features the vision tasks read from it.
 
-One model is loaded (with exact `sdpa` attention) and its vision tower is switched to `fna` and back around each
-forward pass (`AttentionSwitch`), so both variants run on the same weights and batches without doubling memory.
+One model is loaded (with exact `sdpa` attention); the runner switches its vision tower to `fna` and back around each
+forward pass (`tools.pipeline.AttentionSwitch`), so both variants run on the same weights and batches without
+doubling memory.
 """
 
 from __future__ import annotations
@@ -11,20 +12,17 @@ from typing import Any
 
 import torch
 
-from ..config import FNAConfig, check_local_path
+from ..config import FNAConfig
 from ..errors import InputError, first_line
-from ..integration.plans import ATTENTION_NAME
 from ..integration.towers import (
     interpolation_kwargs,
     patch_size,
     special_tokens,
     tower_config,
-    tower_config_name,
     vision_tower,
 )
-
-EXACT, FNA = "exact", "fna"
-VARIANTS = (EXACT, FNA)
+from ..locations import check_local_path
+from ..tools import pipeline
 
 # What a task needs from the model, and the Auto class that loads it.
 MODEL_KINDS = {
@@ -70,16 +68,10 @@ def check_model_kind(config: Any, kind: str, task: str) -> None:
 
 def load_model(path: str, kind: str, task: str) -> tuple[Any, Any]:
     """The model (exact `sdpa` attention, eval mode) and its processor, after checking that they fit `task`."""
-    import transformers
-
     config = load_config(path)
     check_model_kind(config, kind, task)
-    auto_class = getattr(transformers, MODEL_KINDS[kind])
-    try:
-        model = auto_class.from_pretrained(path, attn_implementation="sdpa")
-        processor = transformers.AutoProcessor.from_pretrained(path)
-    except ValueError as error:  # e.g. "Unrecognized configuration class" for a model the Auto class cannot build
-        raise InputError(f"{path!r} cannot run task {task!r}: {first_line(error)}") from error
+    loaded = pipeline.load_model(path, MODEL_KINDS[kind], processor="AutoProcessor")
+    model, processor = loaded.model, loaded.processor
     if kind == "dual_encoder" and not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
         raise InputError(
             f"task {task!r} needs image and text embeddings (CLIP, SigLIP); {type(model).__name__} has none"
@@ -122,38 +114,8 @@ def vision_features(model: Any, pixel_values: torch.Tensor) -> VisionFeatures:
     return VisionFeatures(pooled=torch.cat([pooled, patches.mean(dim=1)], dim=-1), patches=grid)
 
 
-class AttentionSwitch:
-    """Switches the vision tower of a loaded model between its exact attention and `fna` with `fna_config`.
-
-    `FNAConfig.apply` runs once (it plans the layers); later switches only change the tower's attention implementation.
-    Other towers (CLIP/SigLIP text, the LLaVA language model) keep their attention throughout.
-    """
-
-    def __init__(self, model: Any, fna_config: FNAConfig) -> None:
-        self.model = model
-        self.tower = tower_config_name(model.config)
-        config = model.config if self.tower is None else getattr(model.config, self.tower)
-        self.exact_implementation = config._attn_implementation
-        try:
-            fna_config.apply(model, self.tower)
-        except ValueError as error:
-            raise InputError(f"FNA cannot run in {type(model).__name__}: {first_line(error)}") from error
-        self.current = FNA
-        self.use(EXACT)
-
-    def use(self, variant: str) -> None:
-        if variant == self.current:
-            return
-        implementation = ATTENTION_NAME if variant == FNA else self.exact_implementation
-        self.model.set_attn_implementation(implementation if self.tower is None else {self.tower: implementation})
-        self.current = variant
-
-
 def fna_config_for(config: Any, overrides: dict[str, Any]) -> FNAConfig:
     """The model's own `fna_config` (or the defaults) with the given fields replaced."""
-    try:
-        return FNAConfig.from_model_config(tower_config(config)).update(
-            **{k: v for k, v in overrides.items() if v is not None}
-        )
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    return FNAConfig.from_model_config(tower_config(config)).update(
+        **{k: v for k, v in overrides.items() if v is not None}
+    )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..tools import outputs
-from .modeling import EXACT, FNA, VARIANTS
+from ..tools.pipeline import EXACT, FNA, VARIANTS
 
 if TYPE_CHECKING:
     from ..config import FNAConfig

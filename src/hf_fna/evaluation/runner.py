@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import reprlib
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +21,10 @@ import torch
 from ..config import FNAConfig
 from ..errors import InputError, OutputPathError, ReferenceModeError, first_line
 from ..integration.towers import patch_size, special_tokens, tower_config
-from ..tools.measure import model_folder, progress_bar, quiet_loading, synchronize
+from ..tools.measure import model_folder, progress_bar, quiet_loading
 from ..tools.outputs import check_distinct_outputs, check_output_file
+from ..tools.pipeline import EXACT, FNA, VARIANTS, AttentionSwitch, timed
 from .modeling import (
-    EXACT,
-    FNA,
-    VARIANTS,
-    AttentionSwitch,
     check_model_kind,
     fna_config_for,
     load_config,
@@ -105,12 +101,12 @@ class Runner:
 
     def _forward(self, variant: str, step: Callable, inputs: dict[str, torch.Tensor]) -> tuple[dict, float]:
         self.switch.use(variant)
-        synchronize(self.device)
-        start = time.perf_counter()
-        with torch.inference_mode(), self.accelerator.autocast():
-            outputs = step(self.model, inputs)
-        synchronize(self.device)
-        return outputs, time.perf_counter() - start
+
+        def forward() -> dict:
+            with torch.inference_mode(), self.accelerator.autocast():
+                return step(self.model, inputs)
+
+        return timed(forward, self.device)
 
     def compare(
         self,
@@ -365,10 +361,7 @@ def run_evaluation(settings: EvalSettings) -> EvalResult:
     check_model_kind(config, task.MODEL_KIND, settings.task)
     check_image_size(settings.image_size, tower_config(config))
     fna_config = settings.fna_config or fna_config_for(config, settings.fna_overrides)
-    try:
-        fna_config.resolve(int(tower_config(config).num_hidden_layers))
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    fna_config.resolve(int(tower_config(config).num_hidden_layers))
     if (settings.reference or settings.save_exact) and make_accelerator(settings.mixed_precision).num_processes > 1:
         raise InputError("--reference and --save-exact need a single process (the outputs are recorded per batch)")
     reference = load_reference(settings.reference, settings, 1) if settings.reference else None

@@ -6,8 +6,9 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import MAX_SEED, FNAConfig
+from ..config import FNAConfig
 from ..errors import InputError
+from ..ops.checks import MAX_SEED
 
 # task -> module implementing it; each exposes MODEL_KIND, load_data(settings) -> TaskData and
 # run_task(runner, data) -> TaskOutcome

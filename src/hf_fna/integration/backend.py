@@ -16,13 +16,14 @@ that falls back to exact attention logs the reason once per model through Transf
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import LayerGroup
-from ..errors import ReferenceModeError
+from ..config import FNAConfig
+from ..errors import InputError, ReferenceModeError
 from ..ops.blocks import diagonal_blocks
 from ..ops.landmarks import select_landmarks
 from ..ops.nystrom import (
@@ -39,14 +40,47 @@ from .plans import (
     REASON_MASK,
     REASON_PADDING,
     REASON_SHORT,
+    LastRun,
     LayerPlan,
+    PassTensor,
+    TowerPlan,
     plan_for,
 )
+
+# --- one call of the attention function ----------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionCall:
+    """One call of the attention function in a layer, or one packed image of it: what every step reads."""
+
+    plan: LayerPlan
+    module: nn.Module
+    query: torch.Tensor  # [B, H, N, d]
+    key: torch.Tensor
+    value: torch.Tensor
+    dropout: float
+    scaling: float | None
+    output_attentions: bool = False
+    flagged: torch.Tensor | None = None  # [B, N] tokens flagged by masking, where its intervention applies
+    block: int | None = None  # which image of a packed sequence (each selects its own landmarks); None for all
+
+    @property
+    def tower(self) -> TowerPlan:
+        return self.plan.tower_plan
+
+    @property
+    def fna_config(self) -> FNAConfig:
+        return self.plan.tower_plan.fna_config
+
 
 # --- landmark selection per forward pass ---------------------------------------------------------------------------
 
 
-def _selection_features(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kind: str):
+def _selection_features(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """The per-token features `[B, N, C]` farthest point sampling measures distances on (`sampling_features`)."""
     if kind == "q":
         return query.mean(dim=1)
     if kind == "k":
@@ -54,7 +88,7 @@ def _selection_features(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     # "hidden": the normalised layer input x, recovered exactly from the values v = W_v x + b (W_v square).
     projection = getattr(module, "v_proj", None)
     if not isinstance(projection, nn.Linear) or projection.weight.shape[0] != projection.weight.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"sampling_features='hidden' needs a square `v_proj` linear layer, which {type(module).__name__} lacks; "
             "use 'q' or 'k'."
         )
@@ -65,45 +99,37 @@ def _selection_features(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     return torch.linalg.solve(projection.weight.float(), v.transpose(1, 2)).transpose(1, 2)
 
 
-def _landmarks_for(
-    plan: LayerPlan,
-    group: LayerGroup,
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    valid: torch.Tensor | None,
-    flagged: torch.Tensor | None,
-    block: int | None = None,
-) -> torch.Tensor:
+def _landmarks_for(call: AttentionCall, valid: torch.Tensor | None) -> torch.Tensor:
     """Landmarks `[B, m]` of this layer: chosen at the first layer of its group in a pass, reused by the later ones.
 
-    `block` tells apart the images of a packed sequence (one cache entry per group and block). Landmarks are reused
-    within a group and pass while the shape, the block and the flagged tokens stay the same.
+    Each packed image (`call.block`) has its own cache entry per group. Landmarks are reused within a group and pass
+    while the shape, the block and the flagged tokens stay the same.
     """
-    tower_plan, fna_config = plan.tower_plan, plan.tower_plan.fna_config
-    shape = (query.shape[0], query.shape[2], query.device, None if flagged is None else id(flagged))
-    if not hasattr(tower_plan.local, "landmarks"):
-        tower_plan.local.landmarks = {}
-    slot = (group, block)
+    plan, tower, group, query = call.plan, call.tower, call.plan.group, call.query
+    flagged = call.flagged
+    key = (query.shape[0], query.shape[2], query.device, None if flagged is None else id(flagged))
+    if not hasattr(tower.local, "landmarks"):
+        tower.local.landmarks = {}
+    slot = (group, call.block)
     if plan.index != group.first_layer:
-        cached = tower_plan.local.landmarks.get(slot)
+        cached = tower.local.landmarks.get(slot)
         if cached is None:  # e.g. the autograd thread recomputing a checkpointed layer
-            cached = tower_plan.last_group_landmarks.get(slot)
-        if cached is not None and cached[0] == shape:
-            return cached[1]
-    guaranteed = tower_plan.special.mask(query.shape[0], query.shape[2], query.device)
+            cached = tower.last_group_landmarks.get(slot)
+        if cached is not None and cached.key == key:
+            return cached.tensor
+    guaranteed = tower.special.mask(query.shape[0], query.shape[2], query.device)
     with torch.no_grad():
-        features = _selection_features(module, query, key, value, fna_config.sampling_features)
+        features = _selection_features(call.module, query, call.key, call.value, call.fna_config.sampling_features)
         if flagged is not None:
             # Flagged tokens are landmarks, so that the columns the intervention acts on are exact, up to half of
             # the landmarks (the most outlying first): massive tokens grow with the resolution, and a selection
             # made of them alone would leave the rest of the image without landmarks.
-            special = tower_plan.special.leading + tower_plan.special.trailing
+            special = tower.special.leading + tower.special.trailing
             budget = max(min(group.num_landmarks, query.shape[2]) - special, 0) // 2
             outlying = (features - features.mean(dim=1, keepdim=True)).float().square().sum(dim=-1)
             flagged = strongest_tokens(flagged, outlying, budget)
             guaranteed = flagged if guaranteed is None else guaranteed | flagged
+        fna_config = call.fna_config
         landmarks = select_landmarks(
             features,
             min(group.num_landmarks, query.shape[2]),
@@ -113,9 +139,9 @@ def _landmarks_for(
             valid=valid,
             seed=fna_config.seed,
         )
-    tower_plan.local.landmarks[slot] = tower_plan.last_group_landmarks[slot] = (shape, landmarks)
-    if block is None:
-        tower_plan.last_landmarks = (shape, landmarks)
+    tower.local.landmarks[slot] = tower.last_group_landmarks[slot] = PassTensor(key, landmarks)
+    if call.block is None:
+        tower.last_landmarks = PassTensor(key, landmarks)
     return landmarks
 
 
@@ -151,7 +177,8 @@ def fna_attention_forward(
         )
     plan = plan_for(module)
     output_attentions = bool(kwargs.get("output_attentions", False))
-    if plan.tower_plan.fna_config.pinv == "exact" and module.training:
+    call = AttentionCall(plan, module, query, key, value, dropout, scaling, output_attentions)
+    if call.fna_config.pinv == "exact" and module.training:
         raise ReferenceModeError(
             "pinv='exact' is the reference mode and cannot be trained through (its gradients explode); call "
             "model.eval(), or use pinv='newton' for training."
@@ -159,12 +186,12 @@ def fna_attention_forward(
     # The shape expands a mask shared by the batch (e.g. BEiT's position bias) to one row per sample for landmarks.
     key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, (*query.shape[:3], key.shape[2]))
     valid = valid_keys(key_bias)
-    flagged = _flags_for(plan, query, key, scaling, key_bias, valid)
+    call.flagged = _flags_for(call, key_bias, valid)
     blocks = None
     if plan.runs_fna and not per_key and not output_attentions:
         blocks = diagonal_blocks(_batch_mask(attention_mask, query))
     if blocks is not None:
-        packed = _packed_attention(plan, module, query, key, value, attention_mask, blocks, dropout, scaling, flagged)
+        packed = _packed_attention(call, attention_mask, blocks)
         if packed is not None:
             return packed.transpose(1, 2).contiguous(), None
         use_fna, reason = False, _short_packed_images(plan, blocks)
@@ -172,23 +199,12 @@ def fna_attention_forward(
         use_fna, reason = _decide(plan, query.shape[2], per_key, valid)
     if not use_fna and plan.group is not None and plan.index == plan.group.first_layer:
         # This group selects no landmarks in this pass: `last_landmarks` must not report an earlier pass's.
-        getattr(plan.tower_plan.local, "landmarks", {}).pop((plan.group, None), None)
-        plan.tower_plan.last_group_landmarks.pop((plan.group, None), None)
-        plan.tower_plan.last_landmarks = None
-    plan.last = ("fna" if use_fna else "exact", reason, query.shape[2])
-    output, weights = _attend(
-        plan,
-        module,
-        (query, key, value),
-        key_bias if per_key else None,
-        valid,
-        use_fna,
-        dropout,
-        scaling,
-        flagged,
-        output_attentions,
-        full_mask=None if per_key else attention_mask,
-    )
+        getattr(call.tower.local, "landmarks", {}).pop((plan.group, None), None)
+        call.tower.last_group_landmarks.pop((plan.group, None), None)
+        call.tower.last_landmarks = None
+    plan.last = LastRun("fna" if use_fna else "exact", reason, query.shape[2])
+    key_bias_used = key_bias if per_key else None
+    output, weights = _attend(call, key_bias_used, valid, use_fna, full_mask=None if per_key else attention_mask)
     return output.transpose(1, 2).contiguous(), weights
 
 
@@ -229,41 +245,34 @@ def _short_packed_images(plan: LayerPlan, blocks: tuple) -> str:
 
 
 def _attend(
-    plan: LayerPlan,
-    module: nn.Module,
-    states: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    call: AttentionCall,
     key_bias: torch.Tensor | None,
     valid: torch.Tensor | None,
     use_fna: bool,
-    dropout: float,
-    scaling: float | None,
-    flagged: torch.Tensor | None,
-    output_attentions: bool = False,
     full_mask: torch.Tensor | None = None,
-    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FNA (Nyström) or exact attention `[B, H, N, d]` on one sequence (or one block of a packed one)."""
-    query, key, value = states
-    fna_config = plan.tower_plan.fna_config
+    query, key, value, flagged = call.query, call.key, call.value, call.flagged
+    fna_config = call.fna_config
     intervention = fna_config.masking.intervention if flagged is not None else "none"
     if use_fna:
-        landmarks = _landmarks_for(plan, plan.group, module, query, key, value, valid, flagged, block)
+        landmarks = _landmarks_for(call, valid)
         return nystrom_attention(
             query,
             key,
             value,
             landmarks,
             key_bias=key_bias,
-            scale=scaling,
-            dropout_p=dropout,
+            scale=call.scaling,
+            dropout_p=call.dropout,
             pinv=fna_config.pinv,
             pinv_iterations=fna_config.pinv_iterations,
             flagged=flagged,
             intervention=intervention,
-            return_weights=output_attentions,
+            return_weights=call.output_attentions,
             valid=valid,
             # CLS and registers are landmarks: their exact attention is at hand, and it keeps the pooled output exact.
-            exact_rows=plan.tower_plan.special.mask(query.shape[0], query.shape[2], query.device),
+            exact_rows=call.tower.special.mask(query.shape[0], query.shape[2], query.device),
         )
     bias = key_bias if full_mask is None else additive_mask(full_mask, query.dtype)
     return exact_attention(
@@ -271,11 +280,11 @@ def _attend(
         key,
         value,
         bias,
-        scaling,
-        dropout,
+        call.scaling,
+        call.dropout,
         flagged=flagged,
         intervention=intervention,
-        return_weights=output_attentions,
+        return_weights=call.output_attentions,
     )
 
 
@@ -287,29 +296,18 @@ def _batch_mask(attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tens
     return mask.expand(query.shape[0], *mask.shape[1:])
 
 
-def _packed_attention(
-    plan: LayerPlan,
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor,
-    blocks: tuple,
-    dropout: float,
-    scaling: float | None,
-    flagged: torch.Tensor | None,
-) -> torch.Tensor | None:
+def _packed_attention(call: AttentionCall, attention_mask: torch.Tensor, blocks: tuple) -> torch.Tensor | None:
     """FNA per block of a block-diagonal mask, `[B, H, N, d]`; None when no block is long enough for FNA.
 
     Each block is attended as an image on its own: its key bias is its row of the mask, its landmarks are its own
     (special tokens counted per block), and blocks shorter than `min_tokens` run exact attention.
     """
-    fna_config, landmarks = plan.tower_plan.fna_config, plan.group.num_landmarks
+    fna_config, landmarks = call.fna_config, call.plan.group.num_landmarks
     threshold = max(fna_config.min_tokens, landmarks)
     if not any(stop - start >= threshold for _, start, stop in blocks):
         return None  # one exact SDPA call on the whole mask beats a loop of small ones
-    mask = _batch_mask(attention_mask, query)
-    outputs: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    mask = _batch_mask(attention_mask, call.query)
+    outputs: list[list[torch.Tensor]] = [[] for _ in range(call.query.shape[0])]
     ran = 0
     for block, (sample, start, stop) in enumerate(blocks):
         part = (slice(sample, sample + 1), slice(None), slice(start, stop))
@@ -318,44 +316,44 @@ def _packed_attention(
         tokens = stop - start
         use_fna = tokens >= threshold and int(valid.sum()) >= landmarks
         ran += use_fna
-        block_flags = None if flagged is None else flagged[sample : sample + 1, start:stop]
-        states = (query[part], key[part], value[part])
-        output, _ = _attend(plan, module, states, key_bias, valid, use_fna, dropout, scaling, block_flags, block=block)
+        image = replace(
+            call,
+            query=call.query[part],
+            key=call.key[part],
+            value=call.value[part],
+            flagged=None if call.flagged is None else call.flagged[sample : sample + 1, start:stop],
+            block=block,
+        )
+        output, _ = _attend(image, key_bias, valid, use_fna)
         outputs[sample].append(output)
     reason = f"FNA per image in {ran} of {len(blocks)} packed blocks, m={landmarks}"
-    plan.last = ("fna", reason, mask.shape[-1])
+    call.plan.last = LastRun("fna", reason, mask.shape[-1])
     return torch.cat([torch.cat(parts, dim=2) for parts in outputs], dim=0)
 
 
-def _flags_for(
-    plan: LayerPlan,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    scaling: float | None,
-    key_bias: torch.Tensor | None,
-    valid: torch.Tensor | None,
-) -> torch.Tensor | None:
+def _flags_for(call: AttentionCall, key_bias: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor | None:
     """Run attention-sink detection at the detection layer; return the flags the intervention uses here, if any."""
-    tower_plan = plan.tower_plan
-    masking = tower_plan.fna_config.masking
+    plan, tower = call.plan, call.tower
+    masking = tower.fna_config.masking
     if not masking.enabled:
         return None
-    if masking.detect == "attention" and plan.index == tower_plan.detect_layer:
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    query = call.query
+    if masking.detect == "attention" and plan.index == tower.detect_layer:
+        scale = query.shape[-1] ** -0.5 if call.scaling is None else call.scaling
         with torch.no_grad():
-            probabilities = attention_probabilities(query, key, scale, key_bias)
-            tower_plan.store_flags(
+            probabilities = attention_probabilities(query, call.key, scale, key_bias)
+            tower.store_flags(
                 detect_attention_sinks(
                     probabilities,
                     std_threshold=masking.std_threshold,
                     max_tokens=masking.max_tokens,
-                    num_special_tokens=tower_plan.num_special_tokens,
+                    num_special_tokens=tower.num_special_tokens,
                     valid=valid,
                 )
             )
-    if plan.index < tower_plan.from_layer:
+    if plan.index < tower.from_layer:
         return None
-    return tower_plan.current_flags((query.shape[0], query.shape[2], query.device))
+    return tower.current_flags((query.shape[0], query.shape[2], query.device))
 
 
 def register() -> None:

@@ -74,7 +74,7 @@ def explain(model: nn.Module) -> Explanation:
     for plan in sorted(plans, key=lambda p: (p.tower_plan.name, p.index)):
         fna_config = plan.tower_plan.fna_config
         if plan.last is not None:
-            ran, reason, tokens = plan.last
+            ran, reason, tokens = plan.last.ran, plan.last.reason, plan.last.tokens
         elif plan.group is not None:
             ran, tokens = None, None
             threshold = max(fna_config.min_tokens, plan.group.num_landmarks)
@@ -103,10 +103,10 @@ def last_landmarks(model: nn.Module) -> torch.Tensor | None:
     Sequences packed with a block-diagonal mask are not covered: their landmarks are chosen per block.
     """
     entries = [plan.last_landmarks for plan in tower_plans(model) if plan.last_landmarks is not None]
-    return entries[-1][1] if entries else None
+    return entries[-1].tensor if entries else None
 
 
 def last_flagged_tokens(model: nn.Module) -> torch.Tensor | None:
     """`[B, N]` bool of the tokens flagged by masking in the most recent forward pass (None if none ran)."""
     entries = [plan.last_flagged for plan in tower_plans(model) if plan.last_flagged is not None]
-    return entries[-1][1] if entries else None
+    return entries[-1].tensor if entries else None

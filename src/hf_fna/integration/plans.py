@@ -20,14 +20,16 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from ..config import FNA_CONFIG_NAME, FNAConfig, LayerGroup, set_model_applier
+from ..config import FNA_CONFIG_NAME, FNAConfig, ResolvedFNAConfig
+from ..errors import InputError
 from ..ops.sinks import detect_high_norm_tokens, detect_massive_tokens
+from ..schedules import LayerGroup
 from .towers import (
     TOWER_CONFIG_NAMES,
     SpecialTokens,
@@ -59,24 +61,50 @@ FALLBACK_HINTS = {
 }
 
 
+class PassTensor(NamedTuple):
+    """A tensor of one forward pass (landmarks, flagged tokens) with the key under which later layers of the same
+    pass may reuse it: (batch, tokens, device), plus what else it depends on."""
+
+    key: tuple
+    tensor: torch.Tensor
+
+
+class LastRun(NamedTuple):
+    """What the last forward pass ran in a layer."""
+
+    ran: str  # "fna" or "exact"
+    reason: str
+    tokens: int
+
+
 @dataclass
 class TowerPlan:
     """FNA settings of one tower, resolved against its depth, plus its per-forward-pass landmark state."""
 
-    fna_config: FNAConfig
+    resolved: ResolvedFNAConfig
     source: Any  # a copy of the `fna_config` value the plan was built from, to notice later changes, in place too
-    num_layers: int
-    groups: dict[int, LayerGroup]  # FNA layer -> its selection group
     special: SpecialTokens
-    detect_layer: int  # masking: where tokens are flagged (resolved, non-negative)
-    from_layer: int  # masking: first layer of the intervention; num_layers when masking is off
     local: threading.local = field(default_factory=threading.local, repr=False)
-    last_landmarks: tuple | None = field(default=None, repr=False)
-    last_group_landmarks: dict = field(default_factory=dict, repr=False)  # (group, block) -> (key, landmarks)
-    last_flagged: tuple | None = field(default=None, repr=False)
+    last_landmarks: PassTensor | None = field(default=None, repr=False)
+    last_group_landmarks: dict[tuple, PassTensor] = field(default_factory=dict, repr=False)  # key: (group, block)
+    last_flagged: PassTensor | None = field(default=None, repr=False)
     hooks: list = field(default_factory=list, repr=False)
     name: str = "model"  # the sub-config holding the tower ("vision_config"...), "model" for the model config
     warned: set = field(default_factory=set, repr=False)
+
+    @property
+    def fna_config(self) -> FNAConfig:
+        return self.resolved.config
+
+    @property
+    def detect_layer(self) -> int:
+        """Masking: where tokens are flagged (non-negative)."""
+        return self.resolved.detect_layer
+
+    @property
+    def from_layer(self) -> int:
+        """Masking: the first layer of the intervention; the tower's depth when masking is off."""
+        return self.resolved.from_layer
 
     @property
     def num_special_tokens(self) -> int:
@@ -93,7 +121,7 @@ class TowerPlan:
         )
 
     def store_flags(self, flagged: torch.Tensor) -> None:
-        self.local.flagged = self.last_flagged = (_shape_key(flagged), flagged)
+        self.local.flagged = self.last_flagged = PassTensor(_shape_key(flagged), flagged)
         if "no flags" not in self.warned:  # checked on the first detection only: `.any()` waits for the device
             self.warned.add("no flags")
             if not bool(flagged.any()):
@@ -108,7 +136,7 @@ class TowerPlan:
     def current_flags(self, shape: tuple) -> torch.Tensor | None:
         """Tokens flagged earlier in this forward pass (the autograd thread falls back to the tower's last)."""
         entry = getattr(self.local, "flagged", None) or self.last_flagged
-        return entry[1] if entry is not None and entry[0] == shape else None
+        return entry.tensor if entry is not None and entry.key == shape else None
 
 
 def _shape_key(tokens: torch.Tensor) -> tuple:
@@ -120,13 +148,8 @@ def _shape_key(tokens: torch.Tensor) -> tuple:
 class LayerPlan:
     tower_plan: TowerPlan
     index: int
-    # What the last forward pass ran here: ("fna" | "exact", why, tokens); None before the first pass.
-    last: tuple[str, str, int] | None = None
-
-    @property
-    def group(self) -> LayerGroup | None:
-        """The selection group of this layer; None where it runs exact attention."""
-        return self.tower_plan.groups.get(self.index)
+    group: LayerGroup | None = None  # the layer's selection group; None where it runs exact attention
+    last: LastRun | None = None  # what the last forward pass ran here; None before the first pass
 
     @property
     def runs_fna(self) -> bool:
@@ -201,7 +224,7 @@ def plan_tower(tower_config: Any, name: str = "model") -> TowerPlan:
         num_layers = int(tower_config.num_hidden_layers)
         resolved = fna_config.resolve(num_layers)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
+        raise InputError(f"{type(tower_config).__name__}.fna_config is invalid: {error}") from error
     special = special_tokens(tower_config, fna_config.num_special_tokens)
     if fna_config.num_special_tokens is None and not is_known_family(tower_config):
         logger.warning_once(
@@ -210,13 +233,9 @@ def plan_tower(tower_config: Any, name: str = "model") -> TowerPlan:
             "FNAConfig.num_special_tokens if that is wrong."
         )
     return TowerPlan(
-        fna_config=fna_config,
+        resolved=resolved,
         source=copy.deepcopy(getattr(tower_config, "fna_config", None)),
-        num_layers=num_layers,
-        groups={layer: group for group in resolved.groups for layer in group.layers},
         special=special,
-        detect_layer=resolved.detect_layer,
-        from_layer=resolved.from_layer,
         name=name,
     )
 
@@ -352,7 +371,7 @@ def plan_model(root: nn.Module) -> int:
     with _PLAN_LOCK:
         _drop_plans(root)
         for name, module, tower_plan, index in layers:
-            _PLANS[module] = LayerPlan(tower_plan, index)
+            _PLANS[module] = LayerPlan(tower_plan, index, tower_plan.resolved.group_of(index))
             masking = tower_plan.fna_config.masking
             if masking.enabled and masking.detect in NORM_DETECTORS and index == tower_plan.detect_layer:
                 _add_norm_hook(tower_plan, root.get_submodule(_block_name(name)))
@@ -446,15 +465,15 @@ def apply_fna_config(model: nn.Module, fna_config: FNAConfig, tower: str | None 
     """Implementation of `FNAConfig.apply`: see there."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"FNAConfig.apply expects a Transformers PreTrainedModel; got {type(model).__name__}.")
+        raise InputError(f"FNAConfig.apply expects a Transformers PreTrainedModel; got {type(model).__name__}.")
     tower = tower if tower is not None else tower_config_name(model.config)
     tower_config = config if tower is None else getattr(config, tower, None)
     if tower_config is None:
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__} has no sub-config {tower!r}; accepted: {', '.join(config.sub_configs) or 'none'}."
         )
     if not supports_fna(model, tower_config):
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__} ({tower or 'model'}: {getattr(tower_config, 'model_type', '?')}) cannot run the "
             "`fna` backend: it does not declare `_supports_attention_backend` and its attention does not call "
             "`ALL_ATTENTION_FUNCTIONS.get_interface`; supported are models that dispatch through Transformers' "
@@ -470,6 +489,3 @@ def apply_fna_config(model: nn.Module, fna_config: FNAConfig, tower: str | None 
         model.set_attn_implementation({tower: ATTENTION_NAME})
     plan_model(model)
     return model
-
-
-set_model_applier(apply_fna_config)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import InputError
 from .plans import ATTENTION_NAME, drop_plans, plan_model
 
 EXACT_IMPLEMENTATION = "sdpa"
@@ -19,7 +20,7 @@ EXACT_IMPLEMENTATION = "sdpa"
 
 def _check_model(model: Any, caller: str) -> None:
     if getattr(model, "config", None) is None or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"hf_fna.{caller} expects a Transformers PreTrainedModel; got {type(model).__name__}.")
+        raise InputError(f"hf_fna.{caller} expects a Transformers PreTrainedModel; got {type(model).__name__}.")
 
 
 def implementations(model: Any) -> dict[str, str | None]:
@@ -71,7 +72,7 @@ def remove(model: Any, attn_implementation: str = EXACT_IMPLEMENTATION) -> Any:
     """
     _check_model(model, "remove")
     if attn_implementation == ATTENTION_NAME:
-        raise ValueError(
+        raise InputError(
             f"hf_fna.remove(attn_implementation={attn_implementation!r}) would keep FNA; pass another implementation "
             "('sdpa', 'eager', ...)."
         )
@@ -104,13 +105,13 @@ def save_pretrained(model: Any, save_directory: str | os.PathLike, **kwargs: Any
     """
     _check_model(model, "save_pretrained")
     if kwargs.get("push_to_hub"):
-        raise ValueError(
+        raise InputError(
             "hf_fna.save_pretrained(push_to_hub=True) is not supported; save, then upload the folder with "
             "huggingface_hub.upload_folder."
         )
     current = implementations(model)
     if ATTENTION_NAME not in current.values():
-        raise ValueError(
+        raise InputError(
             f"hf_fna.save_pretrained: {type(model).__name__} runs FNA in no tower (attention implementations: "
             f"{current}); apply FNA first (FNAConfig(...).apply(model)) or use model.save_pretrained."
         )

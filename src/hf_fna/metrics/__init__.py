@@ -16,13 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 METRIC_NAMES = ("accuracy", "recall_at_k", "mean_iou", "vqa_accuracy")
 
 
 def metric_path(name: str) -> str:
     """Folder of the metric module `name`, as `evaluate.load` accepts it."""
     if name not in METRIC_NAMES:
-        raise ValueError(f"Unknown hf_fna metric {name!r}; available: {', '.join(METRIC_NAMES)}.")
+        raise InputError(f"Unknown hf_fna metric {name!r}; available: {', '.join(METRIC_NAMES)}.")
     return str(Path(__file__).resolve().parent / name)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
+from ..errors import InputError
 from .checks import check_choice, check_features, check_int, check_seed, check_token_mask
 
 # Distances that order the picks: picked tokens below any real distance, invalid tokens below everything.
@@ -225,7 +226,7 @@ def _fps_quickfps(
             "(or torch-quickfps-cu128 / -cu130 for CUDA builds of torch)."
         ) from error
     if (seed_with_guaranteed and forced is not None) or start != "first":
-        raise ValueError(
+        raise InputError(
             "implementation='quickfps' supports only seed_with_guaranteed=False and start='first' (what "
             f"torch_quickfps does); got seed_with_guaranteed={seed_with_guaranteed}, start={start!r}."
         )
@@ -330,7 +331,7 @@ def select_landmarks(
     check_features("features", features)
     batch, num_tokens, _ = features.shape
     if method not in SAMPLING_METHODS:
-        raise ValueError(
+        raise InputError(
             f"Landmark sampling method {method!r} is not supported; accepted values: {', '.join(SAMPLING_METHODS)}."
         )
     check_int("num_special_tokens", num_special_tokens, 0)
@@ -362,4 +363,4 @@ def select_landmarks(
 def _check_count(num_landmarks: int, num_tokens: int) -> None:
     check_int("num_landmarks", num_landmarks, 1)
     if num_landmarks > num_tokens:
-        raise ValueError(f"num_landmarks={num_landmarks} must lie in [1, {num_tokens}] for {num_tokens} tokens.")
+        raise InputError(f"num_landmarks={num_landmarks} must lie in [1, {num_tokens}] for {num_tokens} tokens.")

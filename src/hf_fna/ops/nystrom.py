@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import ReferenceModeError
+from ..errors import InputError, ReferenceModeError
 from .checks import check_choice, check_indices, check_int, check_seed, check_token_mask
 from .landmarks import SAMPLING_METHODS, select_landmarks
 
@@ -63,7 +63,7 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
     shape = a.shape
     a = a.reshape(-1, shape[-1], shape[-1])
     identity = torch.eye(shape[-1], device=a.device, dtype=a.dtype)
-    seven, fifteen, thirteen = 7 * identity, 15 * identity, 3.25 * identity
+    seven, fifteen, thirteen_quarters = 7 * identity, 15 * identity, 3.25 * identity
     # An all-zero kernel (a fully masked sample) gets Z = 0, its exact pseudo-inverse, instead of 0 / 0 = NaN, which
     # the backward pass would carry into every gradient of the batch. A softmax kernel's largest column sum is >= 1:
     # its numbers do not change.
@@ -73,7 +73,7 @@ def newton_schulz_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tenso
         az = torch.bmm(a, z)
         # The identity terms and the factor 1/4 ride on the matrix products (baddbmm) instead of separate passes.
         inner = torch.baddbmm(fifteen, az, seven - az, alpha=-1.0)
-        z = torch.bmm(z, torch.baddbmm(thirteen, az, inner, alpha=-0.25))
+        z = torch.bmm(z, torch.baddbmm(thirteen_quarters, az, inner, alpha=-0.25))
     return z.reshape(shape)
 
 
@@ -82,14 +82,14 @@ def landmark_pinv(matrix: torch.Tensor, method: str = "newton", iterations: int 
     if method == "newton":
         valid = isinstance(iterations, int) and not isinstance(iterations, bool)
         if not valid or not 1 <= iterations <= MAX_PINV_ITERATIONS:
-            raise ValueError(
+            raise InputError(
                 f"pinv_iterations={iterations!r} is invalid; expected an integer in [1, {MAX_PINV_ITERATIONS}] (more "
                 "iterations converge to the exact pseudo-inverse, which fails with fewer landmarks than tokens)."
             )
         return newton_schulz_pinv(matrix, iterations)
     if method == "exact":
         return exact_pinv(matrix)
-    raise ValueError(f"pinv={method!r} is not supported; accepted values: newton, exact.")
+    raise InputError(f"pinv={method!r} is not supported; accepted values: newton, exact.")
 
 
 def exact_pinv(matrix: torch.Tensor) -> torch.Tensor:
@@ -124,19 +124,19 @@ def _mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int,
     """`attention_mask` checked with SDPA's rules and viewed as 4-D (leading dimensions of size 1 added)."""
     mask = attention_mask
     if mask.dtype != torch.bool and mask.dtype not in (torch.float32, dtype):
-        raise ValueError(
+        raise InputError(
             f"attention_mask of dtype {mask.dtype} is not supported; as in scaled_dot_product_attention, pass a bool "
             f"mask (True = attend) or an additive float mask of dtype torch.float32 or {dtype} (convert a 0/1 integer "
             "mask with mask.bool())."
         )
     if not 2 <= mask.dim() <= 4:
-        raise ValueError(
+        raise InputError(
             f"attention_mask of shape {tuple(mask.shape)} is not supported; expected 2 to 4 dimensions broadcastable "
             "to [B, H, N, N] (a 2-D mask is [N, N], as in scaled_dot_product_attention)."
         )
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     if shape is not None and any(size not in (1, full) for size, full in zip(mask.shape, shape, strict=True)):
-        raise ValueError(
+        raise InputError(
             f"attention_mask of shape {tuple(attention_mask.shape)} is not broadcastable to {tuple(shape)} "
             "([B, H, N, N]; a 2-D mask is [N, N], as in scaled_dot_product_attention)."
         )
@@ -247,7 +247,7 @@ def _prepare_intervention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold an intervention on flagged keys into (values, key bias)."""
     if intervention not in INTERVENTIONS:
-        raise ValueError(
+        raise InputError(
             f"intervention={intervention!r} is not supported; accepted values: {', '.join(INTERVENTIONS)}."
         )
     if flagged is None or intervention == "none":
@@ -439,7 +439,7 @@ def nystrom_attention(
         kernel = kernel * rows
     kernel_pinv = landmark_pinv(kernel, pinv, pinv_iterations)
 
-    # Steps 4 and 6 are skinny attentions (m queries over N keys, N queries over m keys): SDPA computes them without
+    # Bv and the output are skinny attentions (m queries over N keys, N queries over m keys): SDPA computes them without
     # materialising the m x N logits, and returns its output in the [B, N, H, d] layout that the Transformers
     # backend transposes to, so that its `transpose(1, 2).contiguous()` copies nothing. (A per-sample bmm + softmax
     # path was measured on 2 CPU threads, H=6, d=64, m=64: 1.4x slower at N=1025 and 1.1-1.2x slower at N=4097.)
@@ -506,7 +506,7 @@ def _check_states(query: Any, key: Any, value: Any, caller: str) -> None:
         kinds = ", ".join(str(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in states)
         raise TypeError(f"{caller} expects floating-point query/key/value tensors; got {kinds}.")
     if query.dim() != 4 or key.shape != query.shape[:3] + key.shape[3:] or value.shape[:3] != key.shape[:3]:
-        raise ValueError(
+        raise InputError(
             f"{caller} expects query/key/value of shape [B, H, N, d] with equal B, H, N; got "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
         )
@@ -514,7 +514,7 @@ def _check_states(query: Any, key: Any, value: Any, caller: str) -> None:
 
 def _check_rate_and_scale(dropout_p: Any, scale: Any) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p={dropout_p!r} is invalid; expected a number in [0, 1].")
+        raise InputError(f"dropout_p={dropout_p!r} is invalid; expected a number in [0, 1].")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale={scale!r} is a {type(scale).__name__}; expected a number or None (d ** -0.5).")
 
@@ -617,7 +617,7 @@ def fna_attention(
     """
     _check_states(query, key, value, "fna_attention")
     if sampling_features not in ("q", "k"):
-        raise ValueError(f"sampling_features={sampling_features!r} is not supported here; accepted values: q, k.")
+        raise InputError(f"sampling_features={sampling_features!r} is not supported here; accepted values: q, k.")
     check_int("num_landmarks", num_landmarks, 1)
     check_int("num_special_tokens", num_special_tokens, 0)
     check_choice("sampling", sampling, SAMPLING_METHODS)
@@ -625,7 +625,7 @@ def fna_attention(
     check_token_mask("flagged", flagged, query.shape[0], key.shape[2])
     key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype, (*query.shape[:3], key.shape[2]))
     if not per_key:
-        raise ValueError(
+        raise InputError(
             "fna_attention supports masks that are the same for every query (padding masks); got a mask of shape "
             f"{tuple(attention_mask.shape)} that varies across queries. Use exact attention for causal masks."
         )

@@ -12,8 +12,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ..config import FNAConfig, field_help, parse_layers
-from ..errors import InputError
+from ..config import FNAConfig, field_help
+from ..schedules import parse_layers
 
 FNA_OPTIONS = ("layers", "num_landmarks", "min_tokens", "sampling", "pinv")
 # Earlier spellings, still accepted so that recorded command lines keep working.
@@ -67,9 +67,6 @@ def fna_overrides(args: argparse.Namespace, names: Sequence[str] = FNA_OPTIONS) 
         if value is None:
             continue
         if name == "layers":
-            try:
-                value = parse_layers(value)
-            except ValueError as error:
-                raise InputError(str(error)) from None
+            value = parse_layers(value)
         out[name] = value
     return out

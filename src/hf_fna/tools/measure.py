@@ -1,5 +1,6 @@
-"""What every measurement needs: the machine it ran on, synchronised timing, images prepared the same way for every
-model, and loading without Transformers' reports and progress bars around the tables.
+"""What every measurement needs besides the model (`pipeline`): what a `--model` value names, the device, the machine
+it ran on, synchronisation for timing, progress bars, and loading without Transformers' reports and progress bars
+around the tables.
 """
 
 from __future__ import annotations
@@ -7,19 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from ..errors import AssetError, InputError, first_line
-
-# Normalisation of models whose image processor cannot be loaded.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def model_folder(name: str | None) -> str:
@@ -117,18 +111,6 @@ def device_from_option(name: str | None, option: str = "--device") -> torch.devi
     return device
 
 
-def image_normalisation(model_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of the image processor saved with a model (`AutoImageProcessor`), ImageNet's when it has none."""
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(model_id)
-        mean, std = processor.image_mean, processor.image_std
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    except Exception:  # no processor, or one without normalisation statistics
-        return IMAGENET_MEAN, IMAGENET_STD
-
-
 def progress_shown(requested: bool = True) -> bool:
     """Whether a progress bar is drawn: asked for, and switched off neither by `TQDM_DISABLE` (tqdm's own switch) nor
     by `transformers.utils.logging.disable_progress_bar()`."""
@@ -143,19 +125,6 @@ def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> A
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=not progress_shown(show), **kwargs)
-
-
-def photo_tensor(image: Any, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Resize the shorter side to `size` (bicubic), centre-crop `size` x `size`, normalise."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
 
 
 def resolution_problem(size: int, patch: int | None) -> str | None:
@@ -174,15 +143,6 @@ def synchronize(device: torch.device) -> None:
     backend = getattr(torch, device.type, None)
     if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
         backend.synchronize()
-
-
-def timed_forward(model: nn.Module, pixels: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    """`model(pixel_values=pixels, **kwargs).last_hidden_state` and its wall time, synchronised before and after."""
-    synchronize(pixels.device)
-    start = time.perf_counter()
-    hidden = model(pixel_values=pixels, **kwargs).last_hidden_state
-    synchronize(pixels.device)
-    return hidden, time.perf_counter() - start
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+
 
 def fit_probe(
     train_features: np.ndarray, train_labels: np.ndarray, max_iter: int = 1000, regularization: float = 1.0
@@ -21,9 +23,9 @@ def fit_probe(
     from sklearn.preprocessing import StandardScaler
 
     if len(train_features) == 0:
-        raise ValueError("fit_probe needs a non-empty train split.")
+        raise InputError("fit_probe needs a non-empty train split.")
     if len(np.unique(train_labels)) < 2:
-        raise ValueError("fit_probe needs at least two classes in the train split.")
+        raise InputError("fit_probe needs at least two classes in the train split.")
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=regularization))
     return model.fit(np.asarray(train_features, dtype=np.float64), np.asarray(train_labels))
 
@@ -42,7 +44,7 @@ def probe_accuracy(
     features are probed on equal terms.
     """
     if len(train_features) == 0 or len(test_features) == 0:
-        raise ValueError(
+        raise InputError(
             f"probe_accuracy needs non-empty splits; got {len(train_features)} train, {len(test_features)} test rows."
         )
     model = fit_probe(train_features, train_labels, max_iter, regularization)

@@ -148,7 +148,7 @@ def _measured_section(base_model: str, measured: dict[str, Any] | None) -> list[
     missing = [key for key in _MEASURED_REQUIRED if not str(measured.get(key) or "").strip()]
     figures = {k: v for k, v in measured.items() if k not in _MEASURED_REQUIRED}
     if missing or not figures:
-        raise ValueError(
+        raise InputError(
             "measured figures need the command and machine that produced them and at least one figure; "
             f"missing: {', '.join(missing) or 'figures'}."
         )
@@ -219,10 +219,7 @@ def _load_fna_config(args: argparse.Namespace) -> FNAConfig:
             return FNAConfig.from_pretrained(args.config)
         except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise InputError(f"cannot read --config {args.config}: {first_line(e)}") from e
-    try:
-        return FNAConfig(**overrides)
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    return FNAConfig(**overrides)
 
 
 def _load_measured(path: str | None) -> dict[str, Any] | None:

@@ -14,10 +14,11 @@ import numpy as np
 
 from ... import metrics
 from ...errors import InputError
+from ...tools.pipeline import EXACT, FNA, VARIANTS
 from ...tools.probe import fit_probe
 from ..data import LABEL_COLUMNS, TaskData, task_data
 from ..inputs import ImageLabelCollate
-from ..modeling import EXACT, FNA, VARIANTS, vision_features
+from ..modeling import vision_features
 from ..report import TaskOutcome, mean_cosine
 from ..runner import Runner
 from ..settings import EvalSettings

@@ -13,9 +13,9 @@ import torch
 
 from ... import metrics
 from ...errors import InputError
+from ...tools.pipeline import EXACT, FNA, VARIANTS
 from ..data import TaskData, task_data
 from ..inputs import ImageCollate
-from ..modeling import EXACT, FNA, VARIANTS
 from ..report import TaskOutcome, mean_cosine, top1_agreement
 from ..runner import Runner
 from ..settings import EvalSettings

@@ -18,10 +18,11 @@ import torch
 from ... import metrics
 from ...errors import InputError
 from ...integration.towers import tower_config
+from ...tools.pipeline import EXACT, FNA, VARIANTS
 from ...tools.probe import fit_probe
 from ..data import TaskData, task_data
 from ..inputs import pixel_values
-from ..modeling import EXACT, FNA, VARIANTS, image_processor, vision_features
+from ..modeling import image_processor, vision_features
 from ..report import TaskOutcome
 from ..runner import Runner
 from ..settings import EvalSettings
@@ -47,7 +48,7 @@ class MaskCollate:
         grid = self.image_size // self.patch_size
         masks = [np.asarray(row[self.mask_column]) for row in rows]
         if any(mask.ndim != 2 for mask in masks):
-            raise ValueError(f"column {self.mask_column!r} must hold single-channel masks (class index per pixel)")
+            raise InputError(f"column {self.mask_column!r} must hold single-channel masks (class index per pixel)")
         patch_labels = [
             np.asarray(Image.fromarray(m.astype(np.int32)).resize((grid, grid), Image.NEAREST)) for m in masks
         ]

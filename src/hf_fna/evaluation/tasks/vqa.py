@@ -17,8 +17,8 @@ import torch
 
 from ... import metrics
 from ...errors import InputError
+from ...tools.pipeline import EXACT, FNA, VARIANTS
 from ..data import TaskData, task_data, to_rgb
-from ..modeling import EXACT, FNA, VARIANTS
 from ..report import TaskOutcome
 from ..runner import Runner
 from ..settings import EvalSettings
@@ -37,7 +37,7 @@ def answer_list(value: Any) -> list[str]:
         return [str(a) for a in value["answer"]]
     if isinstance(value, (list, tuple)):
         return [str(a["answer"]) if isinstance(a, dict) else str(a) for a in value]
-    raise ValueError(f"cannot read reference answers from {value!r}")
+    raise InputError(f"cannot read reference answers from {value!r}")
 
 
 @dataclass

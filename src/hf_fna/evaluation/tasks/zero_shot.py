@@ -16,9 +16,9 @@ import torch
 from ... import metrics
 from ...errors import InputError
 from ...integration.towers import interpolation_kwargs
+from ...tools.pipeline import EXACT, FNA, VARIANTS
 from ..data import LABEL_COLUMNS, TaskData, class_names, task_data
 from ..inputs import ImageLabelCollate
-from ..modeling import EXACT, FNA, VARIANTS
 from ..report import TaskOutcome, mean_cosine, top1_agreement
 from ..runner import Runner
 from ..settings import EvalSettings
