@@ -119,6 +119,24 @@ def test_exact_rows_with_padding_and_gradients():
     )
 
 
+def test_exact_rows_are_the_same_with_and_without_autograd():
+    # Without autograd the rows are written in place; with it, out of place. Repeated landmarks (only the first
+    # occurrence counts) and a transposed [B, N, H, d] layout, as Transformers passes it, included.
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(batch=2, heads=3, tokens=40, dim=8))
+    landmarks = torch.tensor([[0, 5, 5, 9, 0, 17], [2, 3, 4, 3, 30, 31]])
+    exact_rows = torch.zeros(2, 40, dtype=torch.bool)
+    exact_rows[:, :4] = True
+    with torch.no_grad():
+        fast, fast_weights = nystrom_attention(q, k, v, landmarks, exact_rows=exact_rows, return_weights=True)
+    tracked = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    slow, slow_weights = nystrom_attention(*tracked, landmarks, exact_rows=exact_rows, return_weights=True)
+    torch.testing.assert_close(fast, slow.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(fast_weights, slow_weights.detach(), atol=0, rtol=0)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(fast[0, :, 0], exact[0, :, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[1, :, 3], exact[1, :, 3], atol=1e-5, rtol=0)
+
+
 def test_fna_attention_gives_special_tokens_their_exact_rows():
     q, k, v = qkv(tokens=80)
     got = fna_attention(q, k, v, num_landmarks=16, num_special_tokens=1)

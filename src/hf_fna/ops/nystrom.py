@@ -544,8 +544,15 @@ def _with_landmark_rows(
     rows: torch.Tensor, landmarks: torch.Tensor, landmark_rows: torch.Tensor, take: torch.Tensor
 ) -> torch.Tensor:
     """`rows` `[B, H, N, C]` with the rows of the landmarks replaced by `landmark_rows` `[B, H, m, C]` where `take`
-    (`[B, H|1, m]` bool, at most one True per token) holds; others unchanged."""
+    (`[B, H|1, m]` bool, at most one True per token) holds; others unchanged. Without autograd `rows` is updated in
+    place and returned."""
     batch, heads, _, width = rows.shape
+    if take.shape[1] == 1 and not (torch.is_grad_enabled() and (rows.requires_grad or landmark_rows.requires_grad)):
+        # Without autograd, write the few rows in place (whole token rows at once, as `_take_tokens` reads them):
+        # the general path below makes three passes over an `[B, H, N, C]` tensor to replace one row per image.
+        sample, position = take[:, 0].nonzero(as_tuple=True)
+        rows[sample, :, landmarks[sample, position]] = landmark_rows[sample, :, position].to(rows.dtype)
+        return rows
     weight = take.expand(batch, heads, -1)[..., None].to(rows.dtype)
     index = landmarks[:, None, :, None].expand(batch, heads, -1, width)
     replaced = torch.zeros_like(rows).scatter_add(2, index, landmark_rows.to(rows.dtype) * weight)
