@@ -224,3 +224,17 @@ def test_compare_runs_the_clip_by_its_short_name(tmp_path, capsys) -> None:
     (row,) = json.loads(report.read_text())["rows"]
     assert row["tokens"] == 197 and row["fna_layers"] == list(range(6, 12))
     assert row["patch_cosine"] > 0.9 and row["cls_cosine"] > 0.95
+
+
+def test_calibrate_runs_the_clip_by_its_short_name(tmp_path, capsys) -> None:
+    from hf_fna.cli import main
+
+    out = tmp_path / "settings"
+    argv = ["calibrate", "--model", "hf_fna:clip-b16", "--resolution", "448", "--limit", "2", "--candidates", "64",
+            "--target", "0.9", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["tokens"] == 785 and report["met_target"]
+    assert FNAConfig.from_pretrained(str(out)).resolve(12).fna_layers  # a schedule faster than exact was found
+    card = (out / "README.md").read_text()
+    assert "base_model: openai/clip-vit-base-patch16" in card  # the bundled model's upstream checkpoint
