@@ -52,7 +52,7 @@ def _peak_rss_mib() -> float:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     import hf_fna
@@ -60,7 +60,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from hf_fna.integration.towers import interpolation_kwargs, mlp_ratio_of, special_tokens
     from hf_fna.schedules import parse_layers
     from hf_fna.tools.measure import model_folder
-    from hf_fna.tools.pipeline import photo_tensor
+    from hf_fna.tools.pipeline import ImagePreprocessing
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -82,9 +82,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model.to(device)
     kwargs = interpolation_kwargs(model)
     data = photos(None if spec["split"] == "all" else spec["split"])
-    processor = AutoImageProcessor.from_pretrained(path)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (processor.image_mean, processor.image_std))
-    every_photo = torch.stack([photo_tensor(image, spec["resolution"], mean, std) for image in data["image"]])
+    every_photo = ImagePreprocessing.from_pretrained(path).pixels(data["image"], spec["resolution"])
     pixels = every_photo[: spec["batch"]].to(device)
 
     compile_seconds = None

@@ -22,6 +22,7 @@ __all__ = [
     "RESULTS_DIR",
     "add_report_arguments",
     "config_name",
+    "load_saved_model",
     "machine_info",
     "machine_line",
     "parse_config",
@@ -31,6 +32,16 @@ __all__ = [
     "wait_for_idle",
     "write_results",
 ]
+
+
+def load_saved_model(path: str, implementation: str) -> torch.nn.Module:
+    """The model class the folder's config names (CLIP's `CLIPVisionModelWithProjection` keeps its projection), in
+    eval mode with `implementation` as its attention."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    return model_class.from_pretrained(path, attn_implementation=implementation).eval()
 
 
 def parse_config(text: str) -> tuple[str, int, dict[str, Any]]:

@@ -26,7 +26,7 @@ import sys
 from typing import Any
 
 import torch
-from common import command_line, machine_info, write_results
+from common import command_line, load_saved_model, machine_info, write_results
 from tqdm.auto import tqdm
 
 INTERVENTIONS = ("none", "mask", "sink", "sink_keep_self")
@@ -51,16 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     from hf_fna.assets import photos, textiles
     from hf_fna.integration.towers import interpolation_kwargs, special_tokens
     from hf_fna.tools.measure import model_description, model_folder
-    from hf_fna.tools.pipeline import photo_tensor
+    from hf_fna.tools.pipeline import ImagePreprocessing
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     path = model_folder(args.model)
     config = transformers.AutoConfig.from_pretrained(path)
-    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    processor = transformers.AutoImageProcessor.from_pretrained(path)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (processor.image_mean, processor.image_std))
+    preprocessing = ImagePreprocessing.from_pretrained(path)
     images = list(photos(None if args.split == "all" else args.split)["image"])
     if args.textiles:
         test = textiles("test")
@@ -70,18 +68,18 @@ def main(argv: list[str] | None = None) -> int:
 
     models = {}
     for intervention in INTERVENTIONS:
-        model = model_class.from_pretrained(path, attn_implementation="fna").eval()
+        model = load_saved_model(path, "fna")
         models[intervention] = FNAConfig(layers="none", masking=MaskingConfig(intervention=intervention)).apply(model)
     start = FNAConfig(masking=MaskingConfig(intervention="mask")).resolve(config.num_hidden_layers).from_layer
     detector = FNAConfig(layers="none", masking=MaskingConfig(intervention="mask"))  # flags of the plain pass
-    flag_model = detector.apply(model_class.from_pretrained(path, attn_implementation="fna").eval())
+    flag_model = detector.apply(load_saved_model(path, "fna"))
 
     totals: dict[str, dict[str, list[float]]] = {
         name: {"flagged_share": [], "new_massive": [], "max_ratio": [], "top_unflagged_share": [], "embed_cosine": []}
         for name in INTERVENTIONS
     }
     for image in tqdm(images, desc=f"{args.resolution} px"):
-        pixels = photo_tensor(image, args.resolution, mean, std)[None]
+        pixels = preprocessing.tensor(image, args.resolution)[None]
         kwargs = interpolation_kwargs(flag_model)
         with torch.inference_mode():
             flag_model(pixel_values=pixels, **kwargs)

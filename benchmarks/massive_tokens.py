@@ -81,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="PATH")
     args = parser.parse_args(argv)
 
-    from transformers import AttentionInterface, AutoImageProcessor, AutoModel
+    from transformers import AttentionInterface, AutoModel
     from transformers.utils import logging as hf_logging
 
     from hf_fna import FNAConfig
     from hf_fna.assets import photos, textiles
     from hf_fna.integration.towers import attention_layers, interpolation_kwargs, special_tokens
     from hf_fna.tools.measure import model_description, model_folder
-    from hf_fna.tools.pipeline import photo_tensor
+    from hf_fna.tools.pipeline import ImagePreprocessing
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     AttentionInterface.register(RECORD_ATTENTION, _recording_attention)
     path = model_folder(args.model)
     model = AutoModel.from_pretrained(path, attn_implementation=RECORD_ATTENTION).eval()
-    processor = AutoImageProcessor.from_pretrained(path)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (processor.image_mean, processor.image_std))
+    preprocessing = ImagePreprocessing.from_pretrained(path)
     num_layers = model.config.num_hidden_layers
     masking = MaskingConfig(intervention="mask", detect_layer=args.detect_layer)
     layer = FNAConfig(masking=masking).resolve(num_layers).detect_layer
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         similarity: dict[str, list[float]] = {"massive": [], "other": []}
         picked: dict[str, list[int]] = {"fps (special)": [], "fps (first)": [], "random": []}
         for image in tqdm(images, desc=f"{size} px", leave=False):
-            pixels = photo_tensor(image, size, mean, std)[None]
+            pixels = preprocessing.tensor(image, size)[None]
             with torch.inference_mode():
                 states = model(pixel_values=pixels, output_hidden_states=True, **interpolation_kwargs(model))
             states = states.hidden_states

@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 import torch
-from common import command_line, config_name, machine_info, parse_config, write_results
+from common import command_line, config_name, load_saved_model, machine_info, parse_config, write_results
 from tqdm.auto import tqdm
 
 import hf_fna
@@ -37,15 +37,6 @@ SCHEDULES_64 = [f"{first}:" for first in range(12)] + ["0:2", "0:3", "0:4", "0,1
 SCHEDULES_OTHER = ["4:", "6:", "8:", "10:", "0,1,10,11"]
 OPTIONS = ["resample_every_layer=true", "sampling_features=k", "sampling_features=hidden", "sampling=quickfps"]
 MASSIVE_RATIO = 10.0  # massive tokens: norm above this multiple of the median token norm
-
-
-def load_model(path: str, implementation: str) -> torch.nn.Module:
-    """The model class the folder's config names (CLIP's `CLIPVisionModelWithProjection` keeps its projection)."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    return model_class.from_pretrained(path, attn_implementation=implementation).eval()
 
 
 def pooled(output: Any) -> torch.Tensor:
@@ -78,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="PATH")
     args = parser.parse_args(argv)
 
-    from transformers import AutoImageProcessor
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     from hf_fna.assets import photos
     from hf_fna.tools.measure import model_description, model_folder
-    from hf_fna.tools.pipeline import photo_tensor
+    from hf_fna.tools.pipeline import ImagePreprocessing
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -94,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [(s, 64, {}) for s in SCHEDULES_64] + [(s, m, {}) for m in (32, 128, 256) for s in SCHEDULES_OTHER]
         configs += [parse_config(f"6:@64/{option}") for option in OPTIONS]
     path = model_folder(args.model)
-    processor = AutoImageProcessor.from_pretrained(path)
     data = photos(None if args.split == "all" else args.split)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (processor.image_mean, processor.image_std))
-    pixels = torch.stack([photo_tensor(image, args.resolution, mean, std) for image in data["image"]])
+    pixels = ImagePreprocessing.from_pretrained(path).pixels(data["image"], args.resolution)
     batches = pixels.split(args.batch)
 
     def run(model: torch.nn.Module, hidden: bool = False) -> dict[str, Any]:
@@ -125,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["config"] for r in rows}
     todo = [c for c in configs if config_name(*c) not in done]
     if todo:
-        reference = run(load_model(path, "sdpa"), hidden=True)
+        reference = run(load_saved_model(path, "sdpa"), hidden=True)
         tokens = reference["last"].shape[1]
-        model = load_model(path, "fna")
+        model = load_saved_model(path, "fna")
         num_layers = model.config.num_hidden_layers
         special = special_tokens(model.config).leading
     for schedule, landmarks, options in tqdm(todo, desc="schedules"):
@@ -166,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # saved after every configuration: an interrupted sweep keeps its rows
             write_results({"command": command_line(), "settings": vars(args), "rows": rows}, "", args.json, None)
 
-    config = load_model(path, "sdpa").config
+    config = AutoConfig.from_pretrained(path)  # the shape only: no model is loaded for it
     width, heads, num_layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
     for r in rows:  # computed here for resumed rows too, so that every row follows the current cost model
         fna_config = hf_fna.FNAConfig(layers=parse_layers(r["schedule"]), num_landmarks=r["landmarks"], **r["options"])

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import command_line, config_name, machine_info, parse_config, write_results
+from common import command_line, config_name, load_saved_model, machine_info, parse_config, write_results
 from tqdm.auto import tqdm
 
 
@@ -92,22 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     from hf_fna.integration.towers import special_tokens
     from hf_fna.schedules import parse_layers
     from hf_fna.tools.measure import model_description, model_folder
-    from hf_fna.tools.pipeline import photo_tensor
+    from hf_fna.tools.pipeline import ImagePreprocessing
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     path = model_folder(args.model)
     config = transformers.AutoConfig.from_pretrained(path)
-    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    processor = transformers.AutoImageProcessor.from_pretrained(path)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (processor.image_mean, processor.image_std))
+    preprocessing = ImagePreprocessing.from_pretrained(path)
     data = assets.textiles()
     picked = {name: data[name].select(stratified(data[name]["label"], count))
               for name, count in (("train", args.train), ("test", args.test))}  # fmt: skip
     labels = {name: np.asarray(split["label"]) for name, split in picked.items()}
-    pixels = {name: torch.stack([photo_tensor(image, args.resolution, mean, std) for image in split["image"]])
-              for name, split in picked.items()}  # fmt: skip
+    pixels = {name: preprocessing.pixels(split["image"], args.resolution) for name, split in picked.items()}
     special = special_tokens(config).leading
     head = assets.clip_vit_b16_head() if args.model == "hf_fna:clip-b16" else None
 
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name] = float(stored["seconds"])
             continue
         exact = schedule == "none" and not options.get("masking")
-        model = model_class.from_pretrained(path, attn_implementation="sdpa" if exact else "fna").eval()
+        model = load_saved_model(path, "sdpa" if exact else "fna")
         if not exact:
             FNAConfig(layers=parse_layers(schedule), num_landmarks=landmarks, min_tokens=0, **options).apply(model)
         features[name], times = {}, []
